@@ -1,0 +1,106 @@
+"""Every error leaves the API in one envelope: {"status": "error", "error": {code, message}}.
+
+Database errors are translated here and nowhere else: a constraint violation names its constraint
+(names are stable, see glisk.models.base.NAMING_CONVENTION) without echoing the statement or
+values.
+"""
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glisk.api.schemas import envelope
+from glisk.models import FieldValidationError, InvalidStateTransition
+
+log = structlog.get_logger("glisk.api")
+
+_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "VALIDATION_ERROR",
+    429: "TOO_MANY_REQUESTS",
+}
+
+
+def constraint_name(exc: DBAPIError) -> str | None:
+    diag = getattr(getattr(exc, "orig", None), "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+def internal_error_response() -> JSONResponse:
+    return JSONResponse(
+        status_code=500,
+        content=envelope("INTERNAL_SERVER_ERROR", "An unexpected error occurred"),
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODES.get(exc.status_code, HTTPStatus(exc.status_code).name)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return JSONResponse(
+        status_code=exc.status_code,
+        content=envelope(code, detail),
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details: list[dict[str, Any]] = jsonable_encoder(exc.errors())
+    for item in details:
+        item.pop("input", None)  # do not echo request bodies back
+        item.pop("ctx", None)
+    return JSONResponse(
+        status_code=422,
+        content=envelope("VALIDATION_ERROR", "The request is invalid", details),
+    )
+
+
+async def _field_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FieldValidationError)
+    return JSONResponse(
+        status_code=422,
+        content=envelope(
+            "VALIDATION_ERROR", str(exc), [{"field": exc.field, "rule": exc.rule}]
+        ),
+    )
+
+
+async def _invalid_transition(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=409, content=envelope("INVALID_STATE_TRANSITION", str(exc)))
+
+
+async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, IntegrityError)
+    name = constraint_name(exc)
+    log.info("api.constraint_violation", constraint=name)
+    return JSONResponse(
+        status_code=409,
+        content=envelope(
+            "CONSTRAINT_VIOLATION",
+            f"The change violates the constraint '{name}'" if name else "The change conflicts",
+            [{"constraint": name}] if name else None,
+        ),
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(FieldValidationError, _field_validation_error)
+    app.add_exception_handler(InvalidStateTransition, _invalid_transition)
+    app.add_exception_handler(IntegrityError, _integrity_error)

@@ -1,0 +1,182 @@
+"""Settings from the environment and the repository-root ``.env``.
+
+Nothing here runs at import: ``load_settings()`` is called by the CLI and the app factory, and tests
+build ``Settings(...)`` directly. A bad value raises ``ConfigError`` whose message names the
+environment variable and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+# backend/src/glisk/core/config.py -> the repository root holds the one .env shared by every service.
+BACKEND_DIR = Path(__file__).resolve().parents[3]
+REPO_ROOT = BACKEND_DIR.parent
+DEFAULT_ENV_FILE = REPO_ROOT / ".env"
+
+# Values that mean "nobody chose a secret"; refused when APP_ENV=production.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "changethis", "password", "postgres", "secret"}
+)
+
+DRIVER = "postgresql+psycopg"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. ``str(error)`` is meant to be shown to the operator as is."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept the URL forms hosting providers hand out and return the psycopg 3 async form.
+
+    ``postgres://`` and ``postgresql://`` become ``postgresql+psycopg://``; any other driver
+    (``+asyncpg``, ``sqlite``) is refused because the application only ships psycopg.
+    """
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise ValueError(
+            "must be a URL like postgresql+psycopg://user:password@host:5432/dbname"
+        )
+    if scheme in ("postgres", "postgresql", DRIVER):
+        return f"{DRIVER}://{rest}"
+    raise ValueError(
+        f"must use the postgresql+psycopg:// scheme (got '{scheme}://'); "
+        "postgres:// and postgresql:// are accepted and converted"
+    )
+
+
+class Settings(BaseSettings):
+    """Every variable the services read; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_file=DEFAULT_ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Database
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL; unset in development means the embedded server.",
+    )
+    db_pool_size: int = Field(default=200, ge=1, le=5000)
+    db_max_overflow: int = Field(default=10, ge=0, le=5000)
+    db_connect_timeout: float = Field(default=5.0, gt=0, le=300)
+
+    # Application
+    app_env: Literal["development", "production"] = "development"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000"]
+    )
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    # Embedded PostgreSQL (only used when DATABASE_URL is unset)
+    glisk_pg_port: int = Field(default=54320, ge=1024, le=65535)
+    glisk_pg_data: Path | None = None
+    glisk_pg_bindir: Path | None = None
+
+    # Worker coordination (leased claims)
+    worker_lease_seconds: float = Field(default=60.0, gt=0, le=86400)
+    worker_max_attempts: int = Field(default=3, ge=1, le=100)
+    worker_poll_interval: float = Field(default=1.0, gt=0, le=3600)
+
+    # The compose file's postgres service reads these; the API only checks them in production.
+    postgres_db: str = "glisk"
+    postgres_user: str = "glisk"
+    postgres_password: str | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return normalize_database_url(value)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            origins = [o.strip() for o in value.split(",") if o.strip()]
+            for origin in origins:
+                if origin != "*" and not origin.startswith(("http://", "https://")):
+                    raise ValueError(
+                        f"each origin must start with http:// or https:// (got '{origin}'); "
+                        "separate origins with commas"
+                    )
+            return origins
+        return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.app_env != "production":
+            return self
+        if self.database_url is None:
+            raise ValueError(
+                "DATABASE_URL is required when APP_ENV=production "
+                "(the embedded database is for development only)"
+            )
+        if (
+            self.postgres_password is not None
+            and self.postgres_password.lower() in PLACEHOLDER_SECRETS
+        ):
+            raise ValueError(
+                "POSTGRES_PASSWORD is a placeholder; set a real secret when APP_ENV=production"
+            )
+        url_password = make_url(self.database_url).password
+        if url_password is None or str(url_password).lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "DATABASE_URL has no password or a placeholder one; "
+                "set a real secret when APP_ENV=production"
+            )
+        if "*" in self.cors_origins:
+            raise ValueError("CORS_ORIGINS may not contain '*' when APP_ENV=production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    def embedded_max_connections(self) -> int:
+        """Pool plus overflow, with headroom for migrations, psql and worker processes."""
+        return self.db_pool_size + self.db_max_overflow + 50
+
+
+def _format(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        message = item["msg"].removeprefix("Value error, ")
+        if loc:
+            lines.append(f"{'_'.join(loc).upper()}: {message}")
+        else:
+            lines.append(message)
+    return "Invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    env_file: str | os.PathLike[str] | None = None, **overrides: Any
+) -> Settings:
+    """Read the environment (and ``env_file``, default the repository-root ``.env``; the
+    ``GLISK_ENV_FILE`` variable overrides it). Raises ConfigError naming each bad variable."""
+    chosen = env_file or os.environ.get("GLISK_ENV_FILE") or DEFAULT_ENV_FILE
+    try:
+        return Settings(_env_file=chosen, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

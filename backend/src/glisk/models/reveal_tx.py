@@ -1,0 +1,102 @@
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import CheckConstraint, Column, Integer, Numeric, String
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import UUID as PGUUID
+from sqlalchemy.orm import validates
+from sqlmodel import Field, SQLModel
+
+from glisk.models import validation as v
+from glisk.models._columns import (
+    closed_set_column,
+    created_at_field,
+    in_set_check,
+    optional_timestamp_field,
+)
+from glisk.models.enums import RevealStatus
+
+MAX_BATCH = 50
+
+
+class RevealTransaction(SQLModel, table=True):
+    """One on-chain reveal of a batch of 1 to 50 tokens (token_ids are tokens_s0.id values).
+
+    ``sent`` means submitted and awaiting confirmation. tx_hash is stored lowercase.
+    """
+
+    __tablename__ = "reveal_transactions"
+    __table_args__ = (
+        in_set_check("status", RevealStatus),
+        CheckConstraint(
+            f"cardinality(token_ids) BETWEEN 1 AND {MAX_BATCH}",
+            name="token_ids_batch_size",
+        ),
+        CheckConstraint(
+            f"tx_hash IS NULL OR tx_hash ~ '{v.TX_HASH_STORED_PATTERN}'",
+            name="tx_hash_format",
+        ),
+        CheckConstraint(
+            "block_number IS NULL OR block_number > 0", name="block_number_positive"
+        ),
+        CheckConstraint(
+            "gas_price_gwei IS NULL OR gas_price_gwei >= 0",
+            name="gas_price_non_negative",
+        ),
+    )
+
+    id: UUID = Field(default_factory=uuid4, primary_key=True)
+    token_ids: list[UUID] = Field(
+        sa_column=Column(ARRAY(PGUUID(as_uuid=True)), nullable=False)
+    )
+    tx_hash: str | None = Field(
+        default=None, sa_column=Column(String(66), nullable=True, index=True)
+    )
+    block_number: int | None = Field(
+        default=None, sa_column=Column(Integer, nullable=True)
+    )
+    gas_price_gwei: Decimal | None = Field(
+        default=None, sa_column=Column(Numeric(20, 9), nullable=True)
+    )
+    status: RevealStatus = Field(
+        default=RevealStatus.PENDING,
+        sa_column=closed_set_column(
+            RevealStatus, default=RevealStatus.PENDING, index=True
+        ),
+    )
+    created_at: datetime = created_at_field()
+    confirmed_at: datetime | None = optional_timestamp_field()
+
+    @validates("token_ids")
+    def _token_ids(self, key: str, value: Any) -> list[UUID]:
+        items = v.item_count(key, value, 1, MAX_BATCH)
+        if not all(isinstance(item, UUID) for item in items):
+            raise v.FieldValidationError(key, "must hold UUIDs", items)
+        if len(set(items)) != len(items):
+            raise v.FieldValidationError(key, "must not repeat a token", items)
+        return items
+
+    @validates("tx_hash")
+    def _tx_hash(self, key: str, value: Any) -> str | None:
+        return v.optional_tx_hash(key, value)
+
+    @validates("block_number")
+    def _block_number(self, key: str, value: Any) -> int | None:
+        return v.optional_int_at_least(key, value, 1)
+
+    @validates("status")
+    def _status(self, key: str, value: Any) -> RevealStatus:
+        return v.one_of(key, value, RevealStatus)
+
+    @validates("gas_price_gwei")
+    def _gas_price(self, key: str, value: Any) -> Decimal | None:
+        if value is None:
+            return None
+        price = Decimal(str(value))
+        if price < 0 or price >= Decimal(10) ** 11:
+            raise v.FieldValidationError(
+                key, "must be >= 0 and < 1e11 (NUMERIC(20,9))", value
+            )
+        return price

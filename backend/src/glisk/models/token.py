@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, Integer, String
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import validates
+from sqlmodel import Field, SQLModel
+
+from glisk.models import validation as v
+from glisk.models._columns import created_at_field, error_data_field, timestamp_column
+from glisk.models.enums import InvalidStateTransition, TokenStatus
+
+S = TokenStatus
+
+# The whole state machine: target status -> the statuses it may be entered from.
+# detected -> generating -> uploading -> ready -> revealed; any non-terminal state -> failed.
+TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
+    S.GENERATING: (S.DETECTED,),
+    S.UPLOADING: (S.GENERATING,),
+    S.READY: (S.UPLOADING,),
+    S.REVEALED: (S.READY,),
+    S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
+}
+TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
+
+TOKEN_STATUS_ENUM = SAEnum(
+    TokenStatus,
+    name="token_status_enum",
+    values_callable=lambda enum: [member.value for member in enum],
+    validate_strings=True,
+)
+
+# Set only while a mark_* method changes status; the status validator refuses any other change.
+_in_transition: ContextVar[bool] = ContextVar("_in_transition", default=False)
+
+
+@contextmanager
+def _transitioning() -> Iterator[None]:
+    reset = _in_transition.set(True)
+    try:
+        yield
+    finally:
+        _in_transition.reset(reset)
+
+
+def check_transition(current: TokenStatus, target: TokenStatus) -> None:
+    """Raise InvalidStateTransition unless ``current -> target`` is in the table."""
+    allowed_from = TRANSITIONS.get(target, ())
+    if current not in allowed_from:
+        raise InvalidStateTransition(current, target, allowed_from)
+
+
+class Token(SQLModel, table=True):
+    """An NFT of season 0 and its place in the pipeline.
+
+    Status changes only through the ``mark_*`` methods, which consult ``TRANSITIONS``. Assigning
+    ``token.status`` directly on a loaded or constructed token raises InvalidStateTransition (a new
+    token may be built in any status, e.g. for backfills). The database backs the rules that need
+    no history: a ready or revealed token has a metadata_cid (CHECK), and the status is a native
+    enum.
+    """
+
+    __tablename__ = "tokens_s0"
+    __table_args__ = (
+        CheckConstraint(
+            f"minter_address ~ '{v.WALLET_PATTERN}'", name="minter_address_format"
+        ),
+        CheckConstraint(
+            "status NOT IN ('ready', 'revealed') OR metadata_cid IS NOT NULL",
+            name="metadata_cid_required_when_ready",
+        ),
+        CheckConstraint(
+            f"reveal_tx_hash IS NULL OR reveal_tx_hash ~ '{v.TX_HASH_STORED_PATTERN}'",
+            name="reveal_tx_hash_format",
+        ),
+        CheckConstraint("token_id >= 0", name="token_id_non_negative"),
+        Index("ix_tokens_s0_status_mint_timestamp", "status", "mint_timestamp"),
+    )
+
+    id: UUID = Field(default_factory=uuid4, primary_key=True)
+    token_id: int = Field(sa_column=Column(Integer, nullable=False, unique=True))
+    author_id: UUID = Field(
+        sa_column=Column(
+            ForeignKey("authors.id", ondelete="RESTRICT"), nullable=False, index=True
+        )
+    )
+    minter_address: str = Field(sa_column=Column(String(42), nullable=False))
+    status: TokenStatus = Field(
+        default=S.DETECTED,
+        sa_column=Column(
+            TOKEN_STATUS_ENUM, nullable=False, server_default=S.DETECTED.value
+        ),
+    )
+    mint_timestamp: datetime = Field(sa_column=timestamp_column())
+    image_path: str | None = Field(
+        default=None, sa_column=Column(String(2048), nullable=True)
+    )
+    image_cid: str | None = Field(
+        default=None, sa_column=Column(String(255), nullable=True)
+    )
+    metadata_cid: str | None = Field(
+        default=None, sa_column=Column(String(255), nullable=True)
+    )
+    reveal_tx_hash: str | None = Field(
+        default=None, sa_column=Column(String(66), nullable=True)
+    )
+    error_data: dict[str, Any] | None = error_data_field()
+    created_at: datetime = created_at_field()
+
+    # -- state machine -------------------------------------------------------------------------
+
+    def mark_generating(self) -> None:
+        """detected -> generating."""
+        self._transition(S.GENERATING)
+
+    def mark_uploading(self, image_path: str) -> None:
+        """generating -> uploading; records where the generated image is."""
+        v.required_when("image_path", image_path, "marking a token uploading")
+        self._transition(S.UPLOADING)
+        self.image_path = v.text_length("image_path", image_path, 1, 2048)
+
+    def mark_ready(self, metadata_cid: str) -> None:
+        """uploading -> ready; stores metadata_cid (empty -> ValueError)."""
+        v.required_when("metadata_cid", metadata_cid, "marking a token ready")
+        check_transition(self.status, S.READY)
+        self.metadata_cid = v.text_length("metadata_cid", metadata_cid, 1, 255)
+        self._transition(S.READY)
+
+    def mark_revealed(self, tx_hash: str) -> None:
+        """ready -> revealed; stores the reveal tx hash (empty or malformed -> ValueError)."""
+        v.required_when("tx_hash", tx_hash, "marking a token revealed")
+        normalized = v.tx_hash("tx_hash", tx_hash)
+        self._transition(S.REVEALED)
+        self.reveal_tx_hash = normalized
+
+    def mark_failed(self, error_dict: dict[str, Any]) -> None:
+        """Any non-terminal state -> failed; stores error_dict as error_data. Retrying is the
+        workers' business, not the model's."""
+        if not isinstance(error_dict, dict):
+            raise v.FieldValidationError("error_dict", "must be a dict", error_dict)
+        self._transition(S.FAILED)
+        self.error_data = error_dict
+
+    def _transition(self, target: TokenStatus) -> None:
+        check_transition(self.status, target)
+        with _transitioning():
+            self.status = target
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    # -- write-time validation -----------------------------------------------------------------
+
+    @validates("status")
+    def _status(self, key: str, value: Any) -> TokenStatus:
+        new = v.one_of(key, value, TokenStatus)
+        current = self.__dict__.get("status")
+        if current is not None and current != new and not _in_transition.get():
+            # Direct assignment around the state machine: refuse it loudly.
+            allowed_from = TRANSITIONS.get(new, ())
+            raise InvalidStateTransition(
+                TokenStatus(current),
+                new,
+                allowed_from,
+                message=(
+                    f"Cannot set status from '{current}' to '{new}' directly; "
+                    "use the Token.mark_* methods."
+                ),
+            )
+        return new
+
+    @validates("minter_address")
+    def _minter(self, key: str, value: Any) -> str:
+        return v.wallet(key, value)
+
+    @validates("token_id")
+    def _token_id(self, key: str, value: Any) -> int:
+        return v.int_at_least(key, value, 0)
+
+    @validates("reveal_tx_hash")
+    def _reveal_tx_hash(self, key: str, value: Any) -> str | None:
+        return v.optional_tx_hash(key, value)
+
+    def check_row(self) -> None:
+        if self.status in (S.READY, S.REVEALED):
+            v.required_when(
+                "metadata_cid", self.metadata_cid, f"status is '{self.status}'"
+            )

@@ -1,0 +1,92 @@
+from uuid import UUID
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from glisk.models import Token, TokenStatus
+from glisk.models import validation as v
+from glisk.repositories import _args
+
+# The worker queries. Oldest mint first; ties broken by id so the order is total. SKIP LOCKED makes
+# concurrent callers take disjoint rows instead of queueing behind each other; the row locks last
+# until the caller's transaction ends (unit of work commit or rollback).
+_LOCK_OLDEST = text(
+    """
+    SELECT * FROM tokens_s0
+    WHERE status = CAST(:status AS token_status_enum)
+    ORDER BY mint_timestamp, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+
+class TokenRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_by_id(self, token_uuid: UUID) -> Token | None:
+        return await self.session.get(Token, token_uuid)
+
+    async def get_by_token_id(self, token_id: int) -> Token | None:
+        v.int_at_least("token_id", token_id, 0)
+        result = await self.session.execute(select(Token).where(Token.token_id == token_id))
+        return result.scalar_one_or_none()
+
+    async def add(self, token: Token) -> Token:
+        self.session.add(token)
+        await self.session.flush()
+        return token
+
+    async def _lock_oldest(self, status: TokenStatus, limit: int) -> list[Token]:
+        _args.limit(limit)
+        statement = (
+            select(Token)
+            .from_statement(_LOCK_OLDEST.bindparams(status=status.value, limit=limit))
+            # A locked row is the truth; refresh any stale copy already in the session.
+            .execution_options(populate_existing=True)
+        )
+        result = await self.session.execute(statement)
+        return list(result.scalars())
+
+    async def get_pending_for_generation(self, limit: int = 10) -> list[Token]:
+        """Up to ``limit`` tokens in 'detected', oldest mint_timestamp first.
+
+        Locks the returned rows FOR UPDATE SKIP LOCKED until the caller's transaction ends, so
+        concurrent callers never receive the same token; rows locked by others are skipped, not
+        waited for. Empty list when nothing is available (the caller sleeps and polls again).
+        """
+        return await self._lock_oldest(TokenStatus.DETECTED, limit)
+
+    async def get_pending_for_upload(self, limit: int = 10) -> list[Token]:
+        """Up to ``limit`` tokens in 'generating'; same ordering and locking contract as
+        get_pending_for_generation."""
+        return await self._lock_oldest(TokenStatus.GENERATING, limit)
+
+    async def get_ready_for_reveal(self, limit: int = 50) -> list[Token]:
+        """Up to ``limit`` tokens in 'ready' (a reveal batch holds at most 50); same ordering and
+        locking contract as get_pending_for_generation."""
+        return await self._lock_oldest(TokenStatus.READY, limit)
+
+    async def get_by_author(self, author_id: UUID, limit: int = 100) -> list[Token]:
+        """Newest mint first. No locking."""
+        _args.limit(limit)
+        result = await self.session.execute(
+            select(Token)
+            .where(Token.author_id == author_id)
+            .order_by(Token.mint_timestamp.desc(), Token.id.desc())  # type: ignore[attr-defined]
+            .limit(limit)
+        )
+        return list(result.scalars())
+
+    async def get_by_status(self, status: TokenStatus | str, limit: int = 100) -> list[Token]:
+        """Oldest mint first. No locking: for dashboards and admin reads, not for claiming work."""
+        wanted = v.one_of("status", status, TokenStatus)
+        _args.limit(limit)
+        result = await self.session.execute(
+            select(Token)
+            .where(Token.status == wanted)
+            .order_by(Token.mint_timestamp, Token.id)
+            .limit(limit)
+        )
+        return list(result.scalars())

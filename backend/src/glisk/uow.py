@@ -1,0 +1,119 @@
+"""Unit of work: one session, one transaction, seven repositories.
+
+    async with uow_factory() as uow:
+        tokens = await uow.tokens.get_pending_for_generation(limit=10)
+        for token in tokens:
+            token.mark_generating()
+    # committed here; an exception inside the block rolls back and propagates
+
+Repositories flush; only the unit of work commits or rolls back. The session is always closed on
+exit, returning its connection to the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from glisk.repositories import (
+    AuthorRepository,
+    ImageGenerationJobRepository,
+    IPFSUploadRecordRepository,
+    MintEventRepository,
+    RevealTransactionRepository,
+    SystemStateRepository,
+    TokenRepository,
+)
+
+log = structlog.get_logger("glisk.uow")
+
+
+class UnitOfWork:
+    authors: AuthorRepository
+    tokens: TokenRepository
+    mint_events: MintEventRepository
+    image_jobs: ImageGenerationJobRepository
+    ipfs_records: IPFSUploadRecordRepository
+    reveal_txs: RevealTransactionRepository
+    system_state: SystemStateRepository
+
+    def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
+        # No I/O here: the session (and its connection) is opened by __aenter__.
+        self._session_factory = session_factory
+        self._session: AsyncSession | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            raise RuntimeError("UnitOfWork used outside 'async with'")
+        return self._session
+
+    async def __aenter__(self) -> UnitOfWork:
+        if self._session is not None:
+            raise RuntimeError("UnitOfWork is not re-entrant; create a new one per transaction")
+        session = self._session = self._session_factory()
+        self.authors = AuthorRepository(session)
+        self.tokens = TokenRepository(session)
+        self.mint_events = MintEventRepository(session)
+        self.image_jobs = ImageGenerationJobRepository(session)
+        self.ipfs_records = IPFSUploadRecordRepository(session)
+        self.reveal_txs = RevealTransactionRepository(session)
+        self.system_state = SystemStateRepository(session)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is None:
+                await self.commit()
+            else:
+                if isinstance(exc, SQLAlchemyError):
+                    log.error("uow.database_error", error=_describe(exc))
+                await self.rollback(reason=type(exc).__name__)
+        finally:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
+
+    async def commit(self) -> None:
+        """Commit now; the unit of work stays usable for a next transaction on the same session.
+        A failed commit is logged at ERROR, rolled back and re-raised."""
+        try:
+            await self.session.commit()
+        except SQLAlchemyError as exc:
+            log.error("uow.database_error", error=_describe(exc), during="commit")
+            await self.session.rollback()
+            raise
+        log.info("uow.commit")
+
+    async def rollback(self, reason: str = "explicit") -> None:
+        await self.session.rollback()
+        log.info("uow.rollback", reason=reason)
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    # The driver's first line names the problem (and constraint); the statement and parameters
+    # that SQLAlchemy appends may hold user data and are left out.
+    original = getattr(exc, "orig", None)
+    text = str(original if original is not None else exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+
+def create_uow_factory(session_factory: async_sessionmaker[AsyncSession]) -> UnitOfWorkFactory:
+    """``uow_factory()`` returns a fresh UnitOfWork bound to ``session_factory``."""
+
+    def factory() -> UnitOfWork:
+        return UnitOfWork(session_factory)
+
+    return factory
