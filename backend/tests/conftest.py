@@ -1,0 +1,80 @@
+"""Fixtures: a real, migrated PostgreSQL for the session; empty tables for every test."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from glisk import migrations
+from glisk.core.database import engine_of, setup_db_session
+from glisk.core.timezone import enforce_utc
+from glisk.models import metadata
+from glisk.uow import UnitOfWorkFactory, create_uow_factory
+from tests.pg import STARTUP_LIMIT_SECONDS, provide_database
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str
+
+
+@pytest.fixture(scope="session", autouse=True)
+def utc_timezone() -> None:
+    """Every test runs with TZ=UTC, whatever the machine's zone (SC-007)."""
+    enforce_utc()
+
+
+@pytest.fixture(scope="session")
+def postgres_container() -> Iterator[Database]:
+    """A real PostgreSQL with the migrations applied (``alembic upgrade head``)."""
+    started = time.monotonic()
+    try:
+        with provide_database() as url:
+            migrations.upgrade(url)
+            elapsed = time.monotonic() - started
+            if elapsed > STARTUP_LIMIT_SECONDS:
+                pytest.fail(f"test database took {elapsed:.0f} s to start (limit 60 s)")
+            yield Database(url=url)
+    except Exception as exc:
+        if isinstance(exc, pytest.fail.Exception):
+            raise
+        pytest.fail(f"could not start the test PostgreSQL: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+async def session_factory(
+    postgres_container: Database,
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    factory = setup_db_session(postgres_container.url, pool_size=20, max_overflow=20)
+    yield factory
+    await engine_of(factory).dispose()
+
+
+_TABLES = ", ".join(table.name for table in metadata.sorted_tables)
+
+
+async def _empty_tables(factory: async_sessionmaker[AsyncSession]) -> None:
+    async with factory() as s:
+        await s.execute(text(f"TRUNCATE {_TABLES} CASCADE"))
+        await s.commit()
+
+
+@pytest.fixture
+async def session(session_factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session on emptied tables; whatever the test leaves uncommitted is rolled back."""
+    await _empty_tables(session_factory)
+    async with session_factory() as s:
+        yield s
+        await s.rollback()
+
+
+@pytest.fixture
+async def uow_factory(session_factory: async_sessionmaker[AsyncSession]) -> UnitOfWorkFactory:
+    """The same factory the app's request dependency uses, on emptied tables."""
+    await _empty_tables(session_factory)
+    return create_uow_factory(session_factory)
