@@ -4,15 +4,16 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import CheckConstraint, Column, Index, String, Text, func, text
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import created_at_field
 
 PROMPT_MIN, PROMPT_MAX = 10, 500
 
 
-class Author(SQLModel, table=True):
+class Author(Entity, table=True):
     """A creator: a wallet and the prompt their tokens' images are generated from.
 
     Wallet addresses keep the letter case they were given (EIP-55 checksums are meaningful) and are

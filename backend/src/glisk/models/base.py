@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper
 from sqlmodel import SQLModel
 
@@ -29,3 +29,28 @@ def _check_row(_mapper: Mapper[Any], _connection: Any, target: Any) -> None:
 # completed") are checked here, at flush, once the whole row is known.
 event.listen(Mapper, "before_insert", _check_row)
 event.listen(Mapper, "before_update", _check_row)
+
+
+class Entity(SQLModel):
+    """Base of the table models: makes SQLAlchemy ``@validates`` normalisation stick.
+
+    SQLModel's ``__setattr__`` hands the value to SQLAlchemy (which runs the validator) and then
+    writes the *raw* value into ``__dict__`` for pydantic, undoing any normalisation (e.g. a tx hash
+    lowercased). Running the validator first and passing its result on keeps both sides agreed.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        validator = _validators(type(self)).get(name)
+        if validator is not None:
+            value = validator(self, name, value)
+        super().__setattr__(name, value)
+
+
+def _validators(cls: type) -> dict[str, Any]:
+    cached = cls.__dict__.get("_glisk_validators")
+    if cached is None:
+        mapper = inspect(cls, raiseerr=False)
+        found = {name: fn for name, (fn, _opts) in mapper.validators.items()} if mapper else {}
+        type.__setattr__(cls, "_glisk_validators", found)
+        cached = found
+    return cached

@@ -4,9 +4,10 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, String
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
@@ -18,7 +19,7 @@ from glisk.models._columns import (
 from glisk.models.enums import ImageJobStatus, ImageService
 
 
-class ImageGenerationJob(SQLModel, table=True):
+class ImageGenerationJob(Entity, table=True):
     """One attempt to generate a token's image at an external or self-hosted service."""
 
     __tablename__ = "image_generation_jobs"

@@ -4,9 +4,10 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, String
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
@@ -18,7 +19,7 @@ from glisk.models._columns import (
 from glisk.models.enums import IPFSRecordType, IPFSUploadStatus
 
 
-class IPFSUploadRecord(SQLModel, table=True):
+class IPFSUploadRecord(Entity, table=True):
     """One upload of a token's image or metadata to IPFS; a completed upload has its cid."""
 
     __tablename__ = "ipfs_upload_records"

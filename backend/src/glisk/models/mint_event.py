@@ -4,14 +4,15 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import CheckConstraint, Column, Integer, String, UniqueConstraint
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.core.timezone import utcnow
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import timestamp_column
 
 
-class MintEvent(SQLModel, table=True):
+class MintEvent(Entity, table=True):
     """A mint log seen on-chain, kept for deduplication: (tx_hash, log_index) is unique.
 
     tx_hash is stored lowercase (the model normalises it; the CHECK refuses anything else), so the

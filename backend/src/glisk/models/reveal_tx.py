@@ -7,9 +7,10 @@ from sqlalchemy import CheckConstraint, Column, Integer, Numeric, String
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PGUUID
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
@@ -21,7 +22,7 @@ from glisk.models.enums import RevealStatus
 MAX_BATCH = 50
 
 
-class RevealTransaction(SQLModel, table=True):
+class RevealTransaction(Entity, table=True):
     """One on-chain reveal of a batch of 1 to 50 tokens (token_ids are tokens_s0.id values).
 
     ``sent`` means submitted and awaiting confirmation. tx_hash is stored lowercase.

@@ -4,14 +4,15 @@ from typing import Any
 from sqlalchemy import CheckConstraint, Column, String
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.core.timezone import utcnow
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import timestamp_column
 
 
-class SystemState(SQLModel, table=True):
+class SystemState(Entity, table=True):
     """Operational key-value state (last_processed_block, reveal_worker_enabled, ...).
 
     state_value is any JSON value; JSON null is stored as JSON, not SQL NULL.

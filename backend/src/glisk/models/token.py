@@ -10,9 +10,10 @@ from uuid import UUID, uuid4
 from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, Integer, String
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import validates
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field
 
 from glisk.models import validation as v
+from glisk.models.base import Entity
 from glisk.models._columns import created_at_field, error_data_field, timestamp_column
 from glisk.models.enums import InvalidStateTransition, TokenStatus
 
@@ -56,7 +57,7 @@ def check_transition(current: TokenStatus, target: TokenStatus) -> None:
         raise InvalidStateTransition(current, target, allowed_from)
 
 
-class Token(SQLModel, table=True):
+class Token(Entity, table=True):
     """An NFT of season 0 and its place in the pipeline.
 
     Status changes only through the ``mark_*`` methods, which consult ``TRANSITIONS``. Assigning
