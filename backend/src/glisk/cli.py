@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,7 +82,27 @@ def _migrate(url: str) -> None:
         ) from None
 
 
+class Terminated(Exception):
+    """SIGTERM arrived. Raised from the signal handler so ``finally`` blocks (stopping the embedded
+    server) run. uvicorn handles SIGTERM itself while serving and re-raises it after its graceful
+    shutdown; this handler is what it finds then."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _serve(settings, args)
+    except Terminated:
+        pass  # a requested stop is a clean exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
     from glisk.app import DatabaseUnavailableError, create_app, verify_database

@@ -1,0 +1,147 @@
+"""`glisk serve` and `glisk db` as an operator runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from glisk.embedded_pg import free_port
+from tests.conftest import Database
+from tests.pg import throwaway_database
+from tests.test_embedded_pg import _alive, _wait_gone
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Iterator[Path]:
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"glisk-cli-{os.getpid()}-{tmp_path.name}"
+    base.mkdir(mode=0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "APP_ENV")}
+    env["GLISK_ENV_FILE"] = os.devnull  # a developer's own .env must not leak into the test
+    env["LOG_LEVEL"] = "WARNING"
+    env.update(extra)
+    return env
+
+
+def _serve(data_dir: Path, pg_port: int, http_port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "glisk.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port)],
+        env=_env(GLISK_PG_DATA=str(data_dir), GLISK_PG_PORT=str(pg_port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_healthy(process: subprocess.Popen[str], port: int, seconds: float = 15.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no healthy answer within {seconds} s")
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+
+
+def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_sigterm(
+    data_root: Path,
+) -> None:
+    data_dir, pg_port, http_port = data_root / "pgdata", free_port(), free_port()
+
+    first = _serve(data_dir, pg_port, http_port)
+    try:
+        _wait_healthy(first, http_port)
+        postgres = _postmaster_pid(data_dir)
+        with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk",
+                             autocommit=True) as c:
+            c.execute(
+                "INSERT INTO system_state (key, state_value, updated_at) "
+                "VALUES ('last_processed_block', '41', now())"
+            )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output = first.communicate(timeout=20)[0]
+    assert first.returncode == 0, repr(output)
+    assert f"http://127.0.0.1:{http_port}" in output
+    assert str(data_dir) in output
+    assert _wait_gone(postgres, 10), "postgres still running after glisk serve exited"
+
+    second = _serve(data_dir, pg_port, http_port)
+    try:
+        _wait_healthy(second, http_port)
+        with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk") as c:
+            assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=20)
+    assert second.returncode == 0
+
+
+def test_sigkill_of_serve_leaves_no_postgres_behind(data_root: Path) -> None:
+    data_dir, http_port = data_root / "pgdata", free_port()
+    process = _serve(data_dir, free_port(), http_port)
+    try:
+        _wait_healthy(process, http_port)
+        postgres = _postmaster_pid(data_dir)
+        assert _alive(postgres)
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+    assert _wait_gone(postgres, 15), "orphaned postgres after SIGKILL of glisk serve"
+
+
+def test_db_commands_work_against_an_existing_server(postgres_container: Database) -> None:
+    with throwaway_database(postgres_container.url) as url:
+        def glisk(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "glisk.cli", "db", *args],
+                env=_env(DATABASE_URL=url), capture_output=True, text=True, timeout=60,
+            )
+
+        assert glisk("current").stdout.startswith("base (empty)")
+        assert glisk("upgrade").returncode == 0
+        assert "(up to date)" in glisk("current").stdout
+        assert glisk("downgrade", "base").returncode == 0
+        assert glisk("current").stdout.startswith("base (empty)")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"DB_POOL_SIZE": "lots"}, "DB_POOL_SIZE: Input should be a valid integer"),
+        ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL: must use the postgresql+psycopg:// scheme"),
+        ({"APP_ENV": "production"}, "DATABASE_URL is required when APP_ENV=production"),
+        ({"PORT": "70000"}, "PORT: Input should be less than or equal to 65535"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_message_naming_the_variable(
+    env: dict[str, str], expected: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "glisk.cli", "serve"],
+        env=_env(**env), capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
