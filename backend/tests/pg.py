@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from glisk.core.config import normalize_database_url
@@ -42,14 +43,18 @@ def throwaway_database(server_url: str) -> Iterator[str]:
     name = f"glisk_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     admin = _libpq_kwargs(server_url)
     with psycopg.connect(**admin, autocommit=True) as conn:  # type: ignore[arg-type]
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield make_url(normalize_database_url(server_url)).set(database=name).render_as_string(
-            hide_password=False
+        yield (
+            make_url(normalize_database_url(server_url))
+            .set(database=name)
+            .render_as_string(hide_password=False)
         )
     finally:
         with psycopg.connect(**admin, autocommit=True) as conn:  # type: ignore[arg-type]
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @contextmanager
@@ -63,9 +68,11 @@ def provide_database() -> Iterator[str]:
     if os.environ.get("GLISK_TEST_PG") == "docker":
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:17", driver="psycopg") as container:
-            with throwaway_database(container.get_connection_url()) as url:
-                yield url
+        with (
+            PostgresContainer("postgres:17", driver="psycopg") as container,
+            throwaway_database(container.get_connection_url()) as url,
+        ):
+            yield url
         return
     server = ephemeral_server(max_connections=400)
     server.startup_timeout = STARTUP_LIMIT_SECONDS

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from sqlalchemy import exists, select
+from sqlmodel import col
 
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
@@ -52,7 +53,7 @@ async def _run(url: str, deadline_seconds: float) -> dict[str, Any]:
     stages = ["generate", "upload", "reveal"]
     offset = os.getpid() % len(stages)  # processes start on different stages
     deadline = time.monotonic() + deadline_seconds
-    unfinished = exists().where(Token.status != TokenStatus.REVEALED)
+    unfinished = exists().where(col(Token.status) != TokenStatus.REVEALED)
     try:
         while time.monotonic() < deadline:
             progressed = 0

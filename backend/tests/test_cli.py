@@ -39,7 +39,16 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _serve(data_dir: Path, pg_port: int, http_port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "glisk.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port)],
+        [
+            sys.executable,
+            "-m",
+            "glisk.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(http_port),
+        ],
         env=_env(GLISK_PG_DATA=str(data_dir), GLISK_PG_PORT=str(pg_port)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -73,8 +82,9 @@ def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_s
     try:
         _wait_healthy(first, http_port)
         postgres = _postmaster_pid(data_dir)
-        with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk",
-                             autocommit=True) as c:
+        with psycopg.connect(
+            host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk", autocommit=True
+        ) as c:
             c.execute(
                 "INSERT INTO system_state (key, state_value, updated_at) "
                 "VALUES ('last_processed_block', '41', now())"
@@ -113,10 +123,14 @@ def test_sigkill_of_serve_leaves_no_postgres_behind(data_root: Path) -> None:
 
 def test_db_commands_work_against_an_existing_server(postgres_container: Database) -> None:
     with throwaway_database(postgres_container.url) as url:
+
         def glisk(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-m", "glisk.cli", "db", *args],
-                env=_env(DATABASE_URL=url), capture_output=True, text=True, timeout=60,
+                env=_env(DATABASE_URL=url),
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
 
         assert glisk("current").stdout.startswith("base (empty)")
@@ -130,7 +144,10 @@ def test_db_commands_work_against_an_existing_server(postgres_container: Databas
     ("env", "expected"),
     [
         ({"DB_POOL_SIZE": "lots"}, "DB_POOL_SIZE: Input should be a valid integer"),
-        ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL: must use the postgresql+psycopg:// scheme"),
+        (
+            {"DATABASE_URL": "mysql://x@y/z"},
+            "DATABASE_URL: must use the postgresql+psycopg:// scheme",
+        ),
         ({"APP_ENV": "production"}, "DATABASE_URL is required when APP_ENV=production"),
         ({"PORT": "70000"}, "PORT: Input should be less than or equal to 65535"),
     ],
@@ -140,7 +157,10 @@ def test_bad_configuration_exits_2_with_one_message_naming_the_variable(
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "glisk.cli", "serve"],
-        env=_env(**env), capture_output=True, text=True, timeout=30,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert expected in result.stderr

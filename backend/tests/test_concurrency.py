@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from glisk.models import Token, TokenStatus
 from glisk.uow import UnitOfWork, UnitOfWorkFactory
@@ -35,7 +36,9 @@ async def _seed(uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus)
     async with uow_factory() as uow:
         author = await uow.authors.add(factories.author())
         tokens = [
-            factories.token(author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i))
+            factories.token(
+                author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i)
+            )
             for i in range(count)
         ]
         uow.session.add_all(tokens)
@@ -139,8 +142,8 @@ async def test_a_killed_connection_releases_its_locks_and_its_work_is_lost_not_h
 
 
 async def _status_counts(uow: UnitOfWork) -> Counter[str]:
-    rows = await uow.session.execute(select(Token.status, func.count()).group_by(Token.status))
-    return Counter({str(status): count for status, count in rows.all()})
+    rows = await uow.session.execute(select(col(Token.status), func.count()).group_by(Token.status))
+    return Counter({str(row[0]): row[1] for row in rows.all()})
 
 
 @pytest.mark.slow

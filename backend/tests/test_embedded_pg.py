@@ -167,7 +167,10 @@ def test_missing_binaries_are_reported_with_what_was_tried(monkeypatch: pytest.M
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.delenv("GLISK_PG_BINDIR", raising=False)
-    with pytest.raises(EmbeddedPostgresError, match=r"No PostgreSQL server binaries found \(tried: /nonexistent/bin\)"):
+    with pytest.raises(
+        EmbeddedPostgresError,
+        match=r"No PostgreSQL server binaries found \(tried: /nonexistent/bin\)",
+    ):
         find_bindir("/nonexistent/bin")
 
 
@@ -184,6 +187,7 @@ PARENT = textwrap.dedent(
 
 def test_the_server_dies_with_its_parent_even_on_sigkill() -> None:
     line: list[str] = []
+    leftover_dir = Path("/nonexistent")
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

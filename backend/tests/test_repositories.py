@@ -17,8 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from glisk.models import (
     FieldValidationError,
     ImageGenerationJob,
+    ImageService,
+    IPFSRecordType,
     IPFSUploadRecord,
     MintEvent,
+    RevealStatus,
     RevealTransaction,
     TokenStatus,
 )
@@ -45,9 +48,7 @@ async def test_wallet_lookup_ignores_letter_case_and_uses_the_lower_index(
         plan = "\n".join(
             row[0]
             for row in await uow.session.execute(
-                text(
-                    "EXPLAIN SELECT * FROM authors WHERE lower(wallet_address) = lower(:w)"
-                ),
+                text("EXPLAIN SELECT * FROM authors WHERE lower(wallet_address) = lower(:w)"),
                 {"w": mixed},
             )
         )
@@ -81,7 +82,9 @@ async def _seed_tokens(uow: UnitOfWork, statuses: list[TokenStatus]) -> list[uui
     ids = []
     # Inserted newest first, so ordering by mint_timestamp is not an accident of insertion order.
     for i, status in reversed(list(enumerate(statuses))):
-        token = factories.token(author.id, status=status, mint_timestamp=BASE_TIME + timedelta(hours=i))
+        token = factories.token(
+            author.id, status=status, mint_timestamp=BASE_TIME + timedelta(hours=i)
+        )
         await uow.tokens.add(token)
         ids.append(token.id)
     return list(reversed(ids))
@@ -145,7 +148,9 @@ async def test_system_state_upsert_overwrites_and_refreshes_updated_at(
     async with uow_factory() as uow:
         assert await uow.system_state.get_state("last_processed_block") is None
         await uow.system_state.set_state("last_processed_block", 100)
-        first = (await uow.session.execute(text("SELECT updated_at FROM system_state"))).scalar_one()
+        first = (
+            await uow.session.execute(text("SELECT updated_at FROM system_state"))
+        ).scalar_one()
     await asyncio.sleep(0.01)
     async with uow_factory() as uow:
         await uow.system_state.set_state("last_processed_block", 101)
@@ -202,11 +207,18 @@ async def test_mint_events_dedupe_by_hash_in_any_case_and_range_is_inclusive_and
         assert await uow.mint_events.exists(tx.upper().replace("0X", "0x"), 2)
         assert not await uow.mint_events.exists(tx, 5)
         events = await uow.mint_events.get_by_block_range(10, 12)
-        assert [(e.block_number, e.log_index) for e in events] == [(10, 0), (10, 2), (11, 0), (12, 1)]
+        assert [(e.block_number, e.log_index) for e in events] == [
+            (10, 0),
+            (10, 2),
+            (11, 0),
+            (12, 1),
+        ]
     with pytest.raises(IntegrityError, match="uq_mint_events_tx_hash_log_index"):
         async with uow_factory() as uow:
             await uow.mint_events.add(
-                MintEvent(tx_hash=tx, log_index=0, block_number=10, block_timestamp=BASE_TIME, token_id=1)
+                MintEvent(
+                    tx_hash=tx, log_index=0, block_number=10, block_timestamp=BASE_TIME, token_id=1
+                )
             )
 
 
@@ -218,12 +230,18 @@ async def test_job_and_upload_history_is_newest_first_and_filterable(
         for i in range(3):
             await uow.image_jobs.add(
                 ImageGenerationJob(
-                    token_id=token_id, service="replicate", retry_count=i,
+                    token_id=token_id,
+                    service=ImageService.REPLICATE,
+                    retry_count=i,
                     created_at=BASE_TIME + timedelta(minutes=i),
                 )
             )
-        await uow.ipfs_records.add(IPFSUploadRecord(token_id=token_id, record_type="image"))
-        await uow.ipfs_records.add(IPFSUploadRecord(token_id=token_id, record_type="metadata"))
+        await uow.ipfs_records.add(
+            IPFSUploadRecord(token_id=token_id, record_type=IPFSRecordType.IMAGE)
+        )
+        await uow.ipfs_records.add(
+            IPFSUploadRecord(token_id=token_id, record_type=IPFSRecordType.METADATA)
+        )
     async with uow_factory() as uow:
         jobs = await uow.image_jobs.get_by_token(token_id)
         assert [j.retry_count for j in jobs] == [2, 1, 0]
@@ -244,10 +262,14 @@ async def test_reveal_lookups_by_hash_and_pending_means_sent(
     tx = factories.tx_hash()
     async with uow_factory() as uow:
         sent = await uow.reveal_txs.add(
-            RevealTransaction(token_ids=[uuid.uuid4()], status="sent", tx_hash=tx)
+            RevealTransaction(token_ids=[uuid.uuid4()], status=RevealStatus.SENT, tx_hash=tx)
         )
-        await uow.reveal_txs.add(RevealTransaction(token_ids=[uuid.uuid4()], status="pending"))
-        await uow.reveal_txs.add(RevealTransaction(token_ids=[uuid.uuid4()], status="confirmed"))
+        await uow.reveal_txs.add(
+            RevealTransaction(token_ids=[uuid.uuid4()], status=RevealStatus.PENDING)
+        )
+        await uow.reveal_txs.add(
+            RevealTransaction(token_ids=[uuid.uuid4()], status=RevealStatus.CONFIRMED)
+        )
     async with uow_factory() as uow:
         found = await uow.reveal_txs.get_by_tx_hash(tx.upper().replace("0X", "0x"))
         assert found is not None and found.id == sent.id
@@ -268,7 +290,10 @@ BAD_CALLS: dict[str, tuple[Callable[[UnitOfWork], Awaitable[Any]], str]] = {
     "bad reveal hash": (lambda u: u.reveal_txs.get_by_tx_hash("nope"), "tx_hash"),
     "unknown status": (lambda u: u.tokens.get_by_status("minted"), "status"),
     "unknown reveal status": (lambda u: u.reveal_txs.get_by_status("mined"), "status"),
-    "unknown record type": (lambda u: u.ipfs_records.get_by_token(uuid.uuid4(), "video"), "record_type"),
+    "unknown record type": (
+        lambda u: u.ipfs_records.get_by_token(uuid.uuid4(), "video"),
+        "record_type",
+    ),
     "bad state key": (lambda u: u.system_state.get_state("no spaces"), "key"),
     "unserialisable state": (lambda u: u.system_state.set_state("k", object()), "value"),
     "NaN state": (lambda u: u.system_state.set_state("k", float("nan")), "value"),

@@ -197,7 +197,9 @@ def test_models_and_migrations_do_not_drift(postgres_container: Database) -> Non
 
 def _tables_and_types(url: str) -> tuple[set[str], set[str]]:
     with psycopg.connect(**_libpq_kwargs(url)) as c:  # type: ignore[arg-type]
-        tables = {r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        tables = {
+            r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
         types = {r[0] for r in c.execute("SELECT typname FROM pg_type WHERE typtype = 'e'")}
     return tables, types
 

@@ -79,7 +79,9 @@ async def test_a_constraint_violation_rolls_back_the_whole_unit_and_is_logged_at
     with structlog.testing.capture_logs() as logs, pytest.raises(IntegrityError):
         async with uow_factory() as uow:
             await uow.authors.add(factories.author(wallet_address=wallet))
-            await uow.authors.add(factories.author(wallet_address=wallet.upper().replace("0X", "0x")))
+            await uow.authors.add(
+                factories.author(wallet_address=wallet.upper().replace("0X", "0x"))
+            )
     assert await _author_count(uow_factory) == 0
     errors = [entry for entry in logs if entry["log_level"] == "error"]
     assert len(errors) == 1

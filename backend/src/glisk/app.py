@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from glisk.api import health
 from glisk.api.errors import install_error_handlers
-from glisk.api.middleware import RequestContextMiddleware
+from glisk.api.middleware import RequestContextMiddleware, UnhandledErrorMiddleware
 from glisk.core.config import Settings, load_settings
 from glisk.core.database import engine_of, masked_url, setup_db_session
 from glisk.core.logs import configure_logging
@@ -38,7 +38,7 @@ async def verify_database(db_url: str, connect_timeout: float) -> None:
 
     engine = create_db_engine(db_url, pool_size=1, max_overflow=0, connect_timeout=connect_timeout)
     try:
-        await check_database(engine, timeout=connect_timeout + 1)
+        await check_database(engine, within=connect_timeout + 1)
     except Exception as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         detail = reason[0] if reason else type(exc).__name__
@@ -91,6 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    # add_middleware wraps what is there, so the last one added is the outermost.
+    # Innermost: an unexpected exception becomes the 500 envelope inside CORS, which then adds
+    # its headers so a browser can read the error.
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -99,6 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["*"],
         expose_headers=["X-Request-ID"],
     )
-    # Added last, so it is outermost: it sees every response, CORS and errors included.
+    # Outermost: it sees every response, CORS preflights and errors included.
     app.add_middleware(RequestContextMiddleware)
     return app

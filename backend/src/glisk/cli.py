@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg
+from psycopg import sql
 
 from glisk import migrations
 from glisk.core.config import BACKEND_DIR, ConfigError, Settings, load_settings
@@ -43,7 +44,7 @@ def _ensure_database(server: EmbeddedPostgres, name: str) -> None:
     ) as conn:
         found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not found:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 @contextmanager
@@ -124,7 +125,10 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
     with database(settings) as url:
         if args.db_command == "upgrade":
             migrations.upgrade(url, args.revision)
-            _say(f"Database at {migrations.current_revision(url)} (head {migrations.head_revision()})")
+            _say(
+                f"Database at {migrations.current_revision(url)} "
+                f"(head {migrations.head_revision()})"
+            )
         elif args.db_command == "downgrade":
             migrations.downgrade(url, args.revision)
             _say(f"Database at {migrations.current_revision(url) or 'base (empty)'}")

@@ -82,7 +82,7 @@ def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (the caller retries if it is taken meanwhile)."""
+    """A port that was free on 127.0.0.1 a moment ago (callers retry if it is taken meanwhile)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -147,9 +147,7 @@ def _usable_bindir(bindir: Path, user: pwd.struct_passwd | None) -> Path:
     digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"glisk-pgbin-{digest}"
     if not (target / "bin" / "postgres").is_file():
-        staging = Path(
-            tempfile.mkdtemp(prefix="glisk-pgbin-", dir=tempfile.gettempdir())
-        )
+        staging = Path(tempfile.mkdtemp(prefix="glisk-pgbin-", dir=tempfile.gettempdir()))
         for part in ("bin", "lib", "share"):
             if (install / part).is_dir():
                 shutil.copytree(install / part, staging / part, symlinks=True)
@@ -173,7 +171,8 @@ def default_data_dir(project_dir: Path) -> Path:
     if user is None or _reachable(project_dir, user):
         return preferred
     digest = hashlib.sha256(str(project_dir.resolve()).encode()).hexdigest()[:12]
-    return Path("/var/tmp") / f"glisk-{digest}" / "pgdata"
+    # /var/tmp survives reboots, unlike /tmp; the directory is ours (created 0700 for the user).
+    return Path("/var/tmp") / f"glisk-{digest}" / "pgdata"  # noqa: S108
 
 
 def _parent_death_signal(expected_parent: int) -> None:
@@ -198,9 +197,7 @@ class EmbeddedPostgres:
     bindir: Path | None = None
     startup_timeout: float = 30.0
     owned_dir: Path | None = None
-    _process: subprocess.Popen[bytes] | None = field(
-        default=None, init=False, repr=False
-    )
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log_path: Path | None = field(default=None, init=False, repr=False)
 
     @property
@@ -224,9 +221,9 @@ class EmbeddedPostgres:
         bindir = _usable_bindir(self.bindir or find_bindir(), user)
         if port_in_use(self.port):
             raise EmbeddedPostgresError(
-                f"Cannot start the embedded PostgreSQL: port {self.port} on 127.0.0.1 is already in "
-                "use. Stop whatever listens there, choose another port with GLISK_PG_PORT, or set "
-                "DATABASE_URL to use that server."
+                f"Cannot start the embedded PostgreSQL: port {self.port} on 127.0.0.1 is already "
+                "in use. Stop whatever listens there, choose another port with GLISK_PG_PORT, "
+                "or set DATABASE_URL to use that server."
             )
         self._prepare_data_dir(user)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -276,9 +273,8 @@ class EmbeddedPostgres:
             **self._run_as(user),  # type: ignore[arg-type]
         )
         if result.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"initdb failed for {self.data_dir}: {result.stderr.strip() or result.stdout.strip()}"
-            )
+            output = result.stderr.strip() or result.stdout.strip()
+            raise EmbeddedPostgresError(f"initdb failed for {self.data_dir}: {output}")
 
     def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -298,9 +294,7 @@ class EmbeddedPostgres:
             "logging_collector": "off",
         }
         if self.ephemeral:
-            settings.update(
-                fsync="off", synchronous_commit="off", full_page_writes="off"
-            )
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         args = [str(bindir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
@@ -365,7 +359,7 @@ class EmbeddedPostgres:
             return False
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Fast shutdown; escalates to an immediate shutdown, then SIGKILL, if it does not finish."""
+        """Fast shutdown; escalates to immediate shutdown, then SIGKILL, if it does not finish."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             for sig, wait in (
@@ -396,9 +390,7 @@ class EmbeddedPostgres:
         self.stop()
 
 
-def ephemeral_server(
-    max_connections: int = 300, bindir: Path | None = None
-) -> EmbeddedPostgres:
+def ephemeral_server(max_connections: int = 300, bindir: Path | None = None) -> EmbeddedPostgres:
     """A throwaway server for tests: a fresh temporary directory the service user can reach, a free
     port (retried if another process grabs it first), fsync off. The caller must stop() it."""
     user = service_user()
@@ -406,9 +398,7 @@ def ephemeral_server(
     for _ in range(5):
         base = Path(tempfile.mkdtemp(prefix="glisk-pg-"))
         if user is not None:
-            base.chmod(
-                0o755
-            )  # our own fresh directory: let the service user traverse it
+            base.chmod(0o755)  # our own fresh directory: let the service user traverse it
         server = EmbeddedPostgres(
             data_dir=base / "data",
             port=free_port(),

@@ -7,6 +7,7 @@ loop starts (or from a worker thread).
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -21,7 +22,7 @@ ALEMBIC_INI = BACKEND_DIR / "alembic.ini"
 
 
 def alembic_config(database_url: str, *, ini: Path = ALEMBIC_INI, quiet: bool = False) -> Config:
-    config = Config(str(ini), stdout=io.StringIO() if quiet else None)
+    config = Config(str(ini), stdout=io.StringIO() if quiet else sys.stdout)
     config.attributes["database_url"] = normalize_database_url(database_url)
     # The CLI and the app configure logging themselves; alembic.ini's fileConfig would replace it.
     config.attributes["configure_logger"] = False

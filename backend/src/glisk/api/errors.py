@@ -74,9 +74,7 @@ async def _field_validation_error(request: Request, exc: Exception) -> JSONRespo
     assert isinstance(exc, FieldValidationError)
     return JSONResponse(
         status_code=422,
-        content=envelope(
-            "VALIDATION_ERROR", str(exc), [{"field": exc.field, "rule": exc.rule}]
-        ),
+        content=envelope("VALIDATION_ERROR", str(exc), [{"field": exc.field, "rule": exc.rule}]),
     )
 
 

@@ -16,9 +16,10 @@ router = APIRouter()
 HEALTH_TIMEOUT_SECONDS = 1.0
 
 
-async def check_database(engine: AsyncEngine, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
-    """Run ``SELECT 1`` on a pooled connection within ``timeout`` seconds; raises on failure."""
-    async with asyncio.timeout(timeout), engine.connect() as connection:
+async def check_database(engine: AsyncEngine, within: float = HEALTH_TIMEOUT_SECONDS) -> None:
+    """Run ``SELECT 1`` on a pooled connection within ``within`` seconds; raises on failure
+    (TimeoutError when the database does not answer in time)."""
+    async with asyncio.timeout(within), engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
 
 

@@ -1,8 +1,18 @@
-"""Outermost middleware: request id, one log line per request, security headers, and the 500
-envelope for anything unhandled (so even a crash gets the headers and no traceback leaks)."""
+"""Request middleware, in two layers around CORS:
+
+- ``RequestContextMiddleware`` (outermost): request id, one log line per request, security
+  headers on every response, CORS preflights and errors included.
+- ``UnhandledErrorMiddleware`` (innermost, inside CORS): an unexpected exception becomes the 500
+  envelope there, so the response still passes through CORS and a browser can read it. The outer
+  layer keeps the same safety net for anything that escapes the layers in between.
+
+Neither lets a traceback reach the client. The operator gets it in the log, without local
+variables (see ``plain_traceback``).
+"""
 
 import re
 import time
+import traceback
 import uuid
 
 import structlog
@@ -18,6 +28,59 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_LOGGED = "_glisk_logged"
+
+
+def plain_traceback(exc: BaseException) -> str:
+    """The traceback as the standard library prints it: frames and source lines, no local
+    variables. (A renderer that shows locals would print whatever the frames held, such as the
+    connection parameters, password included, of a failed database connect.)"""
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _log_unhandled(scope: Scope, exc: Exception) -> None:
+    if getattr(exc, _LOGGED, False):
+        return
+    log.error(
+        "request.unhandled_error",
+        method=scope["method"],
+        path=scope["path"],
+        exception=plain_traceback(exc),
+    )
+    setattr(exc, _LOGGED, True)
+
+
+async def _answer_unhandled(
+    exc: Exception, scope: Scope, receive: Receive, send: Send, response_started: bool
+) -> None:
+    """Log the exception once and answer 500, unless a response is already under way (then
+    there is nothing to do but let the server drop the connection)."""
+    _log_unhandled(scope, exc)
+    if response_started:
+        raise exc
+    await internal_error_response()(scope, receive, send)
+
+
+class UnhandledErrorMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            await _answer_unhandled(exc, scope, receive, send, response_started)
 
 
 class RequestContextMiddleware:
@@ -50,11 +113,8 @@ class RequestContextMiddleware:
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_headers)
-            except Exception:
-                log.exception("request.unhandled_error", method=scope["method"], path=scope["path"])
-                if response_started:
-                    raise
-                await internal_error_response()(scope, receive, send_with_headers)
+            except Exception as exc:
+                await _answer_unhandled(exc, scope, receive, send_with_headers, response_started)
             finally:
                 log.info(
                     "request",

@@ -15,15 +15,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-# backend/src/glisk/core/config.py -> the repository root holds the one .env shared by every service.
+# backend/src/glisk/core/config.py -> the repository root, which holds the one .env every
+# service shares.
 BACKEND_DIR = Path(__file__).resolve().parents[3]
 REPO_ROOT = BACKEND_DIR.parent
 DEFAULT_ENV_FILE = REPO_ROOT / ".env"
 
 # Values that mean "nobody chose a secret"; refused when APP_ENV=production.
-PLACEHOLDER_SECRETS = frozenset(
-    {"", "changeme", "changethis", "password", "postgres", "secret"}
-)
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "password", "postgres", "secret"})
 
 DRIVER = "postgresql+psycopg"
 
@@ -41,9 +40,7 @@ def normalize_database_url(url: str) -> str:
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     if not sep or not rest:
-        raise ValueError(
-            "must be a URL like postgresql+psycopg://user:password@host:5432/dbname"
-        )
+        raise ValueError("must be a URL like postgresql+psycopg://user:password@host:5432/dbname")
     if scheme in ("postgres", "postgresql", DRIVER):
         return f"{DRIVER}://{rest}"
     raise ValueError(
@@ -170,9 +167,7 @@ def _format(error: ValidationError) -> str:
     return "Invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_settings(
-    env_file: str | os.PathLike[str] | None = None, **overrides: Any
-) -> Settings:
+def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Read the environment (and ``env_file``, default the repository-root ``.env``; the
     ``GLISK_ENV_FILE`` variable overrides it). Raises ConfigError naming each bad variable."""
     chosen = env_file or os.environ.get("GLISK_ENV_FILE") or DEFAULT_ENV_FILE

@@ -18,16 +18,12 @@ UTC_NOW_SQL = text("(now() AT TIME ZONE 'utc')")
 def created_at_field() -> Any:
     return Field(
         default_factory=utcnow,
-        sa_column=Column(
-            DateTime(timezone=False), nullable=False, server_default=UTC_NOW_SQL
-        ),
+        sa_column=Column(DateTime(timezone=False), nullable=False, server_default=UTC_NOW_SQL),
     )
 
 
 def optional_timestamp_field() -> Any:
-    return Field(
-        default=None, sa_column=Column(DateTime(timezone=False), nullable=True)
-    )
+    return Field(default=None, sa_column=Column(DateTime(timezone=False), nullable=True))
 
 
 def error_data_field() -> Any:
@@ -61,14 +57,10 @@ def closed_set_column(
     )
 
 
-def in_set_check(
-    column: str, enum: type[StrEnum], name: str | None = None
-) -> CheckConstraint:
+def in_set_check(column: str, enum: type[StrEnum], name: str | None = None) -> CheckConstraint:
     values = ", ".join(f"'{m.value}'" for m in enum)
     return CheckConstraint(f"{column} IN ({values})", name=name or f"{column}_allowed")
 
 
 def retry_count_field() -> Any:
-    return Field(
-        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
-    )
+    return Field(default=0, sa_column=Column(Integer, nullable=False, server_default=text("0")))

@@ -7,8 +7,8 @@ from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import created_at_field
+from glisk.models.base import Entity
 
 PROMPT_MIN, PROMPT_MAX = 10, 500
 
@@ -21,18 +21,14 @@ class Author(Entity, table=True):
     the index ``get_by_wallet`` uses.
     """
 
-    __tablename__ = "authors"
+    __tablename__ = "authors"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
-        CheckConstraint(
-            f"wallet_address ~ '{v.WALLET_PATTERN}'", name="wallet_address_format"
-        ),
+        CheckConstraint(f"wallet_address ~ '{v.WALLET_PATTERN}'", name="wallet_address_format"),
         CheckConstraint(
             f"char_length(prompt_text) BETWEEN {PROMPT_MIN} AND {PROMPT_MAX}",
             name="prompt_text_length",
         ),
-        CheckConstraint(
-            "left(twitter_handle, 1) <> '@'", name="twitter_handle_without_at"
-        ),
+        CheckConstraint("left(twitter_handle, 1) <> '@'", name="twitter_handle_without_at"),
         Index(
             "uq_authors_wallet_address_lower",
             func.lower(text("wallet_address")),
@@ -42,12 +38,8 @@ class Author(Entity, table=True):
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
     wallet_address: str = Field(sa_column=Column(String(42), nullable=False))
-    twitter_handle: str | None = Field(
-        default=None, sa_column=Column(String(255), nullable=True)
-    )
-    farcaster_handle: str | None = Field(
-        default=None, sa_column=Column(String(255), nullable=True)
-    )
+    twitter_handle: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    farcaster_handle: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     prompt_text: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = created_at_field()
 
@@ -63,9 +55,7 @@ class Author(Entity, table=True):
     def _twitter(self, key: str, value: Any) -> str | None:
         handle = v.optional_text(key, value, 255)
         if handle is not None and handle.startswith("@"):
-            raise v.FieldValidationError(
-                key, "must be given without the leading @", value
-            )
+            raise v.FieldValidationError(key, "must be given without the leading @", value)
         return handle
 
     @validates("farcaster_handle")

@@ -7,7 +7,6 @@ from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
@@ -16,13 +15,14 @@ from glisk.models._columns import (
     optional_timestamp_field,
     retry_count_field,
 )
+from glisk.models.base import Entity
 from glisk.models.enums import ImageJobStatus, ImageService
 
 
 class ImageGenerationJob(Entity, table=True):
     """One attempt to generate a token's image at an external or self-hosted service."""
 
-    __tablename__ = "image_generation_jobs"
+    __tablename__ = "image_generation_jobs"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
         in_set_check("service", ImageService),
         in_set_check("status", ImageJobStatus),
@@ -32,18 +32,14 @@ class ImageGenerationJob(Entity, table=True):
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
     token_id: UUID = Field(
-        sa_column=Column(
-            ForeignKey("tokens_s0.id", ondelete="CASCADE"), nullable=False, index=True
-        )
+        sa_column=Column(ForeignKey("tokens_s0.id", ondelete="CASCADE"), nullable=False, index=True)
     )
     service: ImageService = Field(sa_column=closed_set_column(ImageService))
     status: ImageJobStatus = Field(
         default=ImageJobStatus.PENDING,
         sa_column=closed_set_column(ImageJobStatus, default=ImageJobStatus.PENDING),
     )
-    external_job_id: str | None = Field(
-        default=None, sa_column=Column(String(255), nullable=True)
-    )
+    external_job_id: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
     retry_count: int = retry_count_field()
     error_data: dict[str, Any] | None = error_data_field()
     created_at: datetime = created_at_field()

@@ -7,7 +7,6 @@ from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
@@ -16,13 +15,14 @@ from glisk.models._columns import (
     optional_timestamp_field,
     retry_count_field,
 )
+from glisk.models.base import Entity
 from glisk.models.enums import IPFSRecordType, IPFSUploadStatus
 
 
 class IPFSUploadRecord(Entity, table=True):
     """One upload of a token's image or metadata to IPFS; a completed upload has its cid."""
 
-    __tablename__ = "ipfs_upload_records"
+    __tablename__ = "ipfs_upload_records"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
         in_set_check("record_type", IPFSRecordType),
         in_set_check("status", IPFSUploadStatus),
@@ -36,9 +36,7 @@ class IPFSUploadRecord(Entity, table=True):
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
     token_id: UUID = Field(
-        sa_column=Column(
-            ForeignKey("tokens_s0.id", ondelete="CASCADE"), nullable=False, index=True
-        )
+        sa_column=Column(ForeignKey("tokens_s0.id", ondelete="CASCADE"), nullable=False, index=True)
     )
     record_type: IPFSRecordType = Field(sa_column=closed_set_column(IPFSRecordType))
     cid: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))

@@ -8,8 +8,8 @@ from sqlmodel import Field
 
 from glisk.core.timezone import utcnow
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import timestamp_column
+from glisk.models.base import Entity
 
 
 class MintEvent(Entity, table=True):
@@ -19,12 +19,10 @@ class MintEvent(Entity, table=True):
     same event cannot be recorded twice under different letter case.
     """
 
-    __tablename__ = "mint_events"
+    __tablename__ = "mint_events"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
         UniqueConstraint("tx_hash", "log_index"),
-        CheckConstraint(
-            f"tx_hash ~ '{v.TX_HASH_STORED_PATTERN}'", name="tx_hash_format"
-        ),
+        CheckConstraint(f"tx_hash ~ '{v.TX_HASH_STORED_PATTERN}'", name="tx_hash_format"),
         CheckConstraint("log_index >= 0", name="log_index_non_negative"),
         CheckConstraint("block_number > 0", name="block_number_positive"),
     )

@@ -10,13 +10,13 @@ from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import (
     closed_set_column,
     created_at_field,
     in_set_check,
     optional_timestamp_field,
 )
+from glisk.models.base import Entity
 from glisk.models.enums import RevealStatus
 
 MAX_BATCH = 50
@@ -28,7 +28,7 @@ class RevealTransaction(Entity, table=True):
     ``sent`` means submitted and awaiting confirmation. tx_hash is stored lowercase.
     """
 
-    __tablename__ = "reveal_transactions"
+    __tablename__ = "reveal_transactions"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
         in_set_check("status", RevealStatus),
         CheckConstraint(
@@ -39,9 +39,7 @@ class RevealTransaction(Entity, table=True):
             f"tx_hash IS NULL OR tx_hash ~ '{v.TX_HASH_STORED_PATTERN}'",
             name="tx_hash_format",
         ),
-        CheckConstraint(
-            "block_number IS NULL OR block_number > 0", name="block_number_positive"
-        ),
+        CheckConstraint("block_number IS NULL OR block_number > 0", name="block_number_positive"),
         CheckConstraint(
             "gas_price_gwei IS NULL OR gas_price_gwei >= 0",
             name="gas_price_non_negative",
@@ -49,23 +47,17 @@ class RevealTransaction(Entity, table=True):
     )
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
-    token_ids: list[UUID] = Field(
-        sa_column=Column(ARRAY(PGUUID(as_uuid=True)), nullable=False)
-    )
+    token_ids: list[UUID] = Field(sa_column=Column(ARRAY(PGUUID(as_uuid=True)), nullable=False))
     tx_hash: str | None = Field(
         default=None, sa_column=Column(String(66), nullable=True, index=True)
     )
-    block_number: int | None = Field(
-        default=None, sa_column=Column(Integer, nullable=True)
-    )
+    block_number: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
     gas_price_gwei: Decimal | None = Field(
         default=None, sa_column=Column(Numeric(20, 9), nullable=True)
     )
     status: RevealStatus = Field(
         default=RevealStatus.PENDING,
-        sa_column=closed_set_column(
-            RevealStatus, default=RevealStatus.PENDING, index=True
-        ),
+        sa_column=closed_set_column(RevealStatus, default=RevealStatus.PENDING, index=True),
     )
     created_at: datetime = created_at_field()
     confirmed_at: datetime | None = optional_timestamp_field()
@@ -97,7 +89,5 @@ class RevealTransaction(Entity, table=True):
             return None
         price = Decimal(str(value))
         if price < 0 or price >= Decimal(10) ** 11:
-            raise v.FieldValidationError(
-                key, "must be >= 0 and < 1e11 (NUMERIC(20,9))", value
-            )
+            raise v.FieldValidationError(key, "must be >= 0 and < 1e11 (NUMERIC(20,9))", value)
         return price

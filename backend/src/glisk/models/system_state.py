@@ -8,8 +8,8 @@ from sqlmodel import Field
 
 from glisk.core.timezone import utcnow
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import timestamp_column
+from glisk.models.base import Entity
 
 
 class SystemState(Entity, table=True):
@@ -18,15 +18,11 @@ class SystemState(Entity, table=True):
     state_value is any JSON value; JSON null is stored as JSON, not SQL NULL.
     """
 
-    __tablename__ = "system_state"
-    __table_args__ = (
-        CheckConstraint(f"key ~ '{v.STATE_KEY_PATTERN}'", name="key_format"),
-    )
+    __tablename__ = "system_state"  # pyright: ignore[reportAssignmentType]
+    __table_args__ = (CheckConstraint(f"key ~ '{v.STATE_KEY_PATTERN}'", name="key_format"),)
 
     key: str = Field(sa_column=Column(String(255), primary_key=True))
-    state_value: Any = Field(
-        sa_column=Column(JSONB(none_as_null=False), nullable=False)
-    )
+    state_value: Any = Field(sa_column=Column(JSONB(none_as_null=False), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=timestamp_column())
 
     @validates("key")

@@ -13,8 +13,8 @@ from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models.base import Entity
 from glisk.models._columns import created_at_field, error_data_field, timestamp_column
+from glisk.models.base import Entity
 from glisk.models.enums import InvalidStateTransition, TokenStatus
 
 S = TokenStatus
@@ -67,11 +67,9 @@ class Token(Entity, table=True):
     enum.
     """
 
-    __tablename__ = "tokens_s0"
+    __tablename__ = "tokens_s0"  # pyright: ignore[reportAssignmentType]
     __table_args__ = (
-        CheckConstraint(
-            f"minter_address ~ '{v.WALLET_PATTERN}'", name="minter_address_format"
-        ),
+        CheckConstraint(f"minter_address ~ '{v.WALLET_PATTERN}'", name="minter_address_format"),
         CheckConstraint(
             "status NOT IN ('ready', 'revealed') OR metadata_cid IS NOT NULL",
             name="metadata_cid_required_when_ready",
@@ -87,30 +85,18 @@ class Token(Entity, table=True):
     id: UUID = Field(default_factory=uuid4, primary_key=True)
     token_id: int = Field(sa_column=Column(Integer, nullable=False, unique=True))
     author_id: UUID = Field(
-        sa_column=Column(
-            ForeignKey("authors.id", ondelete="RESTRICT"), nullable=False, index=True
-        )
+        sa_column=Column(ForeignKey("authors.id", ondelete="RESTRICT"), nullable=False, index=True)
     )
     minter_address: str = Field(sa_column=Column(String(42), nullable=False))
     status: TokenStatus = Field(
         default=S.DETECTED,
-        sa_column=Column(
-            TOKEN_STATUS_ENUM, nullable=False, server_default=S.DETECTED.value
-        ),
+        sa_column=Column(TOKEN_STATUS_ENUM, nullable=False, server_default=S.DETECTED.value),
     )
     mint_timestamp: datetime = Field(sa_column=timestamp_column())
-    image_path: str | None = Field(
-        default=None, sa_column=Column(String(2048), nullable=True)
-    )
-    image_cid: str | None = Field(
-        default=None, sa_column=Column(String(255), nullable=True)
-    )
-    metadata_cid: str | None = Field(
-        default=None, sa_column=Column(String(255), nullable=True)
-    )
-    reveal_tx_hash: str | None = Field(
-        default=None, sa_column=Column(String(66), nullable=True)
-    )
+    image_path: str | None = Field(default=None, sa_column=Column(String(2048), nullable=True))
+    image_cid: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    metadata_cid: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    reveal_tx_hash: str | None = Field(default=None, sa_column=Column(String(66), nullable=True))
     error_data: dict[str, Any] | None = error_data_field()
     created_at: datetime = created_at_field()
 
@@ -191,6 +177,4 @@ class Token(Entity, table=True):
 
     def check_row(self) -> None:
         if self.status in (S.READY, S.REVEALED):
-            v.required_when(
-                "metadata_cid", self.metadata_cid, f"status is '{self.status}'"
-            )
+            v.required_when("metadata_cid", self.metadata_cid, f"status is '{self.status}'")

@@ -54,9 +54,7 @@ def optional_tx_hash(field: str, value: Any) -> str | None:
 
 def text_length(field: str, value: Any, minimum: int, maximum: int) -> str:
     if not isinstance(value, str) or not minimum <= len(value) <= maximum:
-        raise FieldValidationError(
-            field, f"must be {minimum} to {maximum} characters", value
-        )
+        raise FieldValidationError(field, f"must be {minimum} to {maximum} characters", value)
     return value
 
 
@@ -85,20 +83,12 @@ def one_of(field: str, value: Any, allowed: type[E]) -> E:
 
 
 def state_key(field: str, value: Any) -> str:
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= 255
-        or not _STATE_KEY.fullmatch(value)
-    ):
-        raise FieldValidationError(
-            field, "must be 1 to 255 letters, digits or underscores", value
-        )
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not _STATE_KEY.fullmatch(value):
+        raise FieldValidationError(field, "must be 1 to 255 letters, digits or underscores", value)
     return value
 
 
-def item_count(
-    field: str, value: Iterable[Any], minimum: int, maximum: int
-) -> list[Any]:
+def item_count(field: str, value: Iterable[Any], minimum: int, maximum: int) -> list[Any]:
     items = list(value)
     if not minimum <= len(items) <= maximum:
         raise FieldValidationError(

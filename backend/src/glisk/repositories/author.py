@@ -2,6 +2,7 @@ from uuid import UUID
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import Author
 from glisk.models import validation as v
@@ -20,7 +21,7 @@ class AuthorRepository:
         Raises FieldValidationError for a malformed address."""
         v.wallet("address", address)
         result = await self.session.execute(
-            select(Author).where(func.lower(Author.wallet_address) == address.lower())
+            select(Author).where(func.lower(col(Author.wallet_address)) == address.lower())
         )
         return result.scalar_one_or_none()
 
@@ -36,7 +37,7 @@ class AuthorRepository:
         _args.offset(offset)
         result = await self.session.execute(
             select(Author)
-            .order_by(Author.created_at.desc(), Author.id.desc())  # type: ignore[union-attr]
+            .order_by(col(Author.created_at).desc(), col(Author.id).desc())
             .limit(limit)
             .offset(offset)
         )

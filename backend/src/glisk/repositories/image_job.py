@@ -2,6 +2,7 @@ from uuid import UUID
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import ImageGenerationJob
 
@@ -22,10 +23,10 @@ class ImageGenerationJobRepository:
         """Every attempt for the token, newest first."""
         result = await self.session.execute(
             select(ImageGenerationJob)
-            .where(ImageGenerationJob.token_id == token_uuid)
+            .where(col(ImageGenerationJob.token_id) == token_uuid)
             .order_by(
-                ImageGenerationJob.created_at.desc(),  # type: ignore[attr-defined]
-                ImageGenerationJob.id.desc(),  # type: ignore[attr-defined]
+                col(ImageGenerationJob.created_at).desc(),
+                col(ImageGenerationJob.id).desc(),
             )
         )
         return list(result.scalars())
@@ -33,10 +34,10 @@ class ImageGenerationJobRepository:
     async def get_latest_by_token(self, token_uuid: UUID) -> ImageGenerationJob | None:
         result = await self.session.execute(
             select(ImageGenerationJob)
-            .where(ImageGenerationJob.token_id == token_uuid)
+            .where(col(ImageGenerationJob.token_id) == token_uuid)
             .order_by(
-                ImageGenerationJob.created_at.desc(),  # type: ignore[attr-defined]
-                ImageGenerationJob.id.desc(),  # type: ignore[attr-defined]
+                col(ImageGenerationJob.created_at).desc(),
+                col(ImageGenerationJob.id).desc(),
             )
             .limit(1)
         )

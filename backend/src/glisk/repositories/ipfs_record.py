@@ -2,6 +2,7 @@ from uuid import UUID
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import IPFSRecordType, IPFSUploadRecord
 from glisk.models import validation as v
@@ -23,14 +24,14 @@ class IPFSUploadRecordRepository:
         self, token_uuid: UUID, record_type: IPFSRecordType | str | None = None
     ) -> list[IPFSUploadRecord]:
         """The token's upload records, newest first, optionally of one record_type."""
-        statement = select(IPFSUploadRecord).where(IPFSUploadRecord.token_id == token_uuid)
+        statement = select(IPFSUploadRecord).where(col(IPFSUploadRecord.token_id) == token_uuid)
         if record_type is not None:
             wanted = v.one_of("record_type", record_type, IPFSRecordType)
-            statement = statement.where(IPFSUploadRecord.record_type == wanted)
+            statement = statement.where(col(IPFSUploadRecord.record_type) == wanted)
         result = await self.session.execute(
             statement.order_by(
-                IPFSUploadRecord.created_at.desc(),  # type: ignore[attr-defined]
-                IPFSUploadRecord.id.desc(),  # type: ignore[attr-defined]
+                col(IPFSUploadRecord.created_at).desc(),
+                col(IPFSUploadRecord.id).desc(),
             )
         )
         return list(result.scalars())

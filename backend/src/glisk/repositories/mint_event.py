@@ -1,5 +1,6 @@
 from sqlalchemy import exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import MintEvent
 from glisk.models import validation as v
@@ -22,7 +23,7 @@ class MintEventRepository:
         result = await self.session.execute(
             select(
                 exists().where(
-                    MintEvent.tx_hash == normalized, MintEvent.log_index == log_index
+                    col(MintEvent.tx_hash) == normalized, col(MintEvent.log_index) == log_index
                 )
             )
         )
@@ -36,7 +37,7 @@ class MintEventRepository:
             raise v.FieldValidationError("end", f"must be >= start ({start})", end)
         result = await self.session.execute(
             select(MintEvent)
-            .where(MintEvent.block_number.between(start, end))  # type: ignore[attr-defined]
-            .order_by(MintEvent.block_number, MintEvent.log_index)
+            .where(col(MintEvent.block_number).between(start, end))
+            .order_by(col(MintEvent.block_number), col(MintEvent.log_index))
         )
         return list(result.scalars())

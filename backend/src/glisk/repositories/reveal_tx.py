@@ -2,6 +2,7 @@ from uuid import UUID
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import RevealStatus, RevealTransaction
 from glisk.models import validation as v
@@ -24,7 +25,7 @@ class RevealTransactionRepository:
         """tx_hash in any letter case (stored lowercase)."""
         normalized = v.tx_hash("tx_hash", tx_hash)
         result = await self.session.execute(
-            select(RevealTransaction).where(RevealTransaction.tx_hash == normalized)
+            select(RevealTransaction).where(col(RevealTransaction.tx_hash) == normalized)
         )
         return result.scalars().first()
 
@@ -36,8 +37,8 @@ class RevealTransactionRepository:
         _args.limit(limit)
         result = await self.session.execute(
             select(RevealTransaction)
-            .where(RevealTransaction.status == wanted)
-            .order_by(RevealTransaction.created_at, RevealTransaction.id)
+            .where(col(RevealTransaction.status) == wanted)
+            .order_by(col(RevealTransaction.created_at), col(RevealTransaction.id))
             .limit(limit)
         )
         return list(result.scalars())
@@ -46,7 +47,7 @@ class RevealTransactionRepository:
         """Transactions submitted and awaiting confirmation (status 'sent'), oldest first."""
         result = await self.session.execute(
             select(RevealTransaction)
-            .where(RevealTransaction.status == RevealStatus.SENT)
-            .order_by(RevealTransaction.created_at, RevealTransaction.id)
+            .where(col(RevealTransaction.status) == RevealStatus.SENT)
+            .order_by(col(RevealTransaction.created_at), col(RevealTransaction.id))
         )
         return list(result.scalars())

@@ -2,6 +2,7 @@ from uuid import UUID
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from glisk.models import Token, TokenStatus
 from glisk.models import validation as v
@@ -30,7 +31,7 @@ class TokenRepository:
 
     async def get_by_token_id(self, token_id: int) -> Token | None:
         v.int_at_least("token_id", token_id, 0)
-        result = await self.session.execute(select(Token).where(Token.token_id == token_id))
+        result = await self.session.execute(select(Token).where(col(Token.token_id) == token_id))
         return result.scalar_one_or_none()
 
     async def add(self, token: Token) -> Token:
@@ -73,8 +74,8 @@ class TokenRepository:
         _args.limit(limit)
         result = await self.session.execute(
             select(Token)
-            .where(Token.author_id == author_id)
-            .order_by(Token.mint_timestamp.desc(), Token.id.desc())  # type: ignore[attr-defined]
+            .where(col(Token.author_id) == author_id)
+            .order_by(col(Token.mint_timestamp).desc(), col(Token.id).desc())
             .limit(limit)
         )
         return list(result.scalars())
@@ -85,8 +86,8 @@ class TokenRepository:
         _args.limit(limit)
         result = await self.session.execute(
             select(Token)
-            .where(Token.status == wanted)
-            .order_by(Token.mint_timestamp, Token.id)
+            .where(col(Token.status) == wanted)
+            .order_by(col(Token.mint_timestamp), col(Token.id))
             .limit(limit)
         )
         return list(result.scalars())

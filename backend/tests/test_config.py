@@ -1,0 +1,151 @@
+"""Settings: read from the repository-root .env wherever the command runs, and every bad value is
+refused with a message naming the variable and the rule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glisk.core.config import DEFAULT_ENV_FILE, REPO_ROOT, ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper() in {
+            "DATABASE_URL",
+            "APP_ENV",
+            "DB_POOL_SIZE",
+            "CORS_ORIGINS",
+            "LOG_LEVEL",
+            "PORT",
+            "POSTGRES_PASSWORD",
+            "GLISK_ENV_FILE",
+        }:
+            monkeypatch.delenv(name)
+
+
+def test_the_env_file_is_the_one_at_the_repository_root() -> None:
+    assert DEFAULT_ENV_FILE == REPO_ROOT / ".env"
+    assert (REPO_ROOT / "backend" / "pyproject.toml").exists()
+
+
+def test_settings_are_read_from_the_env_file_whatever_the_working_directory(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_POOL_SIZE=42\nCORS_ORIGINS=https://a.example, https://b.example\n")
+    script = "from glisk.core.config import load_settings; s = load_settings(); print(s.db_pool_size, s.cors_origins)"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GLISK_ENV_FILE": str(env_file)},
+    )
+    assert out.stdout.strip() == "42 ['https://a.example', 'https://b.example']", out.stderr
+
+
+def test_environment_variables_override_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_POOL_SIZE=42\n")
+    monkeypatch.setenv("DB_POOL_SIZE", "7")
+    assert load_settings(env_file).db_pool_size == 7
+
+
+def test_defaults_match_the_specification() -> None:
+    s = load_settings(os.devnull)
+    assert (s.db_pool_size, s.app_env, s.log_level, s.host, s.port) == (
+        200,
+        "development",
+        "INFO",
+        "0.0.0.0",
+        8000,
+    )
+    assert s.cors_origins == ["http://localhost:3000"]
+    assert s.database_url is None and s.embedded
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("DB_POOL_SIZE", "0", "DB_POOL_SIZE: Input should be greater than or equal to 1"),
+        ("DB_POOL_SIZE", "many", "DB_POOL_SIZE: Input should be a valid integer"),
+        ("APP_ENV", "staging", "APP_ENV: Input should be 'development' or 'production'"),
+        ("LOG_LEVEL", "chatty", "LOG_LEVEL: Input should be 'DEBUG'"),
+        (
+            "CORS_ORIGINS",
+            "localhost:3000",
+            "CORS_ORIGINS: each origin must start with http:// or https://",
+        ),
+        (
+            "DATABASE_URL",
+            "sqlite:///glisk.db",
+            "DATABASE_URL: must use the postgresql+psycopg:// scheme",
+        ),
+        ("DATABASE_URL", "not a url", "DATABASE_URL: must be a URL like postgresql+psycopg://"),
+        ("PORT", "-1", "PORT: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_rule(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg"])
+def test_provider_url_forms_are_normalised_to_psycopg(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"{scheme}://u:p@db:5432/glisk")
+    assert load_settings(os.devnull).database_url == "postgresql+psycopg://u:p@db:5432/glisk"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "DATABASE_URL is required when APP_ENV=production"),
+        (
+            {"DATABASE_URL": "postgresql://glisk:changeme@db/glisk"},
+            "DATABASE_URL has no password or a placeholder",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://glisk@db/glisk"},
+            "DATABASE_URL has no password or a placeholder",
+        ),
+        (
+            {
+                "DATABASE_URL": "postgresql://glisk:s3cr3t-Zq@db/glisk",
+                "POSTGRES_PASSWORD": "changeme",
+            },
+            "POSTGRES_PASSWORD is a placeholder",
+        ),
+        (
+            {"DATABASE_URL": "postgresql://glisk:s3cr3t-Zq@db/glisk", "CORS_ORIGINS": "*"},
+            "CORS_ORIGINS may not contain '*'",
+        ),
+    ],
+)
+def test_production_refuses_insecure_defaults(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    monkeypatch.setenv("APP_ENV", "production")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(os.devnull)
+
+
+def test_production_with_real_secrets_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://glisk:s3cr3t-Zq@db/glisk")
+    monkeypatch.setenv("POSTGRES_PASSWORD", "s3cr3t-Zq")
+    assert load_settings(os.devnull).app_env == "production"
