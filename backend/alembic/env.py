@@ -18,9 +18,7 @@ from glisk.core.config import ConfigError, load_settings, normalize_database_url
 from glisk.models import metadata
 
 config = context.config
-if config.config_file_name is not None and config.attributes.get(
-    "configure_logger", True
-):
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = metadata

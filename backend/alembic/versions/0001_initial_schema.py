@@ -76,16 +76,10 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "tx_hash ~ '^0x[a-f0-9]{64}$'", name=op.f("ck_mint_events_tx_hash_format")
         ),
-        sa.CheckConstraint(
-            "block_number > 0", name=op.f("ck_mint_events_block_number_positive")
-        ),
-        sa.CheckConstraint(
-            "log_index >= 0", name=op.f("ck_mint_events_log_index_non_negative")
-        ),
+        sa.CheckConstraint("block_number > 0", name=op.f("ck_mint_events_block_number_positive")),
+        sa.CheckConstraint("log_index >= 0", name=op.f("ck_mint_events_log_index_non_negative")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_mint_events")),
-        sa.UniqueConstraint(
-            "tx_hash", "log_index", name=op.f("uq_mint_events_tx_hash_log_index")
-        ),
+        sa.UniqueConstraint("tx_hash", "log_index", name=op.f("uq_mint_events_tx_hash_log_index")),
     )
     op.create_index(
         op.f("ix_mint_events_block_number"),
@@ -100,9 +94,7 @@ def upgrade() -> None:
         sa.Column("tx_hash", sa.String(length=66), nullable=True),
         sa.Column("block_number", sa.Integer(), nullable=True),
         sa.Column("gas_price_gwei", sa.Numeric(precision=20, scale=9), nullable=True),
-        sa.Column(
-            "status", sa.String(length=50), server_default="pending", nullable=False
-        ),
+        sa.Column("status", sa.String(length=50), server_default="pending", nullable=False),
         sa.Column(
             "created_at",
             sa.DateTime(),
@@ -147,13 +139,9 @@ def upgrade() -> None:
     op.create_table(
         "system_state",
         sa.Column("key", sa.String(length=255), nullable=False),
-        sa.Column(
-            "state_value", postgresql.JSONB(astext_type=sa.Text()), nullable=False
-        ),
+        sa.Column("state_value", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
-        sa.CheckConstraint(
-            "key ~ '^[A-Za-z0-9_]+$'", name=op.f("ck_system_state_key_format")
-        ),
+        sa.CheckConstraint("key ~ '^[A-Za-z0-9_]+$'", name=op.f("ck_system_state_key_format")),
         sa.PrimaryKeyConstraint("key", name=op.f("pk_system_state")),
     )
     op.create_table(
@@ -201,9 +189,7 @@ def upgrade() -> None:
             "status NOT IN ('ready', 'revealed') OR metadata_cid IS NOT NULL",
             name=op.f("ck_tokens_s0_metadata_cid_required_when_ready"),
         ),
-        sa.CheckConstraint(
-            "token_id >= 0", name=op.f("ck_tokens_s0_token_id_non_negative")
-        ),
+        sa.CheckConstraint("token_id >= 0", name=op.f("ck_tokens_s0_token_id_non_negative")),
         sa.ForeignKeyConstraint(
             ["author_id"],
             ["authors.id"],
@@ -213,9 +199,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tokens_s0")),
         sa.UniqueConstraint("token_id", name=op.f("uq_tokens_s0_token_id")),
     )
-    op.create_index(
-        op.f("ix_tokens_s0_author_id"), "tokens_s0", ["author_id"], unique=False
-    )
+    op.create_index(op.f("ix_tokens_s0_author_id"), "tokens_s0", ["author_id"], unique=False)
     op.create_index(
         "ix_tokens_s0_status_mint_timestamp",
         "tokens_s0",
@@ -227,13 +211,9 @@ def upgrade() -> None:
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("token_id", sa.Uuid(), nullable=False),
         sa.Column("service", sa.String(length=50), nullable=False),
-        sa.Column(
-            "status", sa.String(length=50), server_default="pending", nullable=False
-        ),
+        sa.Column("status", sa.String(length=50), server_default="pending", nullable=False),
         sa.Column("external_job_id", sa.String(length=255), nullable=True),
-        sa.Column(
-            "retry_count", sa.Integer(), server_default=sa.text("0"), nullable=False
-        ),
+        sa.Column("retry_count", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("error_data", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column(
             "created_at",
@@ -280,12 +260,8 @@ def upgrade() -> None:
         sa.Column("token_id", sa.Uuid(), nullable=False),
         sa.Column("record_type", sa.String(length=50), nullable=False),
         sa.Column("cid", sa.String(length=255), nullable=True),
-        sa.Column(
-            "status", sa.String(length=50), server_default="pending", nullable=False
-        ),
-        sa.Column(
-            "retry_count", sa.Integer(), server_default=sa.text("0"), nullable=False
-        ),
+        sa.Column("status", sa.String(length=50), server_default="pending", nullable=False),
+        sa.Column("retry_count", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("error_data", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column(
             "created_at",
@@ -333,30 +309,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index(
-        op.f("ix_ipfs_upload_records_token_id"), table_name="ipfs_upload_records"
-    )
-    op.drop_index(
-        "ix_ipfs_upload_records_record_type_status", table_name="ipfs_upload_records"
-    )
+    op.drop_index(op.f("ix_ipfs_upload_records_token_id"), table_name="ipfs_upload_records")
+    op.drop_index("ix_ipfs_upload_records_record_type_status", table_name="ipfs_upload_records")
     op.drop_table("ipfs_upload_records")
-    op.drop_index(
-        op.f("ix_image_generation_jobs_token_id"), table_name="image_generation_jobs"
-    )
-    op.drop_index(
-        "ix_image_generation_jobs_service_status", table_name="image_generation_jobs"
-    )
+    op.drop_index(op.f("ix_image_generation_jobs_token_id"), table_name="image_generation_jobs")
+    op.drop_index("ix_image_generation_jobs_service_status", table_name="image_generation_jobs")
     op.drop_table("image_generation_jobs")
     op.drop_index("ix_tokens_s0_status_mint_timestamp", table_name="tokens_s0")
     op.drop_index(op.f("ix_tokens_s0_author_id"), table_name="tokens_s0")
     op.drop_table("tokens_s0")
     op.drop_table("system_state")
-    op.drop_index(
-        op.f("ix_reveal_transactions_tx_hash"), table_name="reveal_transactions"
-    )
-    op.drop_index(
-        op.f("ix_reveal_transactions_status"), table_name="reveal_transactions"
-    )
+    op.drop_index(op.f("ix_reveal_transactions_tx_hash"), table_name="reveal_transactions")
+    op.drop_index(op.f("ix_reveal_transactions_status"), table_name="reveal_transactions")
     op.drop_table("reveal_transactions")
     op.drop_index(op.f("ix_mint_events_block_number"), table_name="mint_events")
     op.drop_table("mint_events")
