@@ -41,6 +41,11 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "reveal_tx_hash": ("character varying", True, 66),
         "error_data": ("jsonb", True, None),
         "created_at": ("timestamp without time zone", False, None),
+        # 0002: leased claims
+        "claimed_by": ("character varying", True, 255),
+        "claim_id": ("uuid", True, None),
+        "lease_expires_at": ("timestamp without time zone", True, None),
+        "attempts": ("integer", False, None),
     },
     "mint_events": {
         "id": ("uuid", False, None),
@@ -104,6 +109,9 @@ EXPECTED_INDEXES = {
     "ix_ipfs_upload_records_record_type_status": "(record_type, status)",
     "ix_reveal_transactions_tx_hash": "(tx_hash)",
     "ix_reveal_transactions_status": "(status)",
+    "ix_tokens_s0_claim_image": "(mint_timestamp, id) WHERE ((status = ANY (ARRAY['detected'::token_status_enum, 'generating'::token_status_enum])) AND (image_path IS NULL))",
+    "ix_tokens_s0_claim_upload": "(mint_timestamp, id) WHERE ((status = ANY (ARRAY['generating'::token_status_enum, 'uploading'::token_status_enum])) AND (image_path IS NOT NULL))",
+    "ix_tokens_s0_claim_reveal": "(mint_timestamp, id) WHERE (status = 'ready'::token_status_enum)",
 }
 
 

@@ -28,6 +28,7 @@ from glisk.repositories import (
     SystemStateRepository,
     TokenRepository,
 )
+from glisk.repositories.token_lease import TokenLeaseRepository
 
 log = structlog.get_logger("glisk.uow")
 
@@ -40,6 +41,7 @@ class UnitOfWork:
     ipfs_records: IPFSUploadRecordRepository
     reveal_txs: RevealTransactionRepository
     system_state: SystemStateRepository
+    leases: TokenLeaseRepository  # leased claims for slow stages (glisk.workers)
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
         # No I/O here: the session (and its connection) is opened by __aenter__.
@@ -63,6 +65,7 @@ class UnitOfWork:
         self.ipfs_records = IPFSUploadRecordRepository(session)
         self.reveal_txs = RevealTransactionRepository(session)
         self.system_state = SystemStateRepository(session)
+        self.leases = TokenLeaseRepository(session)
         return self
 
     async def __aexit__(

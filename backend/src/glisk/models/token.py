@@ -7,13 +7,19 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, Integer, String
+from sqlalchemy import CheckConstraint, Column, ForeignKey, Index, Integer, String, text
 from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import UUID as PGUUID
 from sqlalchemy.orm import validates
 from sqlmodel import Field
 
 from glisk.models import validation as v
-from glisk.models._columns import created_at_field, error_data_field, timestamp_column
+from glisk.models._columns import (
+    created_at_field,
+    error_data_field,
+    optional_timestamp_field,
+    timestamp_column,
+)
 from glisk.models.base import Entity
 from glisk.models.enums import InvalidStateTransition, TokenStatus
 
@@ -29,6 +35,14 @@ TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
 }
 TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
+
+# The rows each leased stage may claim, fresh or rescued (see glisk.workers.stages). The claim
+# queries repeat these predicates verbatim so the planner can prove the partial index applies.
+CLAIM_INDEX_PREDICATES: dict[str, str] = {
+    "image": "status IN ('detected', 'generating') AND image_path IS NULL",
+    "upload": "status IN ('generating', 'uploading') AND image_path IS NOT NULL",
+    "reveal": "status = 'ready'",
+}
 
 TOKEN_STATUS_ENUM = SAEnum(
     TokenStatus,
@@ -80,6 +94,30 @@ class Token(Entity, table=True):
         ),
         CheckConstraint("token_id >= 0", name="token_id_non_negative"),
         Index("ix_tokens_s0_status_mint_timestamp", "status", "mint_timestamp"),
+        # Leased claims (glisk.workers): a claim is a fencing id plus a lease, both or neither;
+        # a finished token is never claimed.
+        CheckConstraint(
+            "(claim_id IS NULL) = (lease_expires_at IS NULL)", name="claim_has_lease"
+        ),
+        CheckConstraint(
+            "claim_id IS NULL OR claimed_by IS NOT NULL", name="claim_has_holder"
+        ),
+        CheckConstraint(
+            "claim_id IS NULL OR status NOT IN ('revealed', 'failed')",
+            name="finished_token_not_claimed",
+        ),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        # One partial index per leased stage, matching its claim query's WHERE and ORDER BY, so
+        # finished tokens (the vast majority over time) are never scanned by a claim.
+        *(
+            Index(
+                f"ix_tokens_s0_claim_{name}",
+                "mint_timestamp",
+                "id",
+                postgresql_where=text(predicate),
+            )
+            for name, predicate in CLAIM_INDEX_PREDICATES.items()
+        ),
     )
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
@@ -99,6 +137,14 @@ class Token(Entity, table=True):
     reveal_tx_hash: str | None = Field(default=None, sa_column=Column(String(66), nullable=True))
     error_data: dict[str, Any] | None = error_data_field()
     created_at: datetime = created_at_field()
+    # Leased claims: who holds the token (kept after release, as the last holder), the fencing id
+    # of the live claim, until when, and how many claims the current stage has had.
+    claimed_by: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    claim_id: UUID | None = Field(default=None, sa_column=Column(PGUUID(as_uuid=True), nullable=True))
+    lease_expires_at: datetime | None = optional_timestamp_field()
+    attempts: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
 
     # -- state machine -------------------------------------------------------------------------
 
@@ -125,6 +171,22 @@ class Token(Entity, table=True):
         normalized = v.tx_hash("tx_hash", tx_hash)
         self._transition(S.REVEALED)
         self.reveal_tx_hash = normalized
+
+    def record_generated_image(self, image_path: str) -> None:
+        """Generation finished: store where the image is. Only while 'generating'; the status does
+        not change (the upload stage's claim takes the token to 'uploading')."""
+        v.required_when("image_path", image_path, "recording a generated image")
+        if self.status != S.GENERATING:
+            raise InvalidStateTransition(
+                self.status,
+                S.GENERATING,
+                (S.GENERATING,),
+                message=(
+                    f"Cannot record a generated image for a token in '{self.status}'. "
+                    "Token must be in 'generating' state."
+                ),
+            )
+        self.image_path = v.text_length("image_path", image_path, 1, 2048)
 
     def mark_failed(self, error_dict: dict[str, Any]) -> None:
         """Any non-terminal state -> failed; stores error_dict as error_data. Retrying is the
