@@ -15,8 +15,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from glisk.api import health
-from glisk.api.errors import install_error_handlers
-from glisk.api.middleware import RequestContextMiddleware, UnhandledErrorMiddleware
+from glisk.api.errors import OperatorError, install_error_handlers
+from glisk.api.middleware import (
+    LifespanErrorMiddleware,
+    RequestContextMiddleware,
+    UnhandledErrorMiddleware,
+)
 from glisk.core.config import Settings, load_settings
 from glisk.core.database import engine_of, masked_url, setup_db_session
 from glisk.core.logs import configure_logging
@@ -26,7 +30,7 @@ from glisk.uow import create_uow_factory
 log = structlog.get_logger("glisk.app")
 
 
-class DatabaseUnavailableError(RuntimeError):
+class DatabaseUnavailableError(OperatorError):
     """The database could not be reached at start-up. The message is one line for the operator."""
 
 
@@ -105,4 +109,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Outermost: it sees every response, CORS preflights and errors included.
     app.add_middleware(RequestContextMiddleware)
+    # Lifespan only: a start-up failure the app explains in one line reaches the server as it.
+    app.add_middleware(LifespanErrorMiddleware)
     return app

@@ -35,6 +35,12 @@ _CODES = {
 }
 
 
+class OperatorError(RuntimeError):
+    """A failure whose message is complete for the operator: one line, naming the problem, with
+    secrets masked. It is reported as that line, without a traceback
+    (see glisk.api.middleware.LifespanErrorMiddleware)."""
+
+
 def constraint_name(exc: DBAPIError) -> str | None:
     diag = getattr(getattr(exc, "orig", None), "diag", None)
     return getattr(diag, "constraint_name", None)
@@ -47,10 +53,18 @@ def internal_error_response() -> JSONResponse:
     )
 
 
+def _code_and_phrase(status_code: int) -> tuple[str, str]:
+    try:
+        status = HTTPStatus(status_code)
+    except ValueError:  # a status the standard library does not name, e.g. 499
+        return _CODES.get(status_code, f"HTTP_{status_code}"), f"HTTP {status_code}"
+    return _CODES.get(status_code, status.name), status.phrase
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _CODES.get(exc.status_code, HTTPStatus(exc.status_code).name)
-    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    code, phrase = _code_and_phrase(exc.status_code)
+    detail = exc.detail if isinstance(exc.detail, str) else phrase
     return JSONResponse(
         status_code=exc.status_code,
         content=envelope(code, detail),

@@ -2,6 +2,8 @@
 
 - ``RequestContextMiddleware`` (outermost): request id, one log line per request, security
   headers on every response, CORS preflights and errors included.
+- ``LifespanErrorMiddleware`` (lifespan messages only): a start-up failure explained by an
+  ``OperatorError`` reaches the server as its one-line message instead of a traceback.
 - ``UnhandledErrorMiddleware`` (innermost, inside CORS): an unexpected exception becomes the 500
   envelope there, so the response still passes through CORS and a browser can read it. The outer
   layer keeps the same safety net for anything that escapes the layers in between.
@@ -11,6 +13,7 @@ variables (see ``plain_traceback``).
 """
 
 import re
+import sys
 import time
 import traceback
 import uuid
@@ -19,7 +22,7 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glisk.api.errors import internal_error_response
+from glisk.api.errors import OperatorError, internal_error_response
 
 log = structlog.get_logger("glisk.request")
 
@@ -123,3 +126,28 @@ class RequestContextMiddleware:
                     status_code=status_code,
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 )
+
+
+class LifespanErrorMiddleware:
+    """Starlette reports a failed start-up (or shutdown) to the server as the full traceback,
+    which uvicorn prints as the reason it exits. For an ``OperatorError`` the message alone is the
+    reason: "Cannot connect to the database at postgresql+psycopg://glisk:***@db:5432/glisk:
+    connection refused". Other failures are bugs and keep their traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_plain_failure(message: Message) -> None:
+            if message["type"] in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
+                # The router sends this from the `except` block that caught the failure.
+                failure = sys.exc_info()[1]
+                if isinstance(failure, OperatorError):
+                    message = {**message, "message": str(failure)}
+            await send(message)
+
+        await self.app(scope, receive, send_plain_failure)

@@ -240,18 +240,22 @@ async def run_worker(
                 break
             await _sleep_or_stop(stop, poll_interval)
             continue
-        live = {c.claim_id for c in claims}
-        async with _keep_alive(uow_factory, live, lease_seconds, worker.holder):
-            if resolved.whole_batch:
-                await _run_batch(worker, cast(BatchHandler, handler), claims)
-            else:
-                await _run_each(worker, cast(TokenHandler, handler), claims, live, stop)
+        if resolved.whole_batch:
+            await _run_batch(worker, cast(BatchHandler, handler), claims)
+        else:
+            await _run_each(worker, cast(TokenHandler, handler), claims, stop)
     return worker.stats
 
 
+# Leases are extended only while a handler runs, never during a completion: a completion locks
+# its rows, and a heartbeat updating the same rows in another order could deadlock with it.
+
+
 async def _run_batch(worker: _Worker, handler: BatchHandler, claims: list[Claim]) -> None:
+    live = {c.claim_id for c in claims}
     try:
-        result = await handler(claims)
+        async with _keep_alive(worker.uow_factory, live, worker.lease_seconds, worker.holder):
+            result = await handler(claims)
     except Exception as exc:
         for claim in claims:
             await worker.fail(claim, exc)
@@ -260,18 +264,17 @@ async def _run_batch(worker: _Worker, handler: BatchHandler, claims: list[Claim]
 
 
 async def _run_each(
-    worker: _Worker,
-    handler: TokenHandler,
-    claims: list[Claim],
-    live: set[uuid.UUID],
-    stop: asyncio.Event,
+    worker: _Worker, handler: TokenHandler, claims: list[Claim], stop: asyncio.Event
 ) -> None:
+    # The whole rest of the batch stays leased while each handler runs, not only its token.
+    live = {c.claim_id for c in claims}
     for index, claim in enumerate(claims):
         if stop.is_set():
             await worker.release(claims[index:])
             return
         try:
-            result = await handler(claim)
+            async with _keep_alive(worker.uow_factory, live, worker.lease_seconds, worker.holder):
+                result = await handler(claim)
         except Exception as exc:
             await worker.fail(claim, exc)
         else:
