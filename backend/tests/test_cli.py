@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import structlog
 
+from glisk.cli import main
 from glisk.embedded_pg import free_port
 from tests.conftest import Database
 from tests.pg import throwaway_database
@@ -121,23 +123,53 @@ def test_sigkill_of_serve_leaves_no_postgres_behind(data_root: Path) -> None:
     assert _wait_gone(postgres, 15), "orphaned postgres after SIGKILL of glisk serve"
 
 
-def test_db_commands_work_against_an_existing_server(postgres_container: Database) -> None:
+def _main_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str, str]:
+    """glisk.cli.main in this process (the subprocess tests above cover the real entry point)."""
+    for name, value in _env(**env).items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "APP_ENV"):
+        if name not in env:
+            monkeypatch.delenv(name, raising=False)
+    # main() configures logging for the process; put back what the rest of the suite expects.
+    saved = structlog.get_config()
+    try:
+        code = main(list(argv))
+    finally:
+        structlog.configure(**saved)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_db_commands_work_against_an_existing_server(
+    postgres_container: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with throwaway_database(postgres_container.url) as url:
 
-        def glisk(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "glisk.cli", "db", *args],
-                env=_env(DATABASE_URL=url),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+        def glisk(*args: str) -> tuple[int, str, str]:
+            return _main_in_process(monkeypatch, capsys, "db", *args, DATABASE_URL=url)
 
-        assert glisk("current").stdout.startswith("base (empty)")
-        assert glisk("upgrade").returncode == 0
-        assert "(up to date)" in glisk("current").stdout
-        assert glisk("downgrade", "base").returncode == 0
-        assert glisk("current").stdout.startswith("base (empty)")
+        assert glisk("current")[1].startswith("base (empty)")
+        assert glisk("upgrade")[0] == 0
+        assert "(up to date)" in glisk("current")[1]
+        assert glisk("downgrade", "base")[0] == 0
+        assert glisk("current")[1].startswith("base (empty)")
+
+
+def test_db_commands_report_an_unreachable_database_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql+psycopg://glisk:hunter2@127.0.0.1:{free_port()}/glisk"
+    code, _, err = _main_in_process(monkeypatch, capsys, "db", "upgrade", DATABASE_URL=url)
+    assert code == 1
+    assert err.startswith(
+        "error: Cannot connect to the database at postgresql+psycopg://glisk:***@"
+    )
+    assert "hunter2" not in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -153,15 +185,12 @@ def test_db_commands_work_against_an_existing_server(postgres_container: Databas
     ],
 )
 def test_bad_configuration_exits_2_with_one_message_naming_the_variable(
-    env: dict[str, str], expected: str
+    env: dict[str, str],
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "glisk.cli", "serve"],
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = _main_in_process(monkeypatch, capsys, "serve", **env)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err

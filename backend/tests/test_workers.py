@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from glisk.models import Token, TokenStatus
-from glisk.models.stages import STAGES, StageName
+from glisk.models.stages import STAGES, Stage, StageName
 from glisk.models.token import TRANSITIONS
 from glisk.repositories.token_lease import Claim, ClaimBatch
 from glisk.uow import UnitOfWorkFactory
@@ -31,24 +31,37 @@ S = TokenStatus
 IMAGE, UPLOAD, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.UPLOAD], STAGES[StageName.REVEAL]
 
 
-async def _seed(uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus = S.DETECTED,
-                **fields: object) -> list[uuid.UUID]:
+async def _seed(
+    uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus = S.DETECTED, **fields: object
+) -> list[uuid.UUID]:
     async with uow_factory() as uow:
         author = await uow.authors.add(factories.author())
         tokens = [
-            factories.token(author.id, status=status,
-                            mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields)
+            factories.token(
+                author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields
+            )
             for i in range(count)
         ]
         uow.session.add_all(tokens)
     return [t.id for t in tokens]
 
 
-async def _claim(uow_factory: UnitOfWorkFactory, stage: object = IMAGE, holder: str = "w1",
-                 batch: int = 10, lease: float = 60.0, max_attempts: int = 3) -> ClaimBatch:
+async def _claim(
+    uow_factory: UnitOfWorkFactory,
+    stage: Stage = IMAGE,
+    holder: str = "w1",
+    batch: int = 10,
+    lease: float = 60.0,
+    max_attempts: int = 3,
+) -> ClaimBatch:
     async with uow_factory() as uow:
-        return await uow.leases.claim(stage, holder, batch=batch, lease_seconds=lease,  # type: ignore[arg-type]
-                                      max_attempts=max_attempts)
+        return await uow.leases.claim(
+            stage,
+            holder,
+            batch=batch,
+            lease_seconds=lease,
+            max_attempts=max_attempts,
+        )
 
 
 async def _token(uow_factory: UnitOfWorkFactory, token_uuid: uuid.UUID) -> Token:
@@ -62,8 +75,12 @@ async def _expire(uow_factory: UnitOfWorkFactory, token_uuid: uuid.UUID) -> None
     """Make a lease run out now (what a dead holder's lease does), without waiting for it."""
     async with uow_factory() as uow:
         await uow.session.execute(
-            text("UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') - "
-                 "interval '1 second' WHERE id = :id AND claim_id IS NOT NULL"), {"id": token_uuid})
+            text(
+                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') - "
+                "interval '1 second' WHERE id = :id AND claim_id IS NOT NULL"
+            ),
+            {"id": token_uuid},
+        )
 
 
 def test_every_status_change_a_stage_makes_is_an_edge_of_the_state_machine() -> None:
@@ -89,9 +106,13 @@ async def test_a_claim_marks_the_oldest_tokens_with_holder_lease_and_attempt_in_
     assert len({c.claim_id for c in batch.claims}) == 3
 
 
-async def test_sixteen_concurrent_claimers_get_disjoint_batches(uow_factory: UnitOfWorkFactory) -> None:
+async def test_sixteen_concurrent_claimers_get_disjoint_batches(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
     ids = await _seed(uow_factory, 100)
-    batches = await asyncio.gather(*(_claim(uow_factory, holder=f"w{i}", batch=5) for i in range(16)))
+    batches = await asyncio.gather(
+        *(_claim(uow_factory, holder=f"w{i}", batch=5) for i in range(16))
+    )
     claimed = [c.token_uuid for b in batches for c in b.claims]
     assert len(claimed) == len(set(claimed)) == 80
     assert set(claimed) == set(ids[:80])
@@ -130,7 +151,11 @@ async def test_an_expired_lease_is_rescued_and_the_late_holder_is_refused(
     assert done is not None
     token = await _token(uow_factory, token_uuid)
     assert (token.status, token.image_path, token.claim_id, token.attempts) == (
-        S.GENERATING, "/rescued.png", None, 0)
+        S.GENERATING,
+        "/rescued.png",
+        None,
+        0,
+    )
 
 
 async def test_an_expired_lease_is_not_completed_even_if_nobody_took_over(
@@ -172,7 +197,9 @@ async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
         stop.set()
         return "/slow.png"
 
-    stats = await run_worker(IMAGE, slow, uow_factory, lease_seconds=1.0, stop=stop, worker_id="slow")
+    stats = await run_worker(
+        IMAGE, slow, uow_factory, lease_seconds=1.0, stop=stop, worker_id="slow"
+    )
     assert all(r == [] for r in rescues)
     assert (stats.completed, stats.refused) == (1, 0)
     assert (await _token(uow_factory, token_uuid)).image_path == "/slow.png"
@@ -185,13 +212,18 @@ async def test_out_of_attempts_tokens_fail_with_the_reason_holder_and_last_error
     for attempt in (1, 2):
         (claim,) = (await _claim(uow_factory, holder=f"w{attempt}", max_attempts=2)).claims
         async with uow_factory() as uow:
-            token = await uow.leases.fail(IMAGE, claim, {"message": f"boom {attempt}"}, max_attempts=2)
+            token = await uow.leases.fail(
+                IMAGE, claim, {"message": f"boom {attempt}"}, max_attempts=2
+            )
         assert token is not None
     token = await _token(uow_factory, token_uuid)
     assert token.status == S.FAILED
     assert token.error_data == {
-        "reason": "max_attempts_exceeded", "stage": "image", "attempts": 2,
-        "last_holder": "w2", "last_error": {"message": "boom 2"},
+        "reason": "max_attempts_exceeded",
+        "stage": "image",
+        "attempts": 2,
+        "last_holder": "w2",
+        "last_error": {"message": "boom 2"},
     }
     assert token.claim_id is None
 
@@ -205,7 +237,9 @@ async def test_a_token_whose_holders_keep_dying_is_failed_by_the_next_claim(
         await _expire(uow_factory, token_uuid)
     batch = await _claim(uow_factory, holder="c", max_attempts=2)
     assert batch.claims == []
-    assert [(e.token_uuid, e.attempts, e.last_holder) for e in batch.exhausted] == [(token_uuid, 2, "b")]
+    assert [(e.token_uuid, e.attempts, e.last_holder) for e in batch.exhausted] == [
+        (token_uuid, 2, "b")
+    ]
     token = await _token(uow_factory, token_uuid)
     assert token.status == S.FAILED and token.claim_id is None
     assert token.error_data is not None
@@ -299,10 +333,14 @@ async def test_claims_use_the_stage_partial_index(uow_factory: UnitOfWorkFactory
         await uow.session.execute(text("SET LOCAL enable_seqscan = off"))
         for name, stage in STAGES.items():
             plan = "\n".join(
-                r[0] for r in await uow.session.execute(text(
-                    f"EXPLAIN SELECT id FROM tokens_s0 WHERE {stage.index_predicate} "
-                    f"AND ({stage.available_predicate('now()::timestamp')}) "
-                    "ORDER BY mint_timestamp, id LIMIT 10 FOR UPDATE SKIP LOCKED"))
+                r[0]
+                for r in await uow.session.execute(
+                    text(
+                        f"EXPLAIN SELECT id FROM tokens_s0 WHERE {stage.index_predicate} "
+                        f"AND ({stage.available_predicate('now()::timestamp')}) "
+                        "ORDER BY mint_timestamp, id LIMIT 10 FOR UPDATE SKIP LOCKED"
+                    )
+                )
             )
             assert f"ix_tokens_s0_claim_{name}" in plan, plan
 
@@ -310,12 +348,19 @@ async def test_claims_use_the_stage_partial_index(uow_factory: UnitOfWorkFactory
 @pytest.mark.parametrize(
     ("statement", "constraint"),
     [
-        ("UPDATE tokens_s0 SET claim_id = gen_random_uuid(), claimed_by = 'w'",
-         "ck_tokens_s0_claim_has_lease"),
-        ("UPDATE tokens_s0 SET claim_id = gen_random_uuid(), lease_expires_at = now()",
-         "ck_tokens_s0_claim_has_holder"),
-        ("UPDATE tokens_s0 SET status = 'failed', claim_id = gen_random_uuid(), claimed_by = 'w', "
-         "lease_expires_at = now()", "ck_tokens_s0_finished_token_not_claimed"),
+        (
+            "UPDATE tokens_s0 SET claim_id = gen_random_uuid(), claimed_by = 'w'",
+            "ck_tokens_s0_claim_has_lease",
+        ),
+        (
+            "UPDATE tokens_s0 SET claim_id = gen_random_uuid(), lease_expires_at = now()",
+            "ck_tokens_s0_claim_has_holder",
+        ),
+        (
+            "UPDATE tokens_s0 SET status = 'failed', claim_id = gen_random_uuid(), claimed_by = 'w', "
+            "lease_expires_at = now()",
+            "ck_tokens_s0_finished_token_not_claimed",
+        ),
         ("UPDATE tokens_s0 SET attempts = -1", "ck_tokens_s0_attempts_non_negative"),
     ],
 )
@@ -333,10 +378,23 @@ async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
     uow_factory: UnitOfWorkFactory, postgres_container: Database
 ) -> None:
     ids = await _seed(uow_factory, 5)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "glisk.workers.noop", "--database-url", postgres_container.url,
-         "--stages", "image", "--batch", "5", "--sleep", "0.4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    worker = subprocess.Popen(  # noqa: ASYNC220 - started once; waited for in a thread below
+        [
+            sys.executable,
+            "-m",
+            "glisk.workers.noop",
+            "--database-url",
+            postgres_container.url,
+            "--stages",
+            "image",
+            "--batch",
+            "5",
+            "--sleep",
+            "0.4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         for _ in range(200):  # until the batch is claimed

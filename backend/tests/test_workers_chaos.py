@@ -57,7 +57,9 @@ async def _seed(url: str) -> None:
         async with create_uow_factory(factory)() as uow:
             author = await uow.authors.add(factories.author())
             uow.session.add_all(
-                factories.token(author.id, mint_timestamp=factories.BASE_TIME + timedelta(seconds=i))
+                factories.token(
+                    author.id, mint_timestamp=factories.BASE_TIME + timedelta(seconds=i)
+                )
                 for i in range(TOKENS)
             )
     finally:
@@ -71,15 +73,29 @@ CONTEXT.set_forkserver_preload(["tests.chaos_proc"])
 
 
 def _start(url: str, logs: Path, n: int) -> BaseProcess:
-    argv = ["--database-url", url, "--batch", "10", "--lease", "1.0",
-            "--max-attempts", str(MAX_ATTEMPTS), "--poll", "0.05", "--log-level", "WARNING"]
+    argv = [
+        "--database-url",
+        url,
+        "--batch",
+        "10",
+        "--lease",
+        "1.0",
+        "--max-attempts",
+        str(MAX_ATTEMPTS),
+        "--poll",
+        "0.05",
+        "--log-level",
+        "WARNING",
+    ]
     process = CONTEXT.Process(target=run_noop_worker, args=(argv, str(logs / f"worker-{n}.log")))
     process.start()
     return process
 
 
 def _unfinished(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT count(*) FROM tokens_s0 WHERE status NOT IN ('revealed', 'failed')").fetchone()
+    row = conn.execute(
+        "SELECT count(*) FROM tokens_s0 WHERE status NOT IN ('revealed', 'failed')"
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -125,10 +141,18 @@ def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
             assert kills >= 5, "the chaos phase did not kill enough workers to mean anything"
             assert all(w.exitcode == 0 for w in workers), "a surviving worker did not drain cleanly"
 
-            statuses = dict(conn.execute("SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1").fetchall())
-            failed = conn.execute("SELECT error_data FROM tokens_s0 WHERE status = 'failed'").fetchall()
-            claimed = conn.execute("SELECT count(*) FROM tokens_s0 WHERE claim_id IS NOT NULL").fetchone()
-            completions = conn.execute("SELECT token, stage, holder, claim FROM chaos_log").fetchall()
+            statuses = dict(
+                conn.execute("SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1").fetchall()
+            )
+            failed = conn.execute(
+                "SELECT error_data FROM tokens_s0 WHERE status = 'failed'"
+            ).fetchall()
+            claimed = conn.execute(
+                "SELECT count(*) FROM tokens_s0 WHERE claim_id IS NOT NULL"
+            ).fetchone()
+            completions = conn.execute(
+                "SELECT token, stage, holder, claim FROM chaos_log"
+            ).fetchall()
             rescued = conn.execute("SELECT count(*) FROM chaos_log WHERE attempt > 1").fetchone()
             revealed = conn.execute("SELECT id FROM tokens_s0 WHERE status = 'revealed'").fetchall()
 
@@ -155,4 +179,6 @@ def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
     for marker in ("InvalidStateTransition", "Traceback", "uow.database_error"):
         offending = [line for line in lines if marker in line]
         assert not offending, offending[:5]
-    print(f"chaos: {kills} kills, {started} processes, {rescued[0]} rescued completions, {statuses}")
+    print(
+        f"chaos: {kills} kills, {started} processes, {rescued[0]} rescued completions, {statuses}"
+    )

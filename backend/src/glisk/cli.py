@@ -122,7 +122,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.app import DatabaseUnavailableError, verify_database
+
     with database(settings) as url:
+        # Check reachability first: an outage is one line for the operator, not a traceback.
+        try:
+            asyncio.run(verify_database(url, settings.db_connect_timeout))
+        except DatabaseUnavailableError as exc:
+            raise CliError(str(exc)) from None
         if args.db_command == "upgrade":
             migrations.upgrade(url, args.revision)
             _say(

@@ -96,12 +96,8 @@ class Token(Entity, table=True):
         Index("ix_tokens_s0_status_mint_timestamp", "status", "mint_timestamp"),
         # Leased claims (glisk.workers): a claim is a fencing id plus a lease, both or neither;
         # a finished token is never claimed.
-        CheckConstraint(
-            "(claim_id IS NULL) = (lease_expires_at IS NULL)", name="claim_has_lease"
-        ),
-        CheckConstraint(
-            "claim_id IS NULL OR claimed_by IS NOT NULL", name="claim_has_holder"
-        ),
+        CheckConstraint("(claim_id IS NULL) = (lease_expires_at IS NULL)", name="claim_has_lease"),
+        CheckConstraint("claim_id IS NULL OR claimed_by IS NOT NULL", name="claim_has_holder"),
         CheckConstraint(
             "claim_id IS NULL OR status NOT IN ('revealed', 'failed')",
             name="finished_token_not_claimed",
@@ -140,7 +136,9 @@ class Token(Entity, table=True):
     # Leased claims: who holds the token (kept after release, as the last holder), the fencing id
     # of the live claim, until when, and how many claims the current stage has had.
     claimed_by: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
-    claim_id: UUID | None = Field(default=None, sa_column=Column(PGUUID(as_uuid=True), nullable=True))
+    claim_id: UUID | None = Field(
+        default=None, sa_column=Column(PGUUID(as_uuid=True), nullable=True)
+    )
     lease_expires_at: datetime | None = optional_timestamp_field()
     attempts: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))

@@ -237,7 +237,12 @@ class TokenLeaseRepository:
         return token
 
     async def fail(
-        self, stage: Stage, claim: Claim, error: dict[str, Any], *, max_attempts: int,
+        self,
+        stage: Stage,
+        claim: Claim,
+        error: dict[str, Any],
+        *,
+        max_attempts: int,
         permanent: bool = False,
     ) -> Token | None:
         """Record a failed attempt. With attempts left (and not ``permanent``) the claim ends and

@@ -178,13 +178,20 @@ class _Worker:
         permanent = isinstance(exc, PermanentError)
         async with self.uow_factory() as uow:
             token = await uow.leases.fail(
-                self.stage, claim, _error(exc), max_attempts=self.max_attempts,
+                self.stage,
+                claim,
+                _error(exc),
+                max_attempts=self.max_attempts,
                 permanent=permanent,
             )
         if token is None:
             self.stats.refused += 1
-            log.warning("worker.refused", stage=self.stage.name.value, token_id=claim.token_id,
-                        reason="lease lost before failure was recorded")
+            log.warning(
+                "worker.refused",
+                stage=self.stage.name.value,
+                token_id=claim.token_id,
+                reason="lease lost before failure was recorded",
+            )
             return
         self.stats.failed += 1
         log.info(
