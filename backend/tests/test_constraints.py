@@ -173,7 +173,8 @@ RAW_SQL_VIOLATIONS = {
     ),
     "deleting an author who has tokens": (
         f"DELETE FROM authors WHERE id = {AUTHOR}",
-        errors.RestrictViolation,
+        # PostgreSQL 18 reports ON DELETE RESTRICT as restrict_violation, 15 as foreign_key_violation.
+        (errors.RestrictViolation, errors.ForeignKeyViolation),
         "fk_tokens_s0_author_id_authors",
     ),
     "duplicate (tx_hash, log_index)": (
