@@ -422,3 +422,20 @@ async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
     # Released tokens did not spend an attempt and are claimable again at once.
     assert all(t.attempts == 0 and t.status == S.GENERATING for t in waiting)
     assert len((await _claim(uow_factory, batch=10)).claims) == len(waiting)
+
+
+async def test_worker_settings_feed_run_worker(uow_factory: UnitOfWorkFactory) -> None:
+    from glisk.core.config import Settings
+
+    settings = Settings(_env_file=None, worker_lease_seconds=5, worker_max_attempts=1)  # type: ignore[call-arg]
+    (token_uuid,) = await _seed(uow_factory, 1)
+
+    async def boom(c: Claim) -> str:
+        assert (c.lease_expires_at - BASE_TIME).total_seconds() > 0
+        raise RuntimeError("once is enough")
+
+    stats = await run_worker(
+        IMAGE, boom, uow_factory, exit_when_idle=True, **settings.worker_options()
+    )
+    assert (stats.claimed, stats.failed) == (1, 1)
+    assert (await _token(uow_factory, token_uuid)).status == S.FAILED  # max_attempts=1 applied

@@ -26,7 +26,7 @@ from tests.pg import _libpq_kwargs, throwaway_database
 
 TOKENS = 2000
 WORKERS = 8
-CHAOS_SECONDS = 4.0
+CHAOS_SECONDS = 3.0
 KILL_EVERY = 0.3
 DEADLINE_SECONDS = 45.0
 MAX_ATTEMPTS = 6

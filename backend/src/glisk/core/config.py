@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +25,12 @@ DEFAULT_ENV_FILE = REPO_ROOT / ".env"
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "password", "postgres", "secret"})
 
 DRIVER = "postgresql+psycopg"
+
+
+class WorkerOptions(TypedDict):
+    lease_seconds: float
+    max_attempts: int
+    poll_interval: float
 
 
 class ConfigError(ValueError):
@@ -149,6 +155,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    def worker_options(self) -> WorkerOptions:
+        """Keyword arguments for glisk.workers.run_worker from WORKER_* settings."""
+        return {
+            "lease_seconds": self.worker_lease_seconds,
+            "max_attempts": self.worker_max_attempts,
+            "poll_interval": self.worker_poll_interval,
+        }
 
     def embedded_max_connections(self) -> int:
         """Pool plus overflow, with headroom for migrations, psql and worker processes."""
