@@ -1,6 +1,6 @@
 from uuid import UUID
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -21,24 +21,17 @@ class ImageGenerationJobRepository:
 
     async def get_by_token(self, token_uuid: UUID) -> list[ImageGenerationJob]:
         """Every attempt for the token, newest first."""
-        result = await self.session.execute(
-            select(ImageGenerationJob)
-            .where(col(ImageGenerationJob.token_id) == token_uuid)
-            .order_by(
-                col(ImageGenerationJob.created_at).desc(),
-                col(ImageGenerationJob.id).desc(),
-            )
-        )
+        result = await self.session.execute(_newest_first(token_uuid))
         return list(result.scalars())
 
     async def get_latest_by_token(self, token_uuid: UUID) -> ImageGenerationJob | None:
-        result = await self.session.execute(
-            select(ImageGenerationJob)
-            .where(col(ImageGenerationJob.token_id) == token_uuid)
-            .order_by(
-                col(ImageGenerationJob.created_at).desc(),
-                col(ImageGenerationJob.id).desc(),
-            )
-            .limit(1)
-        )
+        result = await self.session.execute(_newest_first(token_uuid).limit(1))
         return result.scalar_one_or_none()
+
+
+def _newest_first(token_uuid: UUID) -> Select[ImageGenerationJob]:
+    return (
+        select(ImageGenerationJob)
+        .where(col(ImageGenerationJob.token_id) == token_uuid)
+        .order_by(col(ImageGenerationJob.created_at).desc(), col(ImageGenerationJob.id).desc())
+    )
