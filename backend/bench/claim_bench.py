@@ -1,7 +1,7 @@
 """Claim throughput: tokens per second taken and moved one stage (detected -> generating) by N
 worker processes, by four paths, next to the SQL ceiling measured in the same run.
 
-    cd backend && uv run python -m bench.claim_bench                 # ~2 min, 3 s per cell
+    cd backend && uv run python -m bench.claim_bench                 # ~2 min, 2 s per cell
     cd backend && uv run python -m bench.claim_bench --profile loop  # + a pyinstrument profile
 
 Paths (each in N separate processes, forked from a forkserver that imported everything once):
@@ -11,7 +11,9 @@ Paths (each in N separate processes, forked from a forkserver that imported ever
 - ``leased``: ``uow.leases.claim(...)``: the one-statement leased claim through the unit of work
   (claim and mark in one UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING), commit.
 - ``raw``:   the very same claim statement sent by psycopg directly (autocommit, prepared after
-  the fifth call): no ORM, no SQLAlchemy, no unit of work. The ceiling.
+  the fifth call): no ORM, no SQLAlchemy, no unit of work. The ceiling for ``leased``.
+- ``raw_spec``: the two statements of the spec path (SELECT ... FOR UPDATE SKIP LOCKED, then
+  UPDATE ... WHERE id = ANY) in one transaction by psycopg directly. The ceiling for ``spec``.
 - ``loop``:  ``run_worker`` with a no-op handler: claim, then complete each token (a fenced
   SELECT ... FOR UPDATE and the state machine), i.e. the whole image stage per token.
 
@@ -39,10 +41,10 @@ from bench.http_bench import start_database
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 
-PATHS = ("spec", "leased", "raw", "loop")
+PATHS = ("spec", "raw_spec", "leased", "raw", "loop")
 # The loop completes every token too (a second, fenced transaction per token), so it is shown
 # beside the claim paths but not as a ratio to the claim-only ceiling.
-RATIO_PATHS = ("spec", "leased")
+CEILINGS = {"spec": "raw_spec", "leased": "raw"}
 SEED_AUTHOR = """
 INSERT INTO authors (id, wallet_address, prompt_text, created_at)
 VALUES ('00000000-0000-0000-0000-000000000001', '0x' || repeat('ab', 20), 'a bench prompt', now())
@@ -91,6 +93,31 @@ def _profile(url: str, path: str, batch: int, seconds: float) -> str:
     return profiler.output_text(unicode=False, color=False, show_all=False)
 
 
+def _table(
+    results: dict[tuple[str, int, int], float],
+    paths: list[str],
+    batches: list[int],
+    workers_list: list[int],
+) -> str:
+    """Markdown: tokens/s per path, then each ORM path as a ratio to its raw-SQL ceiling."""
+    ratio_paths = [p for p in paths if p in CEILINGS and CEILINGS[p] in paths]
+    header = ["batch", "workers", *paths, *(f"{p}/{CEILINGS[p]}" for p in ratio_paths)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for batch in batches:
+        for workers in workers_list:
+            rates = [results[(p, batch, workers)] for p in paths]
+            ratios = [
+                results[(p, batch, workers)] / results[(CEILINGS[p], batch, workers)]
+                if results[(CEILINGS[p], batch, workers)]
+                else 0.0
+                for p in ratio_paths
+            ]
+            cells = [str(batch), str(workers), *(f"{r:,.0f}" for r in rates)]
+            cells += [f"{r:.2f}" for r in ratios]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     workers_list = [int(n) for n in args.workers.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -126,25 +153,7 @@ def run(args: argparse.Namespace) -> int:
                                 flush=True,
                             )
             print()
-            header = (
-                "| batch | workers | "
-                + " | ".join(paths)
-                + " | "
-                + " | ".join(f"{p}/raw" for p in paths if p in RATIO_PATHS)
-                + " |"
-            )
-            print(header)
-            print("|" + "---:|" * (header.count("|") - 1))
-            for batch in batches:
-                for workers in workers_list:
-                    ceiling = results.get(("raw", batch, workers), 0.0)
-                    cells = [f"{results[(p, batch, workers)]:,.0f}" for p in paths]
-                    ratios = [
-                        f"{results[(p, batch, workers)] / ceiling:.2f}" if ceiling else "-"
-                        for p in paths
-                        if p in RATIO_PATHS
-                    ]
-                    print(f"| {batch} | {workers} | " + " | ".join(cells + ratios) + " |")
+            print(_table(results, paths, batches, workers_list))
             if args.profile:
                 print(
                     f"\npyinstrument profile: path {args.profile}, 1 process, batch "
@@ -158,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.claim_bench")
-    parser.add_argument("--seconds", type=float, default=3.0, help="per cell")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per cell")
     parser.add_argument("--workers", default="1,4,8,16")
     parser.add_argument("--batches", default="1,10")
     parser.add_argument("--paths", default=",".join(PATHS))

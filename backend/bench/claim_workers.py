@@ -75,6 +75,28 @@ def raw(url: str, batch: int, until: float) -> int:
     return done
 
 
+# The spec path's SQL without the ORM: the same two statements get_pending_for_generation and
+# the flush of mark_generating send, in one transaction.
+RAW_SPEC_LOCK = (
+    "SELECT id FROM tokens_s0 WHERE status = 'detected' AND claim_id IS NULL "
+    "ORDER BY mint_timestamp, id LIMIT %(batch)s FOR UPDATE SKIP LOCKED"
+)
+RAW_SPEC_MARK = "UPDATE tokens_s0 SET status = 'generating' WHERE id = ANY(%(ids)s)"
+
+
+def raw_spec(url: str, batch: int, until: float) -> int:
+    done = 0
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        while time.time() < until:
+            with conn.transaction():
+                ids = [row[0] for row in conn.execute(RAW_SPEC_LOCK, {"batch": batch})]
+                if ids:
+                    conn.execute(RAW_SPEC_MARK, {"ids": ids})
+            done += len(ids)
+    return done
+
+
 async def _loop(url: str, batch: int, until: float) -> int:
     factory = setup_db_session(url, pool_size=2, max_overflow=0)
     uow_factory = create_uow_factory(factory)
@@ -105,6 +127,8 @@ def worker(path: str, url: str, batch: int, start: float, seconds: float) -> int
     until = start + seconds
     if path == "raw":
         return raw(url, batch, until)
+    if path == "raw_spec":
+        return raw_spec(url, batch, until)
     runner = RUNNERS[path]
     return asyncio.run(runner(url, batch, until))
 
