@@ -236,3 +236,9 @@ def test_upgrade_is_idempotent_and_downgrade_upgrade_cycles_cleanly(
         assert "token_status_enum" in types
     # Printed, not asserted: timing goals live in the benchmarks (bench/), not in tests.
     print(f"alembic upgrade head on an empty database: {first_upgrade * 1000:.0f} ms")
+
+
+def test_the_token_queue_table_is_vacuumed_early(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'tokens_s0'").fetchone()
+    assert row is not None
+    assert "autovacuum_vacuum_scale_factor=0.02" in row[0]

@@ -94,16 +94,20 @@ async def test_a_constraint_violation_rolls_back_the_whole_unit_and_is_logged_at
 
 async def test_commit_and_rollback_are_logged_at_info(uow_factory: UnitOfWorkFactory) -> None:
     with structlog.testing.capture_logs() as logs:
-        async with uow_factory():
-            pass
+        async with uow_factory() as uow:
+            await uow.session.execute(text("SELECT 1"))
         with pytest.raises(Boom):
             async with uow_factory():
                 raise Boom
+        async with uow_factory() as uow:  # an explicit rollback is the last word: no commit
+            await uow.session.execute(text("SELECT 1"))
+            await uow.rollback()
     assert [(e["event"], e["log_level"]) for e in logs] == [
         ("uow.commit", "info"),
         ("uow.rollback", "info"),
+        ("uow.rollback", "info"),
     ]
-    assert logs[1]["reason"] == "Boom"
+    assert (logs[1]["reason"], logs[2]["reason"]) == ("Boom", "explicit")
 
 
 async def test_the_connection_goes_back_to_the_pool_after_commit_rollback_and_error(

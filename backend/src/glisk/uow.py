@@ -76,7 +76,9 @@ class UnitOfWork:
     ) -> None:
         try:
             if exc is None:
-                await self.commit()
+                # Nothing to commit after an explicit commit/rollback with no work since.
+                if self.session.in_transaction():
+                    await self.commit()
             else:
                 if isinstance(exc, SQLAlchemyError):
                     log.error("uow.database_error", error=_describe(exc))

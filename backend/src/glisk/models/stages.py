@@ -42,11 +42,13 @@ class Stage:
 
     def available_predicate(self, now: str) -> str:
         """SQL: fresh, or in progress without a live lease (released, or its holder died).
-        ``now`` is an SQL expression for the current UTC time."""
-        return (
-            f"(status = '{self.claim_from}' AND claim_id IS NULL)"
-            f" OR (status = '{self.working}' AND (claim_id IS NULL OR lease_expires_at <= {now}))"
-        )
+        ``now`` is an SQL expression for the current UTC time.
+
+        Used together with ``index_predicate``, which already limits status to claim_from or
+        working, so "unclaimed" needs no status test. Spelling it out (status = ... AND ...)
+        makes the planner misjudge the row count and sort the whole backlog instead of walking
+        the partial index in order (measured: 12 ms against 0.1 ms with 10,000 in flight)."""
+        return f"claim_id IS NULL OR (status = '{self.working}' AND lease_expires_at <= {now})"
 
 
 STAGES: dict[StageName, Stage] = {
