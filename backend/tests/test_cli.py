@@ -194,3 +194,21 @@ def test_bad_configuration_exits_2_with_one_message_naming_the_variable(
     assert code == 2
     assert expected in err
     assert "Traceback" not in err
+
+
+def test_a_failing_migration_is_one_line_naming_the_database(
+    postgres_container: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _main_in_process(
+        monkeypatch,
+        capsys,
+        "db",
+        "downgrade",
+        "no_such_revision",
+        DATABASE_URL=postgres_container.url,
+    )
+    assert code == 1
+    assert err.startswith("error: Migrations failed on postgresql+psycopg://")
+    assert err.count("\n") == 1 and "Traceback" not in err

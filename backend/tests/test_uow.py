@@ -150,3 +150,23 @@ async def test_each_unit_of_work_is_isolated_until_it_commits(
             assert await reader.authors.get_by_id(author.id) is None
     async with uow_factory() as reader:
         assert await reader.authors.get_by_id(author.id) is not None
+
+
+async def test_a_failed_commit_is_logged_once_with_its_rollback(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # A deferred constraint fails at COMMIT, not at flush: the commit path itself must report it.
+    with structlog.testing.capture_logs() as logs, pytest.raises(IntegrityError):
+        async with uow_factory() as uow:
+            await uow.session.execute(
+                text(
+                    "CREATE TEMP TABLE deferred_check (v int, CONSTRAINT v_unique UNIQUE (v) "
+                    "DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP"
+                )
+            )
+            await uow.session.execute(text("INSERT INTO deferred_check VALUES (1), (1)"))
+            await uow.commit()  # explicit: the failure passes through __aexit__ afterwards
+    assert [(e["event"], e.get("during"), e.get("reason")) for e in logs] == [
+        ("uow.database_error", "commit", None),
+        ("uow.rollback", None, "commit failed"),
+    ]

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg
@@ -47,12 +47,22 @@ def _ensure_database(server: EmbeddedPostgres, name: str) -> None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+def _reachable(url: str, settings: Settings) -> str:
+    from glisk.app import DatabaseUnavailableError, verify_database
+
+    try:
+        asyncio.run(verify_database(url, settings.db_connect_timeout))
+    except DatabaseUnavailableError as exc:
+        raise CliError(str(exc)) from None
+    return url
+
+
 @contextmanager
 def database(settings: Settings) -> Iterator[str]:
-    """Yield the database URL to use: DATABASE_URL, or the embedded server started for the
-    duration of the block."""
+    """Yield the URL of a database that answered SELECT 1: DATABASE_URL, or the embedded server
+    started for the duration of the block. Raises CliError (one line) otherwise."""
     if settings.database_url is not None:
-        yield settings.database_url
+        yield _reachable(settings.database_url, settings)
         return
     data_dir = settings.glisk_pg_data or default_data_dir(BACKEND_DIR)
     server = EmbeddedPostgres(
@@ -68,14 +78,14 @@ def database(settings: Settings) -> Iterator[str]:
     try:
         _say(f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {data_dir}")
         _ensure_database(server, EMBEDDED_DATABASE)
-        yield server.url_for(EMBEDDED_DATABASE)
+        yield _reachable(server.url_for(EMBEDDED_DATABASE), settings)
     finally:
         server.stop()
 
 
-def _migrate(url: str) -> None:
+def _migrate(url: str, action: Callable[[], None]) -> None:
     try:
-        migrations.upgrade(url)
+        action()
     except Exception as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise CliError(
@@ -106,38 +116,27 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
-    from glisk.app import DatabaseUnavailableError, create_app, verify_database
+    from glisk.app import create_app
 
     host = args.host or settings.host
     port = args.port or settings.port
     with database(settings) as url:
-        try:
-            asyncio.run(verify_database(url, settings.db_connect_timeout))
-        except DatabaseUnavailableError as exc:
-            raise CliError(str(exc)) from None
-        _migrate(url)
+        _migrate(url, lambda: migrations.upgrade(url))
         app = create_app(settings.model_copy(update={"database_url": url}))
         _say(f"GLISK API on http://{host}:{port} (database {masked_url(url)})")
         uvicorn.run(app, host=host, port=port, log_config=None, lifespan="on")
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
-    from glisk.app import DatabaseUnavailableError, verify_database
-
     with database(settings) as url:
-        # Check reachability first: an outage is one line for the operator, not a traceback.
-        try:
-            asyncio.run(verify_database(url, settings.db_connect_timeout))
-        except DatabaseUnavailableError as exc:
-            raise CliError(str(exc)) from None
         if args.db_command == "upgrade":
-            migrations.upgrade(url, args.revision)
+            _migrate(url, lambda: migrations.upgrade(url, args.revision))
             _say(
                 f"Database at {migrations.current_revision(url)} "
                 f"(head {migrations.head_revision()})"
             )
         elif args.db_command == "downgrade":
-            migrations.downgrade(url, args.revision)
+            _migrate(url, lambda: migrations.downgrade(url, args.revision))
             _say(f"Database at {migrations.current_revision(url) or 'base (empty)'}")
         else:
             current = migrations.current_revision(url)

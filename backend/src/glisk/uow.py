@@ -47,6 +47,9 @@ class UnitOfWork:
         # No I/O here: the session (and its connection) is opened by __aenter__.
         self._session_factory = session_factory
         self._session: AsyncSession | None = None
+        # A commit failure is logged and rolled back once, where it happens; __aexit__ then
+        # recognises the same exception passing through and does not report it again.
+        self._failed_commit: BaseException | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -79,11 +82,12 @@ class UnitOfWork:
                 # Nothing to commit after an explicit commit/rollback with no work since.
                 if self.session.in_transaction():
                     await self.commit()
-            else:
+            elif exc is not self._failed_commit:
                 if isinstance(exc, SQLAlchemyError):
                     log.error("uow.database_error", error=_describe(exc))
                 await self.rollback(reason=type(exc).__name__)
         finally:
+            self._failed_commit = None
             session, self._session = self._session, None
             if session is not None:
                 await session.close()
@@ -95,7 +99,8 @@ class UnitOfWork:
             await self.session.commit()
         except SQLAlchemyError as exc:
             log.error("uow.database_error", error=_describe(exc), during="commit")
-            await self.session.rollback()
+            self._failed_commit = exc
+            await self.rollback(reason="commit failed")
             raise
         log.info("uow.commit")
 

@@ -44,11 +44,16 @@ class Stage:
         """SQL: fresh, or in progress without a live lease (released, or its holder died).
         ``now`` is an SQL expression for the current UTC time.
 
-        Used together with ``index_predicate``, which already limits status to claim_from or
-        working, so "unclaimed" needs no status test. Spelling it out (status = ... AND ...)
-        makes the planner misjudge the row count and sort the whole backlog instead of walking
-        the partial index in order (measured: 12 ms against 0.1 ms with 10,000 in flight)."""
-        return f"claim_id IS NULL OR (status = '{self.working}' AND lease_expires_at <= {now})"
+        Always used together with ``index_predicate``, which already limits status to claim_from
+        or working. A token in ``working`` that no leased worker ever held (claimed_by is kept
+        after a claim ends) belongs to the transactional path and is not abandoned work.
+        Keep the shape: ``(status = from AND claim_id IS NULL) OR (status = working AND ...)``
+        made the planner misjudge the rows and sort the whole backlog instead of walking the
+        partial index (bench/latency_bench.py: 12 ms against 1.4 ms with 10,000 in flight)."""
+        return (
+            f"(claim_id IS NULL AND (status = '{self.claim_from}' OR claimed_by IS NOT NULL))"
+            f" OR (status = '{self.working}' AND lease_expires_at <= {now})"
+        )
 
 
 STAGES: dict[StageName, Stage] = {

@@ -153,14 +153,16 @@ class Token(Entity, table=True):
     def mark_uploading(self, image_path: str) -> None:
         """generating -> uploading; records where the generated image is."""
         v.required_when("image_path", image_path, "marking a token uploading")
+        path = v.text_length("image_path", image_path, 1, 2048)
         self._transition(S.UPLOADING)
-        self.image_path = v.text_length("image_path", image_path, 1, 2048)
+        self.image_path = path
 
     def mark_ready(self, metadata_cid: str) -> None:
         """uploading -> ready; stores metadata_cid (empty -> ValueError)."""
         v.required_when("metadata_cid", metadata_cid, "marking a token ready")
+        cid = v.text_length("metadata_cid", metadata_cid, 1, 255)
         check_transition(self.status, S.READY)
-        self.metadata_cid = v.text_length("metadata_cid", metadata_cid, 1, 255)
+        self.metadata_cid = cid
         self._transition(S.READY)
 
     def mark_revealed(self, tx_hash: str) -> None:

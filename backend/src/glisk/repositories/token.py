@@ -15,7 +15,7 @@ _LOCK_OLDEST = text(
     """
     SELECT * FROM tokens_s0
     WHERE status = CAST(:status AS token_status_enum)
-      AND claim_id IS NULL  -- never take a token a leased worker (glisk.workers) holds
+      AND claimed_by IS NULL  -- a token the leased path (glisk.workers) ever held is its own
     ORDER BY mint_timestamp, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED

@@ -11,17 +11,19 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 
-from glisk.models import FieldValidationError, InvalidStateTransition
+from glisk.models import FieldValidationError, InvalidStateTransition, Token
 from glisk.models.stages import STAGES, Stage, StageName
-from glisk.repositories.token_lease import Claim
+from glisk.repositories.token_lease import Claim, ClaimBatch
 from glisk.uow import UnitOfWorkFactory
 
 log = structlog.get_logger("glisk.worker")
 
+T = TypeVar("T")
 TokenHandler = Callable[[Claim], Awaitable[str]]
 BatchHandler = Callable[[Sequence[Claim]], Awaitable[str]]
 
@@ -92,6 +94,31 @@ async def _keep_alive(
             await task
 
 
+# A database outage (failover, restart) must not end the worker: each step is retried a few
+# times, then given up on. What is given up is safe: a claim that was not recorded did not
+# happen, and a completion that was not recorded is redone after the lease runs out.
+DB_RETRIES = 3
+DB_RETRY_DELAY = 0.5
+
+
+class _GaveUp:
+    """Returned by _with_db_retries when every try failed."""
+
+
+GAVE_UP = _GaveUp()
+
+
+async def _with_db_retries(step: str, call: Callable[[], Awaitable[T]]) -> T | _GaveUp:
+    for attempt in range(1, DB_RETRIES + 1):
+        try:
+            return await call()
+        except DBAPIError as exc:
+            log.error("worker.database_error", step=step, attempt=attempt, error=_error(exc))
+            if attempt < DB_RETRIES:
+                await asyncio.sleep(DB_RETRY_DELAY * attempt)
+    return GAVE_UP
+
+
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
@@ -113,15 +140,20 @@ class _Worker:
         self.max_attempts = max_attempts
         self.stats = WorkerStats()
 
-    async def claim(self, batch: int) -> list[Claim]:
+    async def _claim(self, batch: int) -> ClaimBatch:
         async with self.uow_factory() as uow:
-            result = await uow.leases.claim(
+            return await uow.leases.claim(
                 self.stage,
                 self.holder,
                 batch=batch,
                 lease_seconds=self.lease_seconds,
                 max_attempts=self.max_attempts,
             )
+
+    async def claim(self, batch: int) -> list[Claim]:
+        result = await _with_db_retries("claim", lambda: self._claim(batch))
+        if isinstance(result, _GaveUp):
+            return []
         for gone in result.exhausted:
             self.stats.exhausted += 1
             log.warning(
@@ -152,15 +184,20 @@ class _Worker:
             )
         return result.claims
 
+    async def _complete(self, claims: Sequence[Claim], result: str) -> list[Token | None]:
+        async with self.uow_factory() as uow:
+            return [await uow.leases.complete(self.stage, c, result) for c in claims]
+
     async def complete(self, claims: Sequence[Claim], result: str) -> None:
         try:
-            async with self.uow_factory() as uow:
-                done = [await uow.leases.complete(self.stage, c, result) for c in claims]
+            done = await _with_db_retries("complete", lambda: self._complete(claims, result))
         except (InvalidStateTransition, FieldValidationError) as exc:
             # The handler's result cannot be applied (e.g. an empty cid): a failed attempt.
             for claim in claims:
                 await self.fail(claim, exc)
             return
+        if isinstance(done, _GaveUp):
+            return  # not recorded; the tokens are rescued when their leases run out
         for claim, token in zip(claims, done, strict=True):
             if token is None:
                 self.stats.refused += 1
@@ -174,16 +211,20 @@ class _Worker:
                 self.stats.completed += 1
                 log.info("worker.complete", stage=self.stage.name.value, token_id=claim.token_id)
 
-    async def fail(self, claim: Claim, exc: BaseException) -> None:
-        permanent = isinstance(exc, PermanentError)
+    async def _fail(self, claim: Claim, exc: BaseException) -> Token | None:
         async with self.uow_factory() as uow:
-            token = await uow.leases.fail(
+            return await uow.leases.fail(
                 self.stage,
                 claim,
                 _error(exc),
                 max_attempts=self.max_attempts,
-                permanent=permanent,
+                permanent=isinstance(exc, PermanentError),
             )
+
+    async def fail(self, claim: Claim, exc: BaseException) -> None:
+        token = await _with_db_retries("fail", lambda: self._fail(claim, exc))
+        if isinstance(token, _GaveUp):
+            return  # not recorded; the token is rescued when its lease runs out
         if token is None:
             self.stats.refused += 1
             log.warning(
@@ -203,11 +244,16 @@ class _Worker:
             error=_error(exc),
         )
 
+    async def _release(self, claims: Sequence[Claim]) -> int:
+        async with self.uow_factory() as uow:
+            return await uow.leases.release([c.claim_id for c in claims])
+
     async def release(self, claims: Sequence[Claim]) -> None:
         if not claims:
             return
-        async with self.uow_factory() as uow:
-            released = await uow.leases.release([c.claim_id for c in claims])
+        released = await _with_db_retries("release", lambda: self._release(claims))
+        if isinstance(released, _GaveUp):
+            return  # they come back when their leases run out
         self.stats.released += released
         log.info("worker.release", stage=self.stage.name.value, count=released)
 
@@ -254,8 +300,9 @@ async def run_worker(
     return worker.stats
 
 
-# Leases are extended only while a handler runs, never during a completion: a completion locks
-# its rows, and a heartbeat updating the same rows in another order could deadlock with it.
+# The reveal stage completes its whole batch in one transaction, locking many rows; a heartbeat
+# updating the same rows in another order could deadlock with it, so for a batch the heartbeat
+# runs only while the handler does.
 
 
 async def _run_batch(worker: _Worker, handler: BatchHandler, claims: list[Claim]) -> None:
@@ -273,17 +320,29 @@ async def _run_batch(worker: _Worker, handler: BatchHandler, claims: list[Claim]
 async def _run_each(
     worker: _Worker, handler: TokenHandler, claims: list[Claim], stop: asyncio.Event
 ) -> None:
-    # The whole rest of the batch stays leased while each handler runs, not only its token.
+    # One heartbeat for the whole batch: the tokens still waiting their turn keep their leases
+    # too. A single-token completion cannot deadlock with it (it locks one row).
     live = {c.claim_id for c in claims}
-    for index, claim in enumerate(claims):
-        if stop.is_set():
-            await worker.release(claims[index:])
-            return
-        try:
-            async with _keep_alive(worker.uow_factory, live, worker.lease_seconds, worker.holder):
+    async with _keep_alive(worker.uow_factory, live, worker.lease_seconds, worker.holder):
+        for index, claim in enumerate(claims):
+            if stop.is_set():
+                await worker.release(claims[index:])
+                return
+            if claim.claim_id not in live:
+                # Its lease ran out (heartbeats failed): someone else may hold it now.
+                worker.stats.refused += 1
+                log.warning(
+                    "worker.skipped",
+                    stage=worker.stage.name.value,
+                    token_id=claim.token_id,
+                    reason="lease lost before the handler started",
+                )
+                continue
+            try:
                 result = await handler(claim)
-        except Exception as exc:
-            await worker.fail(claim, exc)
-        else:
-            await worker.complete([claim], result)
-        live.discard(claim.claim_id)
+            except Exception as exc:
+                live.discard(claim.claim_id)
+                await worker.fail(claim, exc)
+            else:
+                live.discard(claim.claim_id)
+                await worker.complete([claim], result)
