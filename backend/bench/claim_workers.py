@@ -59,7 +59,7 @@ async def _leased(url: str, batch: int, until: float) -> int:
 
 
 def raw(url: str, batch: int, until: float) -> int:
-    sql = _psycopg_sql(_claim_sql(IMAGE))
+    sql = _psycopg_sql(_claim_sql(IMAGE, batch))
     params = {
         "holder": "bench",
         "batch": batch,

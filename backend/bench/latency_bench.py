@@ -318,7 +318,7 @@ def explained_queries() -> dict[str, Explained]:
     }
     for stage in StageName:
         queries[f"leases.claim({stage.value}, batch=10)"] = Explained(
-            _claim_sql(STAGES[stage]).text,
+            _claim_sql(STAGES[stage], BATCH).text,
             {
                 "holder": "bench",
                 "batch": BATCH,

@@ -109,8 +109,8 @@ EXPECTED_INDEXES = {
     "ix_ipfs_upload_records_record_type_status": "(record_type, status)",
     "ix_reveal_transactions_tx_hash": "(tx_hash)",
     "ix_reveal_transactions_status": "(status)",
-    "ix_tokens_s0_claim_image": "(mint_timestamp, id) WHERE ((status = ANY (ARRAY['detected'::token_status_enum, 'generating'::token_status_enum])) AND (image_path IS NULL))",
-    "ix_tokens_s0_claim_upload": "(mint_timestamp, id) WHERE ((status = ANY (ARRAY['generating'::token_status_enum, 'uploading'::token_status_enum])) AND (image_path IS NOT NULL))",
+    "ix_tokens_s0_claim_image": "(mint_timestamp, id) WHERE ((image_path IS NULL) AND ((status = 'detected'::token_status_enum) OR ((status = 'generating'::token_status_enum) AND (claimed_by IS NOT NULL))))",
+    "ix_tokens_s0_claim_upload": "(mint_timestamp, id) WHERE ((image_path IS NOT NULL) AND ((status = 'generating'::token_status_enum) OR ((status = 'uploading'::token_status_enum) AND (claimed_by IS NOT NULL))))",
     "ix_tokens_s0_claim_reveal": "(mint_timestamp, id) WHERE (status = 'ready'::token_status_enum)",
 }
 

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from glisk.models import Token, TokenStatus
 from glisk.models.stages import STAGES, Stage, StageName
 from glisk.models.token import TRANSITIONS
-from glisk.repositories.token_lease import Claim, ClaimBatch
+from glisk.repositories.token_lease import Claim, ClaimBatch, _claim_sql
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import PermanentError, run_worker
 from tests import factories
@@ -110,9 +110,18 @@ async def test_sixteen_concurrent_claimers_get_disjoint_batches(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await _seed(uow_factory, 100)
-    batches = await asyncio.gather(
-        *(_claim(uow_factory, holder=f"w{i}", batch=5) for i in range(16))
-    )
+    barrier = asyncio.Barrier(16)
+
+    async def claimer(i: int) -> ClaimBatch:
+        async with uow_factory() as uow:
+            batch = await uow.leases.claim(
+                IMAGE, f"w{i}", batch=5, lease_seconds=60, max_attempts=3
+            )
+            # Every claim's transaction (and its row locks) stays open until all 16 have theirs.
+            await asyncio.wait_for(barrier.wait(), 20)
+            return batch
+
+    batches = await asyncio.gather(*(claimer(i) for i in range(16)))
     claimed = [c.token_uuid for b in batches for c in b.claims]
     assert len(claimed) == len(set(claimed)) == 80
     assert set(claimed) == set(ids[:80])
@@ -184,25 +193,27 @@ async def test_a_completed_token_is_never_rescued(uow_factory: UnitOfWorkFactory
 async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    ids = await _seed(uow_factory, 6)
     stop = asyncio.Event()
     rescues: list[list[Claim]] = []
 
     async def slow(claim: Claim) -> str:
-        # 2.5 lease lengths: without heartbeats the lease would run out twice over. Heartbeats
-        # come every lease/3, so only a stall of two thirds of a second could let the thief in.
-        for _ in range(10):
-            rescues.append((await _claim(uow_factory, holder="thief", lease=1.0)).claims)
-            await asyncio.sleep(0.25)
-        stop.set()
-        return "/slow.png"
+        # Six tokens of a quarter lease each, each shorter than the heartbeat period (lease/3)
+        # but 1.5 leases together: the batch must be kept alive as a whole, not per handler.
+        # Only a stall of two thirds of a second could let the thief in.
+        rescues.append((await _claim(uow_factory, holder="thief", lease=1.0)).claims)
+        await asyncio.sleep(0.25)
+        if claim.token_uuid == ids[-1]:
+            stop.set()
+        return f"/slow/{claim.token_id}.png"
 
     stats = await run_worker(
-        IMAGE, slow, uow_factory, lease_seconds=1.0, stop=stop, worker_id="slow"
+        IMAGE, slow, uow_factory, batch=6, lease_seconds=1.0, stop=stop, worker_id="slow"
     )
     assert all(r == [] for r in rescues)
-    assert (stats.completed, stats.refused) == (1, 0)
-    assert (await _token(uow_factory, token_uuid)).image_path == "/slow.png"
+    assert (stats.completed, stats.refused) == (6, 0)
+    for token_uuid in ids:
+        assert (await _token(uow_factory, token_uuid)).image_path is not None
 
 
 async def test_out_of_attempts_tokens_fail_with_the_reason_holder_and_last_error(
@@ -327,22 +338,51 @@ async def test_an_idle_worker_polls_and_stops_when_asked(uow_factory: UnitOfWork
     assert stats.claimed == 0
 
 
-async def test_claims_use_the_stage_partial_index(uow_factory: UnitOfWorkFactory) -> None:
-    await _seed(uow_factory, 10)
+async def test_claim_statements_walk_their_partial_index_past_a_large_finished_history(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # 20,000 revealed tokens and a backlog of 300 per stage, planner statistics up to date.
     async with uow_factory() as uow:
-        await uow.session.execute(text("SET LOCAL enable_seqscan = off"))
+        author = await uow.authors.add(factories.author())
+        await uow.session.execute(
+            text(
+                """
+                INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status,
+                    mint_timestamp, image_path, metadata_cid, created_at)
+                SELECT gen_random_uuid(), 100000 + g, :author, '0x' || repeat('ab', 20),
+                    CAST(CASE WHEN g <= 20000 THEN 'revealed'
+                              WHEN g <= 20300 THEN 'detected'
+                              WHEN g <= 20600 THEN 'generating'
+                              ELSE 'ready' END AS token_status_enum),
+                    timestamp '2025-01-01' + g * interval '1 second',
+                    CASE WHEN g > 20300 THEN '/img.png' END,
+                    CASE WHEN g <= 20000 OR g > 20600 THEN 'bafy' END,
+                    now()
+                FROM generate_series(1, 20900) AS g
+                """
+            ),
+            {"author": author.id},
+        )
+    async with uow_factory() as uow:
+        await uow.session.execute(text("ANALYZE tokens_s0"))
+    async with uow_factory() as uow:
         for name, stage in STAGES.items():
+            # The real statement, as TokenLeaseRepository.claim sends it (sequential scans on).
             plan = "\n".join(
-                r[0]
-                for r in await uow.session.execute(
-                    text(
-                        f"EXPLAIN SELECT id FROM tokens_s0 WHERE {stage.index_predicate} "
-                        f"AND ({stage.available_predicate('now()::timestamp')}) "
-                        "ORDER BY mint_timestamp, id LIMIT 10 FOR UPDATE SKIP LOCKED"
-                    )
+                row[0]
+                for row in await uow.session.execute(
+                    text("EXPLAIN " + str(_claim_sql(stage, 10))),
+                    {
+                        "holder": "w",
+                        "batch": 10,
+                        "lease_seconds": 60,
+                        "max_attempts": 3,
+                        "stage": name.value,
+                    },
                 )
             )
-            assert f"ix_tokens_s0_claim_{name}" in plan, plan
+            assert f"Index Scan using ix_tokens_s0_claim_{name}" in plan, plan
+            assert "Seq Scan" not in plan, plan
 
 
 @pytest.mark.parametrize(
@@ -429,13 +469,18 @@ async def test_worker_settings_feed_run_worker(uow_factory: UnitOfWorkFactory) -
 
     settings = Settings(_env_file=None, worker_lease_seconds=5, worker_max_attempts=1)  # type: ignore[call-arg]
     (token_uuid,) = await _seed(uow_factory, 1)
+    seen: list[tuple[Claim, object]] = []
 
     async def boom(c: Claim) -> str:
-        assert (c.lease_expires_at - BASE_TIME).total_seconds() > 0
+        async with uow_factory() as uow:  # the database's clock, which set the lease
+            now = (await uow.session.execute(text("SELECT now() AT TIME ZONE 'utc'"))).scalar_one()
+        seen.append((c, now))
         raise RuntimeError("once is enough")
 
     stats = await run_worker(
         IMAGE, boom, uow_factory, exit_when_idle=True, **settings.worker_options()
     )
     assert (stats.claimed, stats.failed) == (1, 1)
+    ((claim, now),) = seen
+    assert 3.0 < (claim.lease_expires_at - now).total_seconds() <= 5.0  # type: ignore[operator]
     assert (await _token(uow_factory, token_uuid)).status == S.FAILED  # max_attempts=1 applied

@@ -20,9 +20,16 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Copied, not imported: a migration must not change when the models do.
 CLAIM_INDEXES = {
-    "ix_tokens_s0_claim_image": "status IN ('detected', 'generating') AND image_path IS NULL",
-    "ix_tokens_s0_claim_upload": "status IN ('generating', 'uploading') AND image_path IS NOT NULL",
+    "ix_tokens_s0_claim_image": (
+        "image_path IS NULL AND (status = 'detected'"
+        " OR (status = 'generating' AND claimed_by IS NOT NULL))"
+    ),
+    "ix_tokens_s0_claim_upload": (
+        "image_path IS NOT NULL AND (status = 'generating'"
+        " OR (status = 'uploading' AND claimed_by IS NOT NULL))"
+    ),
     "ix_tokens_s0_claim_reveal": "status = 'ready'",
 }
 CHECKS = {

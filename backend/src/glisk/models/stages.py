@@ -41,19 +41,14 @@ class Stage:
         return CLAIM_INDEX_PREDICATES[self.name.value]
 
     def available_predicate(self, now: str) -> str:
-        """SQL: fresh, or in progress without a live lease (released, or its holder died).
+        """SQL: no live claim (never claimed, released, or its holder's lease ran out).
         ``now`` is an SQL expression for the current UTC time.
 
-        Always used together with ``index_predicate``, which already limits status to claim_from
-        or working. A token in ``working`` that no leased worker ever held (claimed_by is kept
-        after a claim ends) belongs to the transactional path and is not abandoned work.
-        Keep the shape: ``(status = from AND claim_id IS NULL) OR (status = working AND ...)``
-        made the planner misjudge the rows and sort the whole backlog instead of walking the
-        partial index (bench/latency_bench.py: 12 ms against 1.4 ms with 10,000 in flight)."""
-        return (
-            f"(claim_id IS NULL AND (status = '{self.claim_from}' OR claimed_by IS NOT NULL))"
-            f" OR (status = '{self.working}' AND lease_expires_at <= {now})"
-        )
+        Always used with ``index_predicate``, which holds every status condition. Keep status
+        out of this part: repeating it made the planner misjudge the row count and sort the
+        whole backlog instead of walking the partial index in order and stopping after a batch
+        (bench/latency_bench.py at 1M tokens: 12 ms against 1.4 ms)."""
+        return f"claim_id IS NULL OR lease_expires_at <= {now}"
 
 
 STAGES: dict[StageName, Stage] = {

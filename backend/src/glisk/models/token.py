@@ -36,11 +36,20 @@ TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
 }
 TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
 
-# The rows each leased stage may claim, fresh or rescued (see glisk.workers.stages). The claim
-# queries repeat these predicates verbatim so the planner can prove the partial index applies.
+# The rows each leased stage may claim, fresh or abandoned (see glisk.models.stages): a fresh
+# token in the stage's input status, or one in its working status that a leased worker held
+# (claimed_by is kept after a claim ends; a token the transactional path moved there is not
+# ours). The claim queries repeat these predicates verbatim so the planner can prove the partial
+# index applies, and add only "no live claim", so its row estimate stays sane.
 CLAIM_INDEX_PREDICATES: dict[str, str] = {
-    "image": "status IN ('detected', 'generating') AND image_path IS NULL",
-    "upload": "status IN ('generating', 'uploading') AND image_path IS NOT NULL",
+    "image": (
+        "image_path IS NULL AND (status = 'detected'"
+        " OR (status = 'generating' AND claimed_by IS NOT NULL))"
+    ),
+    "upload": (
+        "image_path IS NOT NULL AND (status = 'generating'"
+        " OR (status = 'uploading' AND claimed_by IS NOT NULL))"
+    ),
     "reveal": "status = 'ready'",
 }
 

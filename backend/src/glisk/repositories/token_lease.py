@@ -61,10 +61,12 @@ class ClaimBatch:
     exhausted: list[Exhausted]
 
 
-def _claim_sql(stage: Stage) -> Any:
+def _claim_sql(stage: Stage, batch: int) -> Any:
     # One statement: lock the oldest claimable rows (MATERIALIZED so the LIMIT and the locks are
     # applied once), fail those out of attempts, claim the rest. Both UPDATEs see the CTE's
     # snapshot; the row locks keep other claimers off these rows until commit.
+    # The LIMIT is a literal (a validated int): a prepared statement's generic plan that does
+    # not know it chose to sort the whole backlog (6 ms at 1M tokens, instead of 0.4 ms).
     return text(
         f"""
         WITH candidates AS MATERIALIZED (
@@ -74,7 +76,7 @@ def _claim_sql(stage: Stage) -> Any:
             WHERE {stage.index_predicate}
               AND ({stage.available_predicate(NOW_UTC)})
             ORDER BY mint_timestamp, id
-            LIMIT :batch
+            LIMIT {int(batch)}
             FOR UPDATE SKIP LOCKED
         ),
         failed AS (
@@ -108,7 +110,7 @@ def _claim_sql(stage: Stage) -> Any:
     )
 
 
-_CLAIM_SQL: dict[str, Any] = {}
+_CLAIM_SQL: dict[tuple[str, int], Any] = {}
 
 _HEARTBEAT = text(
     f"""
@@ -155,15 +157,14 @@ class TokenLeaseRepository:
         if lease_seconds <= 0:
             raise v.FieldValidationError("lease_seconds", "must be > 0", lease_seconds)
         v.int_at_least("max_attempts", max_attempts, 1)
-        statement = _CLAIM_SQL.get(stage.name)
+        statement = _CLAIM_SQL.get((stage.name, batch))
         if statement is None:
-            statement = _CLAIM_SQL[stage.name] = _claim_sql(stage)
+            statement = _CLAIM_SQL[(stage.name, batch)] = _claim_sql(stage, batch)
         rows = (
             await self.session.execute(
                 statement,
                 {
                     "holder": holder,
-                    "batch": batch,
                     "lease_seconds": lease_seconds,
                     "max_attempts": max_attempts,
                     "stage": stage.name.value,
