@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
@@ -33,17 +34,16 @@ def utc_timezone() -> None:
 def postgres_container() -> Iterator[Database]:
     """A real PostgreSQL with the migrations applied (``alembic upgrade head``)."""
     started = time.monotonic()
-    try:
-        with provide_database() as url:
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(provide_database())
             migrations.upgrade(url)
-            elapsed = time.monotonic() - started
-            if elapsed > STARTUP_LIMIT_SECONDS:
-                pytest.fail(f"test database took {elapsed:.0f} s to start (limit 60 s)")
-            yield Database(url=url)
-    except Exception as exc:
-        if isinstance(exc, pytest.fail.Exception):
-            raise
-        pytest.fail(f"could not start the test PostgreSQL: {exc}", pytrace=False)
+        except Exception as exc:
+            pytest.fail(f"could not start the test PostgreSQL: {exc}", pytrace=False)
+        elapsed = time.monotonic() - started
+        if elapsed > STARTUP_LIMIT_SECONDS:
+            pytest.fail(f"test database took {elapsed:.0f} s to start (limit 60 s)")
+        yield Database(url=url)  # teardown errors surface as themselves
 
 
 @pytest.fixture(scope="session")

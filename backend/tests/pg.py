@@ -74,8 +74,7 @@ def provide_database() -> Iterator[str]:
         ):
             yield url
         return
-    server = ephemeral_server(max_connections=400)
-    server.startup_timeout = STARTUP_LIMIT_SECONDS
+    server = ephemeral_server(max_connections=400, startup_timeout=STARTUP_LIMIT_SECONDS)
     try:
         with throwaway_database(server.url) as url:
             yield url

@@ -87,6 +87,9 @@ def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_s
         with psycopg.connect(
             host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk", autocommit=True
         ) as c:
+            # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
+            assert c.execute("show max_connections").fetchone() == ("260",)
+            assert c.execute("show fsync").fetchone() == ("on",)  # the app's data is durable
             c.execute(
                 "INSERT INTO system_state (key, state_value, updated_at) "
                 "VALUES ('last_processed_block', '41', now())"

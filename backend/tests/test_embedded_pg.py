@@ -19,7 +19,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from glisk.core.config import Settings
 from glisk.embedded_pg import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -107,14 +106,13 @@ def test_runs_as_an_unprivileged_user_even_when_we_are_root(server: EmbeddedPost
     assert (server.data_dir.stat().st_mode & 0o777) == 0o700
 
 
-def test_max_connections_leaves_headroom_above_the_pool(server: EmbeddedPostgres) -> None:
+def test_the_servers_settings_are_the_ones_asked_for(server: EmbeddedPostgres) -> None:
     with psycopg.connect(
         host="127.0.0.1", port=server.port, user="postgres", dbname="postgres"
     ) as c:
         assert c.execute("show max_connections").fetchone() == ("250",)
-        assert c.execute("show fsync").fetchone() == ("off",)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    assert settings.embedded_max_connections() > settings.db_pool_size + settings.db_max_overflow
+        assert c.execute("show fsync").fetchone() == ("off",)  # a test server
+        assert c.execute("show timezone").fetchone() == ("UTC",)
 
 
 def _owned_tmp(tmp_path: Path) -> Path:
@@ -205,3 +203,17 @@ def test_the_server_dies_with_its_parent_even_on_sigkill() -> None:
             parent.kill()
         if line:
             shutil.rmtree(leftover_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rules apply when running as root")
+def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(tmp_path: Path) -> None:
+    user = service_user()
+    assert user is not None
+    shared = _owned_tmp(tmp_path)
+    os.chown(shared, user.pw_uid, user.pw_gid)  # a folder another account controls
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="must be owned by root"):
+            EmbeddedPostgres(data_dir=shared / "data", port=free_port()).start()
+        assert not (shared / "data").exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

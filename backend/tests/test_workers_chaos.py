@@ -86,6 +86,10 @@ def _start(url: str, logs: Path, n: int) -> BaseProcess:
         "0.05",
         "--log-level",
         "WARNING",
+        # Every fourth worker is slow (0.1 s per token, a batch of 10 outlasting its 1 s lease),
+        # so heartbeats, lost leases and late completions happen under the killing too.
+        "--sleep",
+        "0.1" if n % 4 == 0 else "0",
     ]
     process = CONTEXT.Process(target=run_noop_worker, args=(argv, str(logs / f"worker-{n}.log")))
     process.start()

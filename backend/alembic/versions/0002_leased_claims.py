@@ -6,8 +6,11 @@ Create Date: 2026-11-26 12:33:23.848275+00:00
 
 Adds what glisk.workers needs to claim tokens in one statement and hold them across slow external
 calls without an open transaction. The partial indexes hold only tokens a stage may claim, so the
-claim queries stay fast however many finished tokens pile up. Columns are nullable or defaulted:
-the migration is instant on a large table (no rewrite).
+claim queries stay fast however many finished tokens pile up.
+
+Safe on a live, large table: the columns are nullable or have a constant default (no rewrite);
+the CHECKs are added NOT VALID (a brief lock) and validated afterwards under a lock that lets
+reads and writes go on; the indexes are built CONCURRENTLY, outside the transaction.
 """
 
 from collections.abc import Sequence
@@ -51,16 +54,23 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
     )
     for name, condition in CHECKS.items():
-        op.create_check_constraint(op.f(name), "tokens_s0", condition)
-    for name, predicate in CLAIM_INDEXES.items():
-        op.create_index(
-            name, "tokens_s0", ["mint_timestamp", "id"], postgresql_where=sa.text(predicate)
-        )
+        op.execute(f"ALTER TABLE tokens_s0 ADD CONSTRAINT {name} CHECK ({condition}) NOT VALID")
+    for name in CHECKS:
+        op.execute(f"ALTER TABLE tokens_s0 VALIDATE CONSTRAINT {name}")
+    with op.get_context().autocommit_block():
+        for name, predicate in CLAIM_INDEXES.items():
+            op.create_index(
+                name,
+                "tokens_s0",
+                ["mint_timestamp", "id"],
+                postgresql_where=sa.text(predicate),
+                postgresql_concurrently=True,
+            )
 
 
 def downgrade() -> None:
     for name in CLAIM_INDEXES:
-        op.drop_index(name, table_name="tokens_s0")
+        op.drop_index(name, table_name="tokens_s0", if_exists=True)
     for name in CHECKS:
         op.drop_constraint(op.f(name), "tokens_s0", type_="check")
     for column in ("attempts", "lease_expires_at", "claim_id", "claimed_by"):

@@ -33,7 +33,6 @@ from pathlib import Path
 from types import TracebackType
 
 PR_SET_PDEATHSIG = 1
-DEFAULT_PORT = 54320
 SUPERUSER = "postgres"
 
 
@@ -146,6 +145,11 @@ def _usable_bindir(bindir: Path, user: pwd.struct_passwd | None) -> Path:
     install = bindir.parent
     digest = hashlib.sha256(str(install.resolve()).encode()).hexdigest()[:12]
     target = Path(tempfile.gettempdir()) / f"glisk-pgbin-{digest}"
+    if target.exists() and not _owned_by_us_and_not_shared(target):
+        # Someone else made it (binaries planted there would run as the service user): never
+        # use it; take a private copy instead.
+        target = Path(tempfile.mkdtemp(prefix="glisk-pgbin-private-"))
+        target.rmdir()
     if not (target / "bin" / "postgres").is_file():
         staging = Path(tempfile.mkdtemp(prefix="glisk-pgbin-", dir=tempfile.gettempdir()))
         for part in ("bin", "lib", "share"):
@@ -157,6 +161,12 @@ def _usable_bindir(bindir: Path, user: pwd.struct_passwd | None) -> Path:
         except OSError:  # another process won the race; use its copy
             shutil.rmtree(staging, ignore_errors=True)
     return target / "bin"
+
+
+def _owned_by_us_and_not_shared(path: Path) -> bool:
+    """Owned by this process's user and writable by nobody else (no group/other write)."""
+    st = path.lstat()
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def default_data_dir(project_dir: Path) -> Path:
@@ -191,7 +201,7 @@ class EmbeddedPostgres:
     """
 
     data_dir: Path
-    port: int = DEFAULT_PORT
+    port: int
     max_connections: int = 300
     ephemeral: bool = False
     bindir: Path | None = None
@@ -234,6 +244,13 @@ class EmbeddedPostgres:
     def _prepare_data_dir(self, user: pwd.struct_passwd | None) -> None:
         parent = self.data_dir.parent
         parent.mkdir(parents=True, exist_ok=True)
+        if user is not None and not _owned_by_us_and_not_shared(parent):
+            # As root, a directory another user controls could swap the data directory for a
+            # link: refuse it rather than chown or start anything there.
+            raise EmbeddedPostgresError(
+                f"Refusing to use {parent} for the embedded PostgreSQL data: it must be owned by "
+                "root and not writable by group or others. Remove it or set GLISK_PG_DATA."
+            )
         if not self.data_dir.exists():
             self.data_dir.mkdir(mode=0o700)
             if user is not None:
@@ -390,7 +407,9 @@ class EmbeddedPostgres:
         self.stop()
 
 
-def ephemeral_server(max_connections: int = 300, bindir: Path | None = None) -> EmbeddedPostgres:
+def ephemeral_server(
+    max_connections: int = 300, bindir: Path | None = None, startup_timeout: float = 30.0
+) -> EmbeddedPostgres:
     """A throwaway server for tests: a fresh temporary directory the service user can reach, a free
     port (retried if another process grabs it first), fsync off. The caller must stop() it."""
     user = service_user()
@@ -406,6 +425,7 @@ def ephemeral_server(max_connections: int = 300, bindir: Path | None = None) -> 
             ephemeral=True,
             bindir=bindir,
             owned_dir=base,
+            startup_timeout=startup_timeout,
         )
         try:
             server.start()

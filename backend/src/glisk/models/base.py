@@ -19,18 +19,6 @@ SQLModel.metadata.naming_convention = NAMING_CONVENTION
 metadata = SQLModel.metadata
 
 
-def _check_row(_mapper: Mapper[Any], _connection: Any, target: Any) -> None:
-    check = getattr(target, "check_row", None)
-    if check is not None:
-        check()
-
-
-# Field validators see one attribute at a time; rules that tie fields together ("cid required when
-# completed") are checked here, at flush, once the whole row is known.
-event.listen(Mapper, "before_insert", _check_row)
-event.listen(Mapper, "before_update", _check_row)
-
-
 class Entity(SQLModel):
     """Base of the table models: makes SQLAlchemy ``@validates`` normalisation stick.
 
@@ -54,3 +42,15 @@ def _validators(cls: type) -> dict[str, Any]:
         type.__setattr__(cls, "_glisk_validators", found)
         cached = found
     return cached
+
+
+def _check_row(_mapper: Mapper[Any], _connection: Any, target: Any) -> None:
+    check = getattr(target, "check_row", None)
+    if check is not None:
+        check()
+
+
+# Field validators see one attribute at a time; rules that tie fields together ("cid required when
+# completed") are checked here, at flush, once the whole row is known. Only GLISK's entities.
+event.listen(Entity, "before_insert", _check_row, propagate=True)
+event.listen(Entity, "before_update", _check_row, propagate=True)
