@@ -1,4 +1,4 @@
-"""Request middleware, in two layers around CORS:
+"""Request middleware, three pieces placed around CORS:
 
 - ``RequestContextMiddleware`` (outermost): request id, one log line per request, security
   headers on every response, CORS preflights and errors included.
@@ -8,7 +8,7 @@
   envelope there, so the response still passes through CORS and a browser can read it. The outer
   layer keeps the same safety net for anything that escapes the layers in between.
 
-Neither lets a traceback reach the client. The operator gets it in the log, without local
+None lets a traceback reach the client. The operator gets it in the log, without local
 variables (see ``plain_traceback``).
 """
 
