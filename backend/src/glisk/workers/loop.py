@@ -200,13 +200,7 @@ class _Worker:
             return  # not recorded; the tokens are rescued when their leases run out
         for claim, token in zip(claims, done, strict=True):
             if token is None:
-                self.stats.refused += 1
-                log.warning(
-                    "worker.refused",
-                    stage=self.stage.name.value,
-                    token_id=claim.token_id,
-                    reason="lease lost before completion",
-                )
+                self.refuse(claim, "lease lost before completion")
             else:
                 self.stats.completed += 1
                 log.info("worker.complete", stage=self.stage.name.value, token_id=claim.token_id)
@@ -226,13 +220,7 @@ class _Worker:
         if isinstance(token, _GaveUp):
             return  # not recorded; the token is rescued when its lease runs out
         if token is None:
-            self.stats.refused += 1
-            log.warning(
-                "worker.refused",
-                stage=self.stage.name.value,
-                token_id=claim.token_id,
-                reason="lease lost before failure was recorded",
-            )
+            self.refuse(claim, "lease lost before failure was recorded")
             return
         self.stats.failed += 1
         log.info(
@@ -242,6 +230,13 @@ class _Worker:
             attempt=claim.attempt,
             final=str(token.status) == "failed",
             error=_error(exc),
+        )
+
+    def refuse(self, claim: Claim, reason: str) -> None:
+        """Count and log work dropped because this worker no longer holds the token."""
+        self.stats.refused += 1
+        log.warning(
+            "worker.refused", stage=self.stage.name.value, token_id=claim.token_id, reason=reason
         )
 
     async def _release(self, claims: Sequence[Claim]) -> int:
@@ -330,13 +325,7 @@ async def _run_each(
                 return
             if claim.claim_id not in live:
                 # Its lease ran out (heartbeats failed): someone else may hold it now.
-                worker.stats.refused += 1
-                log.warning(
-                    "worker.skipped",
-                    stage=worker.stage.name.value,
-                    token_id=claim.token_id,
-                    reason="lease lost before the handler started",
-                )
+                worker.refuse(claim, "lease lost before the handler started")
                 continue
             try:
                 result = await handler(claim)
