@@ -46,6 +46,8 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "claim_id": ("uuid", True, None),
         "lease_expires_at": ("timestamp without time zone", True, None),
         "attempts": ("integer", False, None),
+        "not_before": ("timestamp without time zone", True, None),
+        "deferrals": ("integer", False, None),
     },
     "mint_events": {
         "id": ("uuid", False, None),
@@ -112,6 +114,7 @@ EXPECTED_INDEXES = {
     "ix_tokens_s0_claim_image": "(mint_timestamp, id) WHERE ((image_path IS NULL) AND ((status = 'detected'::token_status_enum) OR ((status = 'generating'::token_status_enum) AND (claimed_by IS NOT NULL))))",
     "ix_tokens_s0_claim_upload": "(mint_timestamp, id) WHERE ((image_path IS NOT NULL) AND ((status = 'generating'::token_status_enum) OR ((status = 'uploading'::token_status_enum) AND (claimed_by IS NOT NULL))))",
     "ix_tokens_s0_claim_reveal": "(mint_timestamp, id) WHERE (status = 'ready'::token_status_enum)",
+    "ix_tokens_s0_claim_id": "(claim_id) WHERE (claim_id IS NOT NULL)",
 }
 
 

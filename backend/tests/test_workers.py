@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import text
 
 from glisk.models import Token, TokenStatus
-from glisk.models.stages import STAGES, Stage, StageName
 from glisk.models.token import TRANSITIONS
-from glisk.repositories.token_lease import Claim, ClaimBatch, _claim_sql
 from glisk.uow import UnitOfWorkFactory
-from glisk.workers import PermanentError, run_worker
+from glisk.workers import PermanentError, queries, run_worker
+from glisk.workers.claims import Claim, ClaimBatch
+from glisk.workers.stages import STAGES, Stage, StageName
 from tests import factories
 from tests.conftest import Database
 from tests.factories import BASE_TIME
@@ -272,7 +272,9 @@ async def test_run_worker_retries_failures_and_fails_permanent_errors_at_once(
             raise RuntimeError("service timeout")
         return "/third-time.png"
 
-    stats = await run_worker(IMAGE, handler, uow_factory, max_attempts=3, exit_when_idle=True)
+    stats = await run_worker(
+        IMAGE, handler, uow_factory, max_attempts=3, exit_when_idle=True, backoff_base=0.05
+    )
     assert calls == {flaky: 3, doomed: 1}
     assert (stats.completed, stats.failed) == (1, 3)
     assert (await _token(uow_factory, flaky)).image_path == "/third-time.png"
@@ -370,16 +372,12 @@ async def test_claim_statements_walk_their_partial_index_past_a_large_finished_h
             # The real statement, as TokenLeaseRepository.claim sends it (sequential scans on).
             plan = "\n".join(
                 row[0]
-                for row in await uow.session.execute(
-                    text("EXPLAIN " + str(_claim_sql(stage, 10))),
-                    {
-                        "holder": "w",
-                        "batch": 10,
-                        "lease_seconds": 60,
-                        "max_attempts": 3,
-                        "stage": name.value,
-                    },
-                )
+                for row in (
+                    await (await uow.session.connection()).exec_driver_sql(
+                        "EXPLAIN " + queries.claim(stage, 10),
+                        {"holder": "w", "lease_seconds": 60, "max_attempts": 3},
+                    )
+                ).all()
             )
             assert f"Index Scan using ix_tokens_s0_claim_{name}" in plan, plan
             assert "Seq Scan" not in plan, plan

@@ -1,4 +1,4 @@
-"""Unit of work: one session, one transaction, seven repositories.
+"""Unit of work: one session, one transaction, eight repositories.
 
     async with uow_factory() as uow:
         tokens = await uow.tokens.get_pending_for_generation(limit=10)
@@ -28,7 +28,7 @@ from glisk.repositories import (
     SystemStateRepository,
     TokenRepository,
 )
-from glisk.repositories.token_lease import TokenLeaseRepository
+from glisk.workers.repository import TokenLeaseRepository
 
 log = structlog.get_logger("glisk.uow")
 
@@ -50,6 +50,11 @@ class UnitOfWork:
         # A commit failure is logged and rolled back once, where it happens; __aexit__ then
         # recognises the same exception passing through and does not report it again.
         self._failed_commit: BaseException | None = None
+
+    @property
+    def session_factory(self) -> async_sessionmaker[AsyncSession]:
+        """Where this unit of work's sessions come from (no I/O)."""
+        return self._session_factory
 
     @property
     def session(self) -> AsyncSession:

@@ -22,6 +22,7 @@ from glisk.models._columns import (
 )
 from glisk.models.base import Entity
 from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
 
 S = TokenStatus
 
@@ -35,23 +36,6 @@ TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
 }
 TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
-
-# The rows each leased stage may claim, fresh or abandoned (see glisk.models.stages): a fresh
-# token in the stage's input status, or one in its working status that a leased worker held
-# (claimed_by is kept after a claim ends; a token the transactional path moved there is not
-# ours). The claim queries repeat these predicates verbatim so the planner can prove the partial
-# index applies, and add only "no live claim", so its row estimate stays sane.
-CLAIM_INDEX_PREDICATES: dict[str, str] = {
-    "image": (
-        "image_path IS NULL AND (status = 'detected'"
-        " OR (status = 'generating' AND claimed_by IS NOT NULL))"
-    ),
-    "upload": (
-        "image_path IS NOT NULL AND (status = 'generating'"
-        " OR (status = 'uploading' AND claimed_by IS NOT NULL))"
-    ),
-    "reveal": "status = 'ready'",
-}
 
 TOKEN_STATUS_ENUM = SAEnum(
     TokenStatus,
@@ -112,6 +96,14 @@ class Token(Entity, table=True):
             name="finished_token_not_claimed",
         ),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        CheckConstraint("deferrals >= 0", name="deferrals_non_negative"),
+        # Fencing: every write after a claim finds its row by claim_id. Only live and expired
+        # claims are in this index, so it stays small however large the table grows.
+        Index(
+            "ix_tokens_s0_claim_id",
+            "claim_id",
+            postgresql_where=text("claim_id IS NOT NULL"),
+        ),
         # One partial index per leased stage, matching its claim query's WHERE and ORDER BY, so
         # finished tokens (the vast majority over time) are never scanned by a claim.
         *(
@@ -150,6 +142,12 @@ class Token(Entity, table=True):
     )
     lease_expires_at: datetime | None = optional_timestamp_field()
     attempts: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    # Backoff: a failed attempt (or a RetryLater) makes the token claimable again only from
+    # not_before on; deferrals counts the RetryLaters of the current stage.
+    not_before: datetime | None = optional_timestamp_field()
+    deferrals: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
     )
 

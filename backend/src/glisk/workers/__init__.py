@@ -1,23 +1,72 @@
-"""Worker coordination for slow stages: leased claims and the worker loop.
+"""Worker coordination for slow stages: leased claims and the worker runtime.
 
 Two ways to take work, side by side:
 - ``uow.tokens.get_pending_*``: rows locked FOR UPDATE SKIP LOCKED for one transaction. For short
   work done inside that transaction.
-- ``run_worker`` (this package): a leased claim made and committed in one statement; the handler
-  runs with no transaction open; the lease is extended while it runs; completion is fenced.
+- ``run_worker`` / ``Worker`` (this package): a leased claim made and committed in one statement;
+  handlers run concurrently with no transaction open; leases are extended while they run;
+  completions are fenced and written in batches.
+
+The layout: ``predicates`` (the partial-index predicates, a leaf), ``stages`` (the stage table),
+``queries`` (every statement, whole and named), ``claims`` (what a handler gets), ``connection``
+(bounded connections), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker class), ``run``
+(run_worker), ``repository`` (``uow.leases``), ``command`` (``glisk worker``), ``noop``.
+
+Names are imported lazily, so that ``glisk.models`` can import the leaf ``predicates`` module.
 """
 
-from glisk.models.stages import STAGES, Stage, StageName
-from glisk.repositories.token_lease import Claim
-from glisk.workers.loop import PermanentError, WorkerStats, install_stop_signals, run_worker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from glisk.workers.claims import Claim, ClaimBatch, Exhausted
+    from glisk.workers.connection import ConnectOptions
+    from glisk.workers.errors import DatabaseTimeout, PermanentError, RetryLater
+    from glisk.workers.run import run_worker
+    from glisk.workers.stages import STAGES, Stage, StageName
+    from glisk.workers.worker import Worker, WorkerStats, install_stop_signals
+
+_EXPORTS = {
+    "Claim": "claims",
+    "ClaimBatch": "claims",
+    "Exhausted": "claims",
+    "ConnectOptions": "connection",
+    "DatabaseTimeout": "errors",
+    "PermanentError": "errors",
+    "RetryLater": "errors",
+    "run_worker": "run",
+    "STAGES": "stages",
+    "Stage": "stages",
+    "StageName": "stages",
+    "Worker": "worker",
+    "WorkerStats": "worker",
+    "install_stop_signals": "worker",
+}
 
 __all__ = [
     "STAGES",
     "Claim",
+    "ClaimBatch",
+    "ConnectOptions",
+    "DatabaseTimeout",
+    "Exhausted",
     "PermanentError",
+    "RetryLater",
     "Stage",
     "StageName",
+    "Worker",
     "WorkerStats",
     "install_stop_signals",
     "run_worker",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'glisk.workers' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"glisk.workers.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,75 @@
+"""``run_worker``: the one-call way to run a stage on an application's unit-of-work factory."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from glisk.workers.connection import ConnectOptions
+from glisk.workers.stages import Stage, StageName
+from glisk.workers.worker import Handler, Worker, WorkerStats
+
+if TYPE_CHECKING:
+    from glisk.uow import UnitOfWorkFactory
+
+
+def database_url_of(uow_factory: UnitOfWorkFactory) -> str:
+    """The URL (password included) of the engine behind a unit-of-work factory. Builds a unit of
+    work without entering it: no I/O."""
+    engine = uow_factory().session_factory.kw["bind"]
+    return engine.url.render_as_string(hide_password=False)
+
+
+async def run_worker(
+    stage: Stage | StageName | str,
+    handler: Handler,
+    uow_factory: UnitOfWorkFactory,
+    *,
+    worker_id: str | None = None,
+    batch: int | None = None,
+    lease_seconds: float = 60.0,
+    max_attempts: int = 3,
+    poll_interval: float = 1.0,
+    stop: asyncio.Event | None = None,
+    exit_when_idle: bool = False,
+    concurrency: int | None = None,
+    backoff_base: float = 5.0,
+    backoff_cap: float = 600.0,
+    max_deferrals: int = 20,
+    listen: bool = True,
+    db_timeout: float = 10.0,
+    prepare_statements: bool = True,
+    drain_timeout: float | None = None,
+) -> WorkerStats:
+    """Run one stage until ``stop`` is set (or, with ``exit_when_idle``, until nothing of the
+    stage is claimable, in flight or waiting out a backoff).
+
+    ``handler`` gets one Claim and returns the stage's result (image stage: the image path;
+    upload stage: the metadata CID); for the reveal stage it gets the whole batch and returns the
+    transaction hash. It runs with no database transaction open, up to ``concurrency`` at once
+    (default: ``batch`` for per-token stages, one batch at a time for the reveal). Raising fails
+    the attempt: the token is retried after a backoff until ``max_attempts``; PermanentError
+    fails it at once; RetryLater(s) brings it back after ``s`` seconds without spending an
+    attempt. See ``Worker`` for the rest; the worker opens its own connections (three at most)
+    to the database ``uow_factory`` uses.
+    """
+    connect = ConnectOptions(
+        database_url_of(uow_factory), timeout=db_timeout, prepare_statements=prepare_statements
+    )
+    worker = Worker(
+        stage,
+        handler,
+        connect,
+        worker_id=worker_id,
+        concurrency=concurrency,
+        batch=batch,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        poll_interval=poll_interval,
+        backoff_base=backoff_base,
+        backoff_cap=backoff_cap,
+        max_deferrals=max_deferrals,
+        listen=listen,
+        drain_timeout=drain_timeout,
+    )
+    return await worker.run(stop, exit_when_idle=exit_when_idle)
