@@ -8,6 +8,7 @@ import multiprocessing
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -72,7 +73,7 @@ CONTEXT = multiprocessing.get_context("forkserver")
 CONTEXT.set_forkserver_preload(["tests.chaos_proc"])
 
 
-def _start(url: str, logs: Path, n: int) -> BaseProcess:
+def _start(url: str, logs: Path, n: int, extra: Sequence[str] = ()) -> BaseProcess:
     argv = [
         "--database-url",
         url,
@@ -90,6 +91,7 @@ def _start(url: str, logs: Path, n: int) -> BaseProcess:
         # so heartbeats, lost leases and late completions happen under the killing too.
         "--sleep",
         "0.1" if n % 4 == 0 else "0",
+        *extra,
     ]
     process = CONTEXT.Process(target=run_noop_worker, args=(argv, str(logs / f"worker-{n}.log")))
     process.start()
@@ -105,8 +107,16 @@ def _unfinished(conn: psycopg.Connection[Any]) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param((), id="defaults"),
+        # More handlers than a claim takes: several claims in flight per stage and process.
+        pytest.param(("--concurrency", "16", "--batch", "4"), id="concurrency-16"),
+    ],
+)
 def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
-    postgres_container: Database, tmp_path: Path
+    postgres_container: Database, tmp_path: Path, extra: Sequence[str]
 ) -> None:
     rng = random.Random(20261126)
     with throwaway_database(postgres_container.url) as url:
@@ -117,8 +127,10 @@ def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
 
             started = 0
             workers = []
+            numbers: list[int] = []  # each live worker's number (its log file's name)
             for _ in range(WORKERS):
-                workers.append(_start(url, tmp_path, started))
+                workers.append(_start(url, tmp_path, started, extra))
+                numbers.append(started)
                 started += 1
             kills = 0
             try:
@@ -129,13 +141,22 @@ def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
                     workers[victim].kill()  # SIGKILL
                     workers[victim].join()
                     kills += 1
-                    workers[victim] = _start(url, tmp_path, started)
+                    workers[victim] = _start(url, tmp_path, started, extra)
+                    numbers[victim] = started
                     started += 1
                 deadline = time.monotonic() + DEADLINE_SECONDS
                 while _unfinished(conn) and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert _unfinished(conn) == 0, "tokens still in flight at the deadline"
             finally:
+                # A replacement started a moment ago may not have reached its entry point yet
+                # (SIGTERM there would be the default: death). Its log file appears once it
+                # handles SIGTERM itself.
+                ready_by = time.monotonic() + 10
+                while time.monotonic() < ready_by and not all(
+                    (tmp_path / f"worker-{n}.log").exists() for n in numbers
+                ):
+                    time.sleep(0.01)
                 for worker in workers:
                     worker.terminate()  # SIGTERM: drain
                 for worker in workers:
@@ -143,7 +164,9 @@ def test_killed_workers_lose_nothing_double_nothing_and_leave_nothing_claimed(
                     if worker.exitcode is None:
                         worker.kill()
             assert kills >= 5, "the chaos phase did not kill enough workers to mean anything"
-            assert all(w.exitcode == 0 for w in workers), "a surviving worker did not drain cleanly"
+            assert all(w.exitcode == 0 for w in workers), (
+                f"a surviving worker did not drain cleanly: {[w.exitcode for w in workers]}"
+            )
 
             statuses = dict(
                 conn.execute("SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1").fetchall()

@@ -1,4 +1,4 @@
-"""The ``glisk`` command: ``serve`` and ``db upgrade|downgrade|current``.
+"""The ``glisk`` command: ``serve``, ``worker`` and ``db upgrade|downgrade|current``.
 
 Without DATABASE_URL both start the embedded PostgreSQL (data kept between runs) and stop it on
 exit. Configuration and connection problems end in one clear line on stderr and a non-zero exit.
@@ -22,6 +22,7 @@ from glisk.core.database import masked_url
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+from glisk.workers.command import add_parser as add_worker_parser
 
 EMBEDDED_DATABASE = "glisk"
 EXIT_CONFIG = 2
@@ -145,6 +146,12 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
             print(f"{current or 'base (empty)'} ({state})")
 
 
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.workers.command import run
+
+    run(settings, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glisk", description="GLISK backend")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: HOST, 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: PORT, 8000)")
     serve.set_defaults(handler=cmd_serve)
+
+    add_worker_parser(commands).set_defaults(handler=cmd_worker)
 
     db = commands.add_parser("db", help="schema migrations (Alembic)")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -185,4 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: modules that raise CliError import
+    # it from glisk.cli, and only that class is caught there.
+    from glisk.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -31,6 +31,13 @@ class WorkerOptions(TypedDict):
     lease_seconds: float
     max_attempts: int
     poll_interval: float
+    concurrency: int | None
+    batch: int | None
+    backoff_base: float
+    backoff_cap: float
+    max_deferrals: int
+    db_timeout: float
+    drain_timeout: float | None
 
 
 class ConfigError(ValueError):
@@ -92,6 +99,13 @@ class Settings(BaseSettings):
     worker_lease_seconds: float = Field(default=60.0, gt=0, le=86400)
     worker_max_attempts: int = Field(default=3, ge=1, le=100)
     worker_poll_interval: float = Field(default=1.0, gt=0, le=3600)
+    worker_concurrency: int | None = Field(default=None, ge=1, le=10000)
+    worker_batch: int | None = Field(default=None, ge=1, le=100)
+    worker_backoff_base: float = Field(default=5.0, ge=0, le=86400)
+    worker_backoff_cap: float = Field(default=600.0, ge=0, le=86400 * 7)
+    worker_max_deferrals: int = Field(default=20, ge=0, le=10000)
+    worker_db_timeout: float = Field(default=10.0, gt=0, le=3600)
+    worker_drain_timeout: float | None = Field(default=25.0, gt=0, le=86400)
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
@@ -162,6 +176,13 @@ class Settings(BaseSettings):
             "lease_seconds": self.worker_lease_seconds,
             "max_attempts": self.worker_max_attempts,
             "poll_interval": self.worker_poll_interval,
+            "concurrency": self.worker_concurrency,
+            "batch": self.worker_batch,
+            "backoff_base": self.worker_backoff_base,
+            "backoff_cap": self.worker_backoff_cap,
+            "max_deferrals": self.worker_max_deferrals,
+            "db_timeout": self.worker_db_timeout,
+            "drain_timeout": self.worker_drain_timeout,
         }
 
     def embedded_max_connections(self) -> int:

@@ -58,6 +58,7 @@ class WorkerStats:
     exhausted: int = 0
     batches: int = 0
     deferred: int = 0  # RetryLater honoured without spending an attempt
+    db_errors: int = 0  # database calls that failed or timed out (each retried or given up)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+def exit_cleanly(signum: int, frame: object) -> None:
+    """A SIGTERM handler for the moments before ``install_stop_signals``: nothing is claimed yet,
+    so stopping at once is a clean stop (exit status 0)."""
+    raise SystemExit(0)
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -178,7 +185,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._flush_wanted = asyncio.Event()
         self._stopping = False
-        self.listener: Listener | None = None
+        self._flush_lock = asyncio.Lock()
+        # LISTEN on the stage's channel while running (no I/O until run()).
+        self.listener = Listener(connect, self.stage.channel, self._wake) if listen else None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -188,8 +197,7 @@ class Worker:
         """Work until ``stop`` is set; with ``exit_when_idle``, until nothing is claimable, in
         flight or waiting out a backoff. Returns the counts of what happened."""
         stop = stop or asyncio.Event()
-        if self.listen:
-            self.listener = Listener(self._connect, self.stage.channel, self._wake)
+        if self.listener is not None:
             self.listener.start()
         heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
         completer = asyncio.create_task(self._completer(), name="completer")
@@ -354,6 +362,7 @@ class Worker:
         raise AssertionError("unreachable")
 
     def _db_error(self, step: str, exc: BaseException, **fields: Any) -> None:
+        self.stats.db_errors += 1
         message = str(exc).strip().splitlines()
         self._log.error(
             "worker.database_error",
@@ -372,13 +381,15 @@ class Worker:
             await self._flush()
 
     async def _flush(self) -> None:
-        """Write every result and failure gathered so far: one statement per kind."""
-        results, self._results = self._results, []
-        failures, self._failures = self._failures, []
-        if results:
-            await self._complete(results)
-        if failures:
-            await self._fail(failures)
+        """Write every result and failure gathered so far: one statement per kind. Returns once
+        everything gathered before the call is written (or given up)."""
+        async with self._flush_lock:
+            results, self._results = self._results, []
+            failures, self._failures = self._failures, []
+            if results:
+                await self._complete(results)
+            if failures:
+                await self._fail(failures)
 
     async def _complete(self, results: list[tuple[Claim, str]]) -> None:
         params = {

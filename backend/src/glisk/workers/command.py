@@ -1,0 +1,169 @@
+"""``glisk worker STAGE --handler package.module:function``: one stage, run until SIGTERM.
+
+Exit codes, for a supervisor (systemd ``RestartPreventExitStatus=2``, Kubernetes restart policy):
+- 0: stopped by SIGTERM or SIGINT after draining (handlers in hand finished, results written);
+- 1: the database could not be reached or is not migrated at start-up (worth restarting);
+- 2: configuration or usage error: bad setting, unknown stage, a handler path that cannot be
+  imported or is not an async function (restarting cannot help).
+Settings come from WORKER_* variables; the command-line options override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from glisk.core.config import Settings
+    from glisk.workers.worker import Handler
+
+NOOP = "noop"
+
+
+class HandlerError(Exception):
+    """The handler path cannot be used; the message says why, in one line."""
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    worker = commands.add_parser(
+        "worker",
+        help="run one pipeline stage's handler over leased claims until SIGTERM",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument("stage", choices=["image", "upload", "reveal"])
+    worker.add_argument(
+        "--handler",
+        dest="handler_path",  # args.handler is the CLI's dispatch function
+        required=True,
+        help="package.module:function, an async function; 'noop' for the built-in no-op handler",
+    )
+    worker.add_argument("--concurrency", type=int, help="handlers at once (WORKER_CONCURRENCY)")
+    worker.add_argument("--batch", type=int, help="tokens per claim at most (WORKER_BATCH)")
+    worker.add_argument("--lease", type=float, help="lease seconds (WORKER_LEASE_SECONDS)")
+    worker.add_argument("--max-attempts", type=int, help="claims per token and stage")
+    worker.add_argument(
+        "--no-listen", action="store_true", help="poll only, no LISTEN (WORKER_LISTEN=false)"
+    )
+    worker.add_argument("--worker-id", help="holder name recorded on claims (default host:pid:rnd)")
+    return worker
+
+
+def load_handler(path: str, stage: str) -> Handler:
+    """The async function ``path`` names. Raises HandlerError with a one-line reason."""
+    if path == NOOP:
+        from glisk.workers.noop import handlers
+        from glisk.workers.stages import StageName
+
+        return handlers()[StageName(stage)]
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise HandlerError(f"--handler {path!r}: must be package.module:function (or 'noop')")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is reported the same way
+        raise HandlerError(
+            f"--handler {path!r}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise HandlerError(f"--handler {path!r}: {module_name!r} has no attribute {part!r}")
+        target = getattr(target, part)
+    # An async def, or an object whose __call__ is one.
+    call = target if inspect.isroutine(target) else type(target).__call__
+    if not callable(target) or not inspect.iscoroutinefunction(call):
+        raise HandlerError(f"--handler {path!r}: must be an async function (async def)")
+    return cast("Handler", target)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> None:
+    """Entry point from ``glisk.cli``; raises glisk.cli.CliError for exits 1 and 2."""
+    import signal
+
+    from glisk.cli import EXIT_CONFIG, CliError
+    from glisk.workers.worker import exit_cleanly
+
+    signal.signal(signal.SIGTERM, exit_cleanly)  # until the worker installs its own handlers
+    try:
+        handler = load_handler(args.handler_path, args.stage)
+    except HandlerError as exc:
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    if settings.database_url is not None:
+        _serve(settings, args, handler, settings.database_url)
+        return
+    # Development without DATABASE_URL: the embedded server, migrated, for this process's life.
+    from glisk import migrations
+    from glisk.cli import _migrate, database
+
+    with database(settings) as url:
+        _migrate(url, lambda: migrations.upgrade(url))
+        _serve(settings, args, handler, url)
+
+
+def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: str) -> None:
+    from glisk.cli import EXIT_CONFIG, CliError
+    from glisk.models.validation import FieldValidationError
+    from glisk.workers.connection import ConnectOptions
+    from glisk.workers.worker import Worker
+
+    options: dict[str, Any] = {**settings.worker_options()}
+    overrides = {
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "lease_seconds": args.lease,
+        "max_attempts": args.max_attempts,
+    }
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    if args.no_listen:
+        options["listen"] = False
+    timeout = options.pop("db_timeout")
+    prepare = options.pop("prepare_statements", True)
+    connect = ConnectOptions(url, timeout=timeout, prepare_statements=prepare)
+    try:
+        worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
+    except FieldValidationError as exc:
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    asyncio.run(_run(worker, connect))
+
+
+async def _run(worker: Any, connect: Any) -> None:
+    import structlog
+
+    from glisk.cli import CliError
+    from glisk.workers.connection import DATABASE_ERRORS
+    from glisk.workers.worker import install_stop_signals
+
+    try:
+        conn = await connect.connect()
+        try:
+            found = await (
+                await conn.execute(
+                    b"SELECT 1 FROM information_schema.columns "
+                    b"WHERE table_name = 'tokens_s0' AND column_name = 'not_before'"
+                )
+            ).fetchone()
+        finally:
+            await conn.close()
+    except DATABASE_ERRORS as exc:
+        first = str(exc).strip().splitlines()
+        reason = first[0] if first else type(exc).__name__
+        raise CliError(f"database unreachable: {reason}") from None
+    if found is None:
+        raise CliError("the database is not migrated for this worker: run 'glisk db upgrade'")
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    log = structlog.get_logger("glisk.worker")
+    log.info(
+        "worker.start",
+        stage=worker.stage.name.value,
+        worker=worker.holder,
+        concurrency=worker.concurrency,
+        batch=worker.batch,
+        listen=worker.listen,
+    )
+    stats = await worker.run(stop)
+    log.info("worker.stop", worker=worker.holder, **vars(stats))
