@@ -48,6 +48,7 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "attempts": ("integer", False, None),
         "not_before": ("timestamp without time zone", True, None),
         "deferrals": ("integer", False, None),
+        "checkpoint": ("jsonb", True, None),
     },
     "mint_events": {
         "id": ("uuid", False, None),

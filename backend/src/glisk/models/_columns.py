@@ -26,8 +26,12 @@ def optional_timestamp_field() -> Any:
     return Field(default=None, sa_column=Column(DateTime(timezone=False), nullable=True))
 
 
-def error_data_field() -> Any:
+def optional_jsonb_field() -> Any:
     return Field(default=None, sa_column=Column(JSONB, nullable=True))
+
+
+def error_data_field() -> Any:
+    return optional_jsonb_field()
 
 
 def timestamp_column() -> Column[datetime]:

@@ -17,6 +17,7 @@ from glisk.models import validation as v
 from glisk.models._columns import (
     created_at_field,
     error_data_field,
+    optional_jsonb_field,
     optional_timestamp_field,
     timestamp_column,
 )
@@ -150,6 +151,9 @@ class Token(Entity, table=True):
     deferrals: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
     )
+    # What a handler recorded for its claim before an external effect; handed to the next holder
+    # after a rescue, cleared when the stage completes or the token fails for good.
+    checkpoint: dict[str, Any] | None = optional_jsonb_field()
 
     # -- state machine -------------------------------------------------------------------------
 

@@ -21,14 +21,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from glisk.workers.checkpoints import checkpoint, record_reveal
     from glisk.workers.claims import Claim, ClaimBatch, Exhausted
     from glisk.workers.connection import ConnectOptions
-    from glisk.workers.errors import DatabaseTimeout, PermanentError, RetryLater
+    from glisk.workers.errors import DatabaseTimeout, LeaseLost, PermanentError, RetryLater
+    from glisk.workers.reveal import PendingReveal, RevealState
     from glisk.workers.run import run_worker
     from glisk.workers.stages import STAGES, Stage, StageName
     from glisk.workers.worker import Worker, WorkerStats, install_stop_signals
 
 _EXPORTS = {
+    "checkpoint": "checkpoints",
+    "record_reveal": "checkpoints",
+    "LeaseLost": "errors",
+    "PendingReveal": "reveal",
+    "RevealState": "reveal",
     "Claim": "claims",
     "ClaimBatch": "claims",
     "Exhausted": "claims",
@@ -52,13 +59,18 @@ __all__ = [
     "ConnectOptions",
     "DatabaseTimeout",
     "Exhausted",
+    "LeaseLost",
+    "PendingReveal",
     "PermanentError",
     "RetryLater",
+    "RevealState",
     "Stage",
     "StageName",
     "Worker",
     "WorkerStats",
+    "checkpoint",
     "install_stop_signals",
+    "record_reveal",
     "run_worker",
 ]
 

@@ -29,6 +29,8 @@ class Claim:
     metadata_cid: str | None
     rescued_from: str | None  # the previous holder whose lease expired, if this is a rescue
     deferrals: int = 0
+    # The last checkpoint recorded for this token in this stage (by this holder or one before).
+    checkpoint: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ def claim_batch(rows: Iterable[Sequence[Any]]) -> ClaimBatch:
         image_path,
         metadata_cid,
         rescued_from,
+        checkpoint,
         claimed,
     ) in rows:
         if claimed:
@@ -82,6 +85,7 @@ def claim_batch(rows: Iterable[Sequence[Any]]) -> ClaimBatch:
                     metadata_cid,
                     rescued_from,
                     deferrals,
+                    checkpoint,
                 )
             )
         else:

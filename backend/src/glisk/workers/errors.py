@@ -26,3 +26,9 @@ class RetryLater(Exception):
 class DatabaseTimeout(Exception):
     """A worker's database call did not answer within its time limit; the connection that made
     it was closed (it is in an unknown state) and the next call opens a new one."""
+
+
+class LeaseLost(Exception):
+    """A checkpoint was refused: this worker no longer holds every claim it named (the lease ran
+    out, another worker may hold the token now). A handler that gets it must stop before any
+    external effect; raised out of a handler, the worker drops the result as refused."""

@@ -49,6 +49,7 @@ WITH candidates AS MATERIALIZED (
 exhausted AS (
     UPDATE tokens_s0 AS t
     SET status = 'failed', claim_id = NULL, lease_expires_at = NULL, not_before = NULL,
+        checkpoint = NULL,
         error_data = jsonb_build_object(
             'reason', 'max_attempts_exceeded',
             'stage', '{stage}',
@@ -59,7 +60,7 @@ exhausted AS (
     WHERE t.id = c.id AND c.out_of_attempts
     RETURNING t.id, t.token_id, t.author_id, t.claim_id, t.claimed_by, t.attempts, t.deferrals,
               t.lease_expires_at, t.mint_timestamp, t.image_path, t.metadata_cid,
-              c.rescued_from, false AS claimed
+              c.rescued_from, t.checkpoint, false AS claimed
 ),
 claimed AS (
     UPDATE tokens_s0 AS t
@@ -70,17 +71,17 @@ claimed AS (
     WHERE t.id = c.id AND NOT c.out_of_attempts
     RETURNING t.id, t.token_id, t.author_id, t.claim_id, t.claimed_by, t.attempts, t.deferrals,
               t.lease_expires_at, t.mint_timestamp, t.image_path, t.metadata_cid,
-              c.rescued_from, true AS claimed
+              c.rescued_from, t.checkpoint, true AS claimed
 )
 SELECT * FROM claimed UNION ALL SELECT * FROM exhausted
 """
 
 _COMPLETE = """
 -- complete_{stage}: apply handlers' results, one row per claim, and end those claims: the token
--- moves {working} -> {done} with the result in {column}; attempts, deferrals and backoff reset
--- (they count per stage). A claim that is no longer live (expired, taken over) or whose token is
--- not in '{working}' matches nothing and is left out of the result: refused alone, its
--- neighbours complete. Locks the held rows in id order until commit.
+-- moves {working} -> {done} with the result in {column}; attempts, deferrals, backoff and the
+-- checkpoint reset (they belong to the stage). A claim that is no longer live (expired, taken
+-- over) or whose token is not in '{working}' matches nothing and is left out of the result:
+-- refused alone, its neighbours complete. Locks the held rows in id order until commit.
 WITH results AS (
     SELECT * FROM unnest(CAST(%(claim_ids)s AS uuid[]), CAST(%(results)s AS text[]))
         AS r(claim_id, result)
@@ -95,12 +96,22 @@ held AS MATERIALIZED (
 completed AS (
     UPDATE tokens_s0 AS t
     SET status = '{done}', {column} = h.result, claim_id = NULL, lease_expires_at = NULL,
-        attempts = 0, deferrals = 0, not_before = NULL
+        attempts = 0, deferrals = 0, not_before = NULL, checkpoint = NULL
     FROM held AS h
     WHERE t.id = h.id
     RETURNING h.claim_id
-){notify}
+){confirm}{notify}
 """
+
+# Appended to the reveal stage's completion: the pending reveal transaction whose hash a token was
+# revealed with is confirmed in the same statement (data-modifying CTEs always run).
+_CONFIRM_REVEALS = """,
+confirmed AS (
+    UPDATE reveal_transactions AS r
+    SET status = 'confirmed', confirmed_at = {now}
+    WHERE r.status = 'pending' AND r.tx_hash IN (SELECT result FROM held)
+    RETURNING r.id
+)"""
 
 # Appended to a completion that makes tokens claimable for the next stage: one NOTIFY per
 # statement (delivered at commit), only when something completed.
@@ -119,7 +130,8 @@ _FAIL = """
 --   'defer'     the handler asked to be called again later (RetryLater): the attempt is given
 --               back and the token waits exactly its delay.
 -- error_data keeps the last error while retrying, and the reason, stage, attempts and last holder
--- once failed. A claim no longer live matches nothing. Locks the held rows in id order.
+-- once failed; the checkpoint is kept for the next attempt, and cleared once failed. A claim
+-- no longer live matches nothing. Locks the held rows in id order.
 WITH failures AS (
     SELECT * FROM unnest(CAST(%(claim_ids)s AS uuid[]), CAST(%(errors)s AS text[]),
                          CAST(%(kinds)s AS text[]), CAST(%(delays)s AS float8[]))
@@ -140,6 +152,7 @@ SET status = CASE WHEN h.final THEN CAST('failed' AS token_status_enum) ELSE t.s
     claim_id = NULL, lease_expires_at = NULL, attempts = h.attempts,
     deferrals = t.deferrals + CASE WHEN h.kind = 'defer' THEN 1 ELSE 0 END,
     not_before = CASE WHEN h.final THEN NULL ELSE {now} + make_interval(secs => h.delay) END,
+    checkpoint = CASE WHEN h.final THEN NULL ELSE t.checkpoint END,
     error_data = CASE WHEN h.final
         THEN jsonb_build_object(
             'reason', CASE WHEN h.kind = 'permanent' THEN 'permanent_error'
@@ -196,12 +209,81 @@ notified AS MATERIALIZED (
 )
 SELECT claim_id FROM released CROSS JOIN (SELECT count(*) FROM notified) AS n"""
 
+CHECKPOINT = f"""
+-- checkpoint: record a handler's progress for every claim given, or for none: the write happens
+-- only if all of them are still live (the handler must not go on to its external effect
+-- otherwise). Returns the claims written. Locks the rows in id order.
+WITH held AS MATERIALIZED (
+    SELECT id, claim_id FROM tokens_s0
+    WHERE claim_id = ANY(CAST(%(claim_ids)s AS uuid[])) AND lease_expires_at > {NOW}
+    ORDER BY id
+    FOR UPDATE
+),
+everyone AS (
+    SELECT count(*) = cardinality(CAST(%(claim_ids)s AS uuid[])) AS live FROM held
+)
+UPDATE tokens_s0 AS t
+SET checkpoint = CAST(%(checkpoint)s AS jsonb)
+FROM held, everyone
+WHERE t.id = held.id AND everyone.live
+RETURNING held.claim_id
+"""
+
+RECORD_REVEAL = f"""
+-- record_reveal: before a reveal transaction is sent, record it as a pending reveal_transactions
+-- row for the batch and point every token's checkpoint at it, in one statement, only if every
+-- claim of the batch is still live. A rescuer then finds the pending reveal and reconciles it
+-- instead of sending a second transaction. Returns the new row's id (no row: refused).
+WITH held AS MATERIALIZED (
+    SELECT id, claim_id FROM tokens_s0
+    WHERE claim_id = ANY(CAST(%(claim_ids)s AS uuid[])) AND lease_expires_at > {NOW}
+    ORDER BY id
+    FOR UPDATE
+),
+everyone AS (
+    SELECT count(*) = cardinality(CAST(%(claim_ids)s AS uuid[])) AS live,
+           array_agg(id ORDER BY id) AS token_ids
+    FROM held
+),
+reveal AS (
+    INSERT INTO reveal_transactions (id, token_ids, tx_hash, status, created_at)
+    SELECT gen_random_uuid(), everyone.token_ids, %(tx_hash)s, 'pending', {NOW}
+    FROM everyone WHERE everyone.live
+    RETURNING id
+),
+marked AS (
+    UPDATE tokens_s0 AS t
+    SET checkpoint = jsonb_build_object('reveal', jsonb_build_object(
+        'id', reveal.id, 'tx_hash', CAST(%(tx_hash)s AS text),
+        'data', CAST(%(data)s AS jsonb)))
+    FROM held, reveal
+    WHERE t.id = held.id
+    RETURNING t.id
+)
+SELECT reveal.id, (SELECT count(*) FROM marked) FROM reveal
+"""
+
+REVEALS = """
+-- reveals: the reveal transactions a rescued batch's checkpoints point at.
+SELECT id, tx_hash, status FROM reveal_transactions WHERE id = ANY(CAST(%(ids)s AS uuid[]))
+"""
+
+FAIL_REVEAL = """
+-- fail_reveal: a pending reveal transaction that can never be mined (reverted, or its nonce
+-- taken by another transaction): its tokens may be sent anew.
+UPDATE reveal_transactions SET status = 'failed'
+WHERE id = %(id)s AND status = 'pending'
+RETURNING id
+"""
+
 _NEXT_BACKOFF = """
--- next_backoff_{stage}: seconds until the first of the stage's tokens that wait out a backoff
--- becomes claimable (NULL when none waits). Walks the stage's partial index.
+-- next_backoff_{stage}: seconds until the first of the stage's unclaimed tokens that wait out a
+-- backoff becomes claimable (zero or less: now; NULL when none waits). A claim clears
+-- not_before, so one still set means the backoff is pending or just passed. Walks the stage's
+-- partial index.
 SELECT extract(epoch FROM min(not_before) - {now})
 FROM tokens_s0
-WHERE {predicate} AND not_before > {now}
+WHERE {predicate} AND not_before IS NOT NULL AND claim_id IS NULL
 """
 
 COUNT_CLAIMED = """
@@ -230,11 +312,13 @@ def complete(stage: Stage) -> str:
         if stage.feeds is not None
         else _NO_NOTIFY
     )
+    confirm = _CONFIRM_REVEALS.format(now=NOW) if stage.whole_batch else ""
     return _COMPLETE.format(
         stage=stage.name.value,
         working=stage.working.value,
         done=stage.done.value,
         column=stage.result_column,
+        confirm=confirm,
         notify=notify,
         now=NOW,
     )

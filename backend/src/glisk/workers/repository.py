@@ -111,6 +111,7 @@ class TokenLeaseRepository:
         token.attempts = 0  # attempts, deferrals and backoff count per stage
         token.deferrals = 0
         token.not_before = None
+        token.checkpoint = None
         await self.session.flush()
         return token
 
@@ -143,6 +144,13 @@ class TokenLeaseRepository:
         if not await self._rows(queries.fail(stage), params):
             return None
         return await self.session.get(Token, claim.token_uuid, populate_existing=True)
+
+    async def checkpoint(self, claims: Sequence[Claim], data: dict[str, Any]) -> bool:
+        """Record ``data`` as the checkpoint of every claim in ``claims`` if all are still live,
+        else of none; returns whether it was written (see glisk.workers.checkpoints)."""
+        ids = sorted({c.claim_id for c in claims})
+        params = {"claim_ids": ids, "checkpoint": json.dumps(data)}
+        return len(await self._rows(queries.CHECKPOINT, params)) == len(ids) > 0
 
     async def release(self, claim_ids: list[UUID], *, stage: Stage | None = None) -> int:
         """Give back claims whose work was never started (shutdown): the attempt is not counted

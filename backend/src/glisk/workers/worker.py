@@ -17,7 +17,7 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,16 +27,19 @@ import structlog
 
 from glisk.models import validation as v
 from glisk.workers import queries
+from glisk.workers.checkpoints import HandlerScope, current_scope
 from glisk.workers.claims import Claim, claim_batch
 from glisk.workers.connection import DATABASE_ERRORS, ConnectOptions, Link
-from glisk.workers.errors import PermanentError, RetryLater
+from glisk.workers.errors import LeaseLost, PermanentError, RetryLater
 from glisk.workers.listener import Listener
+from glisk.workers.reveal import PendingReveal, Reconciler, pending_reveal_of
 from glisk.workers.stages import Stage, StageName, resolve_stage
 
 log = structlog.get_logger("glisk.worker")
 
 TokenHandler = Callable[[Claim], Awaitable[str]]
-BatchHandler = Callable[[Sequence[Claim]], Awaitable[str]]
+# One result for the whole batch, one per claim (in order), or a mapping token uuid -> result.
+BatchHandler = Callable[[Sequence[Claim]], Awaitable[str | Sequence[str] | Mapping[uuid.UUID, str]]]
 Handler = TokenHandler | BatchHandler
 FailureKind = Literal["retry", "permanent", "defer"]
 
@@ -222,6 +225,7 @@ class Worker:
         return self.stats
 
     async def _claim_loop(self, stop: asyncio.Event, exit_when_idle: bool) -> None:
+        settled = False  # a claim found nothing after every result had been written
         while not stop.is_set():
             free = self.concurrency - len(self._running)
             if free <= 0:
@@ -237,12 +241,19 @@ class Worker:
             claims = await self._claim(size)
             if claims:
                 self._start(claims)
+                settled = False
                 continue
             if exit_when_idle and not self._running:
-                await self._flush()
+                # Idle only if a claim made after every result was written found nothing, and
+                # nothing waits out a backoff.
+                if self._results or self._failures or not settled:
+                    await self._flush()
+                    settled = True
+                    continue
                 pause = await self._next_backoff()
                 if pause is None:
                     return
+                settled = False
                 await _wait_any(stop, seconds=min(pause + 0.01, self.poll_interval))
                 continue
             # Nothing claimable: sleep until woken (NOTIFY), a poll is due, or stop.
@@ -257,23 +268,116 @@ class Worker:
             self._running[task] = group
 
     async def _handle(self, claims: list[Claim]) -> None:
+        # checkpoint() and record_reveal() inside the handler write through this worker.
+        current_scope.set(HandlerScope(claims, self._checkpoint_write))
         try:
             if self.stage.whole_batch:
-                result = await self.handler(claims)  # type: ignore[arg-type]
+                await self._handle_batch(claims)
             else:
-                result = await self.handler(claims[0])  # type: ignore[arg-type]
-            value = self.stage.validate_result(result)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the handler's failure (or a result the rules refuse)
-            for claim in claims:
-                self._failures.append(self._failure(claim, exc))
-        else:
-            self._results.extend((claim, value) for claim in claims)
+                await self._handle_one(claims[0])
         finally:
             self._running.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             self._slot_free.set()
             self._flush_wanted.set()
+
+    async def _handle_one(self, claim: Claim) -> None:
+        try:
+            value = self.stage.validate_result(await self.handler(claim))  # type: ignore[arg-type]
+        except LeaseLost:
+            self._drop(claim)
+        except Exception as exc:  # the handler's failure (or a result the rules refuse)
+            self._failures.append(self._failure(claim, exc))
+        else:
+            self._results.append((claim, value))
+
+    async def _handle_batch(self, claims: list[Claim]) -> None:
+        fresh = await self._reconcile(claims) if isinstance(self.handler, Reconciler) else claims
+        if not fresh:
+            return
+        try:
+            outcome = await self.handler(fresh)  # type: ignore[arg-type]
+        except LeaseLost:
+            for claim in fresh:
+                self._drop(claim)
+            return
+        except Exception as exc:
+            self._failures.extend(self._failure(claim, exc) for claim in fresh)
+            return
+        for claim, result in self._per_claim(fresh, outcome):
+            try:
+                self._results.append((claim, self.stage.validate_result(result)))
+            except Exception as exc:
+                self._failures.append(self._failure(claim, exc))
+
+    @staticmethod
+    def _per_claim(claims: list[Claim], outcome: Any) -> list[tuple[Claim, Any]]:
+        """A batch handler returns one result for all, a sequence aligned with the claims, or a
+        mapping from token uuid to result (a token it leaves out gets None: a failed attempt)."""
+        if isinstance(outcome, Mapping):
+            results: Mapping[Any, Any] = outcome
+            return [(c, results.get(c.token_uuid)) for c in claims]
+        if isinstance(outcome, Sequence) and not isinstance(outcome, str | bytes):
+            if len(outcome) != len(claims):
+                error = f"{len(outcome)} results for {len(claims)} tokens"
+                return [(c, error) for c in claims]  # refused by the stage's rules below
+            return list(zip(claims, outcome, strict=True))
+        return [(c, outcome) for c in claims]
+
+    async def _reconcile(self, claims: list[Claim]) -> list[Claim]:
+        """Settle the pending reveals these claims' checkpoints point at (see reveal.py). Returns
+        the claims free to go into a new transaction; the others get a result or a failure."""
+        groups: dict[uuid.UUID, list[Claim]] = {}
+        fresh: list[Claim] = []
+        for claim in claims:
+            reveal = pending_reveal_of(claim)
+            if reveal is None:
+                fresh.append(claim)
+            else:
+                groups.setdefault(uuid.UUID(str(reveal["id"])), []).append(claim)
+        if not groups:
+            return fresh
+        rows = await self._write("reveals", queries.REVEALS, {"ids": list(groups)})
+        known = {row[0]: (row[1], row[2]) for row in rows}
+        for reveal_id, held in groups.items():
+            tx_hash, state = known.get(reveal_id, ("", "failed"))
+            if state == "pending":
+                recorded = pending_reveal_of(held[0]) or {}
+                pending = PendingReveal(reveal_id, tx_hash, dict(recorded.get("data") or {}), held)
+                try:
+                    state = await self.handler.reconcile(pending)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._failures.extend(self._failure(claim, exc) for claim in held)
+                    continue
+                if state == "failed":
+                    await self._write("fail_reveal", queries.FAIL_REVEAL, {"id": reveal_id})
+            self._log.info("worker.reconcile", reveal=str(reveal_id), state=state, tokens=len(held))
+            if state == "confirmed":
+                self._results.extend((claim, tx_hash) for claim in held)
+            elif state == "failed":
+                fresh.extend(held)
+            else:  # not mined yet, and may still be: never put these tokens in a new transaction
+                self._failures.extend(self._unresolved(claim, tx_hash) for claim in held)
+        return fresh
+
+    def _unresolved(self, claim: Claim, tx_hash: str) -> _Failure:
+        if claim.deferrals < self.max_deferrals:
+            return _Failure(claim, {"type": "RevealPending", "message": tx_hash}, "defer",
+                            self.backoff_base)  # fmt: skip
+        error = {
+            "type": "RevealUnresolved",
+            "message": f"{tx_hash} neither mined nor dropped after {claim.deferrals} checks",
+        }
+        return _Failure(claim, error, "permanent", 0.0)
+
+    async def _checkpoint_write(
+        self, query: str, params: dict[str, Any]
+    ) -> Sequence[tuple[Any, ...]]:
+        return await self._write("checkpoint", query, params)
+
+    def _drop(self, claim: Claim) -> None:
+        """A handler found its claim lost (a checkpoint was refused): nothing to write."""
+        self._refuse(claim, "lease lost (checkpoint refused)")
+        self._forget([claim])
 
     def _failure(self, claim: Claim, exc: Exception) -> _Failure:
         if isinstance(exc, PermanentError):

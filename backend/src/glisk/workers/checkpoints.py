@@ -1,0 +1,84 @@
+"""Durable progress for a claim, written before an external effect.
+
+A handler runs with no transaction open and may be cut off at any point (a SIGKILL, a lost
+lease). ``checkpoint`` records what it is about to do (``{"tx_hash": ..., "nonce": ...}``) for its
+claim, fenced like a completion: the write happens only while every claim named is live, and
+``LeaseLost`` is raised otherwise, so the handler never goes on to an effect another worker may
+be making too. After a rescue, the next holder finds the last checkpoint in ``Claim.checkpoint``.
+A completion, or a final failure, clears it.
+
+These functions work inside a handler that a Worker runs (they use the worker's write
+connection); elsewhere, use ``uow.leases.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from glisk.workers import queries
+from glisk.workers.claims import Claim
+from glisk.workers.errors import LeaseLost
+
+Write = Callable[[str, dict[str, Any]], Awaitable[Sequence[tuple[Any, ...]]]]
+
+
+@dataclass(frozen=True)
+class HandlerScope:
+    """What the worker running the current handler call lends it."""
+
+    claims: Sequence[Claim]
+    write: Write
+
+
+current_scope: ContextVar[HandlerScope | None] = ContextVar("glisk_handler_scope", default=None)
+
+
+def _scope() -> HandlerScope:
+    scope = current_scope.get()
+    if scope is None:
+        raise RuntimeError("checkpoints are written from inside a handler that a Worker runs")
+    return scope
+
+
+def _claim_ids(claims: Claim | Sequence[Claim]) -> list[UUID]:
+    chosen = [claims] if isinstance(claims, Claim) else list(claims)
+    if not chosen:
+        raise ValueError("claims: must name at least one claim")
+    return sorted({c.claim_id for c in chosen})
+
+
+async def checkpoint(claims: Claim | Sequence[Claim], data: Mapping[str, Any]) -> None:
+    """Record ``data`` (JSON) as the checkpoint of ``claims``, all or none. Raises LeaseLost when
+    any of them is no longer live: stop, do not make the effect."""
+    ids = _claim_ids(claims)
+    params = {"claim_ids": ids, "checkpoint": json.dumps(dict(data))}
+    rows = await _scope().write(queries.CHECKPOINT, params)
+    if len(rows) != len(ids):
+        raise LeaseLost(f"{len(ids) - len(rows)} of {len(ids)} claims are no longer live")
+
+
+async def record_reveal(
+    claims: Sequence[Claim], tx_hash: str, data: Mapping[str, Any] | None = None
+) -> UUID:
+    """Before sending a reveal transaction: record it as a pending ``reveal_transactions`` row
+    for the batch, and point each token's checkpoint at it (``{"reveal": {"id", "tx_hash",
+    "data"}}``), in one statement, only while every claim is live. ``data`` holds what a rescuer
+    needs to reconcile (the signed transaction, its nonce). Returns the row's id; raises
+    LeaseLost (nothing written) when any claim is no longer live."""
+    from glisk.models import validation as v
+
+    ids = _claim_ids(claims)
+    params = {
+        "claim_ids": ids,
+        "tx_hash": v.tx_hash("tx_hash", tx_hash),
+        "data": json.dumps(dict(data or {})),
+    }
+    rows = await _scope().write(queries.RECORD_REVEAL, params)
+    if not rows:
+        raise LeaseLost("the batch's claims are no longer all live; nothing was recorded")
+    return rows[0][0]
