@@ -24,6 +24,7 @@ from glisk.models import (
     Token,
     TokenStatus,
 )
+from glisk.repositories import token as token_repository
 from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT, MintRecorded
 from glisk.repositories.system_state import StateChange
 from glisk.uow import UnitOfWork, UnitOfWorkFactory
@@ -409,25 +410,20 @@ async def test_missing_token_ids_on_an_empty_table_is_the_whole_range(
             await uow.tokens.missing_token_ids(5, limit=0)
 
 
-async def test_missing_token_ids_reads_the_token_id_index_not_the_table(
+async def test_missing_token_ids_walks_the_token_id_index_once_in_order(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     await _seed_token_ids(uow_factory, list(range(1, 2001)))
     async with uow_factory() as uow:
         await uow.session.execute(text("ANALYZE tokens_s0"))
         await uow.session.execute(text("SET LOCAL enable_seqscan = off"))  # tiny table otherwise
-        plan = "\n".join(
-            (
-                await uow.session.execute(
-                    text(
-                        "EXPLAIN SELECT token_id, lag(token_id) OVER (ORDER BY token_id) "
-                        "FROM tokens_s0 WHERE token_id BETWEEN 1 AND 2000"
-                    )
-                )
-            ).scalars()
-        )
-    assert "uq_tokens_s0_token_id" in plan
-    assert "Sort" not in plan, plan
+        explain = text("EXPLAIN " + str(token_repository._MISSING))
+        params = {"start": 1, "up_to": 2000, "limit": 1000}
+        plan = "\n".join((await uow.session.execute(explain, params)).scalars())
+    assert "Seq Scan" not in plan, plan
+    assert plan.count("uq_tokens_s0_token_id") == 2, plan  # the walk, and one probe for the tail
+    assert "CTE Scan" not in plan, plan  # the ids are not copied into a tuplestore
+    assert plan.count("Sort  (") == 1, plan  # only the missing ids are sorted, not the index walk
 
 
 # -- checkpoints two pollers share --------------------------------------------------------------
