@@ -148,8 +148,17 @@ def test_another_transaction_for_a_mined_nonce_is_nonce_too_low(
 ) -> None:
     send(chain, ALICE, 0, [1])
     clock.tick()
-    assert refused(chain, sign_reveal(ALICE, 0, [9]).raw) == "nonce too low"
+    late = sign_reveal(ALICE, 0, [9])
+    assert refused(chain, late.raw) == "nonce too low"
     assert nonce(chain, ALICE, "pending") == 1
+    # Refused, but reported: someone built a second transaction for that nonce.
+    report = chain.call("fake_report", [])[0]
+    [record] = [t for t in report["transactions"] if t["hash"] == late.hash]
+    assert (record["state"], record["reason"], record["token_ids"]) == (
+        "refused",
+        "nonce too low",
+        [9],
+    )
 
 
 def test_a_pending_transaction_is_replaced_only_by_one_paying_ten_percent_more(

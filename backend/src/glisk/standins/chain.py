@@ -27,8 +27,9 @@ And it takes orders, for tests (``fake_*`` methods, see ``FakeChainControl``):
   mined, unknown), ``delay`` (not mined before ``seconds``), ``fail`` (mined, reverted), or
   ``lose_reply`` (accepted, but the reply is an HTTP 503, as when a proxy times out).
 - ``fake_chaos``: the same faults at random rates for every new transaction (seeded).
-- ``fake_report``: every transaction ever sent, its state, the token ids it carried and how many
-  times it was sent; the revealed token ids and the transaction that revealed each.
+- ``fake_report``: every transaction ever sent (refused ones too), its state, the token ids it
+  carried and how many times it was sent; the revealed token ids and the transaction that
+  revealed each.
 - ``evm_mine`` mines a block now; ``fake_reset`` forgets everything.
 
 State lives in memory, behind one lock; time comes from ``time.monotonic`` (injectable).
@@ -71,13 +72,13 @@ class _Tx:
     signed: SignedTx
     sender: str  # lowercase: nonces are per account, whatever the letter case
     sent_at: float
-    state: str = "pending"  # pending, mined, dropped, replaced
+    state: str = "pending"  # pending, mined, dropped, replaced, refused
     sends: int = 1
     not_before: float = 0.0
     fail: bool = False
     block: int | None = None
     success: bool | None = None
-    revert_reason: str | None = None
+    reason: str | None = None  # why it reverted, or why it was refused
 
     def as_report(self) -> dict[str, Any]:
         return {
@@ -88,7 +89,7 @@ class _Tx:
             "gas_price": self.signed.gas_price,
             "state": self.state,
             "status": None if self.success is None else ("success" if self.success else "reverted"),
-            "revert_reason": self.revert_reason,
+            "reason": self.reason,
             "block": self.block,
             "sends": self.sends,
         }
@@ -164,16 +165,16 @@ class FakeChain:
             known.sends += 1
             raise RpcFault(SERVER_ERROR, "already known", signed.hash)
         sender = signed.sender.lower()
+        tx = _Tx(signed, sender, sent_at=now)
+        if known is not None:  # a dropped, replaced or refused transaction sent again
+            tx.sends = known.sends + 1
         if signed.nonce < self._next_nonce.get(sender, 0):
-            raise RpcFault(SERVER_ERROR, "nonce too low", signed.hash)
+            raise self._refuse(tx, "nonce too low")
         rival = self._pending.get((sender, signed.nonce))
         if rival is not None:
             if signed.gas_price * 100 < rival.signed.gas_price * (100 + REPLACEMENT_BUMP_PERCENT):
-                raise RpcFault(SERVER_ERROR, "replacement transaction underpriced", signed.hash)
+                raise self._refuse(tx, "replacement transaction underpriced")
             rival.state = "replaced"
-        tx = _Tx(signed, sender, sent_at=now)
-        if known is not None:  # a dropped or replaced transaction broadcast again
-            tx.sends = known.sends + 1
         self._txs[signed.hash] = tx
         self._pending[(sender, signed.nonce)] = tx
         lose_reply = False
@@ -183,6 +184,12 @@ class FakeChain:
             else:
                 self._apply(tx, action, seconds, now)
         return signed.hash, lose_reply
+
+    def _refuse(self, tx: _Tx, reason: str) -> RpcFault:
+        # Kept in the report: a refused transaction was still built and sent by someone.
+        tx.state, tx.reason = "refused", reason
+        self._txs[tx.signed.hash] = tx
+        return RpcFault(SERVER_ERROR, reason, tx.signed.hash)
 
     def _get_transaction_receipt(self, tx_hash: str) -> tuple[Any, bool]:
         tx = self._txs.get(_hash(tx_hash))
@@ -325,9 +332,9 @@ class FakeChain:
         tx.state, tx.block = "mined", self.block_number
         already = [t for t in tx.signed.token_ids if t in self._revealed]
         if tx.fail:
-            tx.success, tx.revert_reason = False, "execution reverted"
+            tx.success, tx.reason = False, "execution reverted"
         elif already:
-            tx.success, tx.revert_reason = False, f"AlreadyRevealed({already[0]})"
+            tx.success, tx.reason = False, f"AlreadyRevealed({already[0]})"
         else:
             tx.success = True
             for token_id in tx.signed.token_ids:

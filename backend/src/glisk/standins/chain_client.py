@@ -96,7 +96,9 @@ class ChainClient:
 
     async def next_nonce(self, address: str, *, pending: bool = True) -> int:
         """The nonce for the account's next transaction: after its pending ones too when
-        ``pending`` (what to sign with), or after its mined ones only."""
+        ``pending`` (what to sign with), or after its mined ones only. Two workers asking at once
+        get the same nonce; the second one's send is then refused (ReplacementUnderpriced while
+        the first is pending, NonceTooLow once it is mined): ask again and sign anew."""
         tag = "pending" if pending else "latest"
         return int(await self.call("eth_getTransactionCount", [address, tag]), 16)
 
@@ -201,7 +203,7 @@ class ChainClient:
 
 @dataclass(frozen=True)
 class TxRecord:
-    """One transaction as the node saw it. ``state``: pending, mined, dropped or replaced;
+    """One transaction as the node saw it. ``state``: pending, mined, dropped, replaced or refused;
     ``status``: success or reverted once mined; ``sends``: how often it was sent."""
 
     hash: str
@@ -212,7 +214,7 @@ class TxRecord:
     status: str | None
     block: int | None
     sends: int
-    revert_reason: str | None
+    reason: str | None  # why it reverted, or why the node refused it
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,7 @@ class FakeChainControl(ChainClient):
                     status=tx["status"],
                     block=tx["block"],
                     sends=tx["sends"],
-                    revert_reason=tx["revert_reason"],
+                    reason=tx["reason"],
                 )
                 for tx in raw["transactions"]
             ),
