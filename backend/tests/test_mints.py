@@ -345,6 +345,27 @@ def test_a_mint_log_normalises_its_hash_and_timestamp_and_round_trips_through_js
     assert MintLog.from_json(log.to_json()) == log
 
 
+@pytest.mark.parametrize(
+    ("change", "field", "rule"),
+    [
+        ({"colour": "red"}, "colour", "is not a mint log field"),
+        ({"minter": None}, "minter", "must be 0x"),
+        ({"block_timestamp": "noon"}, "block_timestamp", "ISO 8601"),
+    ],
+)
+def test_a_mint_log_from_json_names_the_bad_field(
+    change: dict[str, Any], field: str, rule: str
+) -> None:
+    data = {**mint_log(1).to_json(), **change}
+    with pytest.raises(FieldValidationError, match=rule) as info:
+        MintLog.from_json(data)
+    assert info.value.field == field
+    missing = mint_log(1).to_json()
+    del missing["author"]
+    with pytest.raises(FieldValidationError, match="author: is required"):
+        MintLog.from_json(missing)
+
+
 async def test_a_bad_prompt_for_a_new_author_is_refused_before_any_sql(
     uow_factory: UnitOfWorkFactory,
 ) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -147,6 +148,17 @@ class MintLog:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MintLog:
+        """The inverse of ``to_json``. Raises FieldValidationError naming a missing, unknown or
+        malformed field."""
+        if not isinstance(data, dict):
+            raise v.FieldValidationError("mint log", "must be a JSON object", data)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in data:
+            if name not in known:
+                raise v.FieldValidationError(name, "is not a mint log field", data[name])
+        for name in known[:-1]:  # quantity may be left out (1)
+            if name not in data:
+                raise v.FieldValidationError(name, "is required", None)
         fields = dict(data)
         stamp = fields.get("block_timestamp")
         if isinstance(stamp, str):
