@@ -58,6 +58,8 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "block_timestamp": ("timestamp without time zone", False, None),
         "token_id": ("integer", False, None),
         "detected_at": ("timestamp without time zone", False, None),
+        # 0005: batch mints
+        "quantity": ("integer", False, None),
     },
     "image_generation_jobs": {
         "id": ("uuid", False, None),
@@ -106,6 +108,7 @@ EXPECTED_INDEXES = {
     "ix_tokens_s0_author_id": "(author_id)",
     "uq_mint_events_tx_hash_log_index": "UNIQUE INDEX uq_mint_events_tx_hash_log_index ON public.mint_events USING btree (tx_hash, log_index)",
     "ix_mint_events_block_number": "(block_number)",
+    "ix_mint_events_token_id": "(token_id)",
     "ix_image_generation_jobs_token_id": "(token_id)",
     "ix_image_generation_jobs_service_status": "(service, status)",
     "ix_ipfs_upload_records_token_id": "(token_id)",

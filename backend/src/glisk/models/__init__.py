@@ -13,7 +13,7 @@ from glisk.models.enums import (
 )
 from glisk.models.image_job import ImageGenerationJob
 from glisk.models.ipfs_record import IPFSUploadRecord
-from glisk.models.mint_event import MintEvent
+from glisk.models.mint_event import MintConflict, MintEvent, MintLog
 from glisk.models.reveal_tx import RevealTransaction
 from glisk.models.system_state import SystemState
 from glisk.models.token import Token
@@ -29,7 +29,9 @@ __all__ = [
     "ImageJobStatus",
     "ImageService",
     "InvalidStateTransition",
+    "MintConflict",
     "MintEvent",
+    "MintLog",
     "RevealStatus",
     "RevealTransaction",
     "SystemState",

@@ -1,7 +1,8 @@
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -9,6 +10,52 @@ from sqlmodel import col
 from glisk.core.timezone import utcnow
 from glisk.models import SystemState
 from glisk.models import validation as v
+
+# Moves a numeric checkpoint forward only. The DO UPDATE's WHERE is evaluated against the newest
+# committed version of the row (a concurrent writer is waited for first), so under READ COMMITTED
+# two pollers cannot move it backwards whatever the interleaving.
+_ADVANCE = text(
+    """
+    INSERT INTO system_state AS s (key, state_value, updated_at)
+    VALUES (:key, CAST(:value AS jsonb), :now)
+    ON CONFLICT (key) DO UPDATE
+    SET state_value = excluded.state_value, updated_at = excluded.updated_at
+    WHERE CASE WHEN jsonb_typeof(s.state_value) = 'number'
+               THEN CAST(s.state_value AS numeric) < CAST(excluded.state_value AS numeric)
+          END
+    RETURNING s.state_value
+    """
+)
+# Compare-and-set: the UPDATE re-checks its WHERE on the newest row version after waiting for a
+# concurrent writer, so exactly one of several writers expecting the same old value succeeds.
+_SWAP = text(
+    """
+    UPDATE system_state SET state_value = CAST(:value AS jsonb), updated_at = :now
+    WHERE key = :key AND state_value = CAST(:expected AS jsonb)
+    RETURNING state_value
+    """
+)
+# expected None: the key is absent (or holds JSON null).
+_SWAP_ABSENT = text(
+    """
+    INSERT INTO system_state AS s (key, state_value, updated_at)
+    VALUES (:key, CAST(:value AS jsonb), :now)
+    ON CONFLICT (key) DO UPDATE
+    SET state_value = excluded.state_value, updated_at = excluded.updated_at
+    WHERE s.state_value = 'null'::jsonb
+    RETURNING s.state_value
+    """
+)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """The outcome of a conditional write: ``changed`` says whether this call wrote; ``value`` is
+    the value stored once it returned (the caller's when changed, the one that refused it when
+    not; None if the key is absent)."""
+
+    changed: bool
+    value: Any
 
 
 class SystemStateRepository:
@@ -27,12 +74,7 @@ class SystemStateRepository:
         """Insert or overwrite in one statement (INSERT ... ON CONFLICT (key) DO UPDATE), which
         also refreshes updated_at; safe when two writers race on a new key."""
         v.state_key("key", key)
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise v.FieldValidationError(
-                "value", f"must be JSON-serialisable ({exc})", value
-            ) from None
+        _json("value", value)
         statement = insert(SystemState).values(key=key, state_value=value, updated_at=utcnow())
         statement = statement.on_conflict_do_update(
             index_elements=[col(SystemState.key)],
@@ -55,3 +97,53 @@ class SystemStateRepository:
             select(col(SystemState.key)).order_by(col(SystemState.key))
         )
         return list(result.scalars())
+
+    async def advance(self, key: str, value: int) -> StateChange:
+        """Store ``value`` only if it is greater than the stored number, or the key is absent: a
+        checkpoint such as ``last_processed_block`` never moves backwards, however many pollers
+        write it at once. Equal or smaller values are refused (``changed=False``, ``value`` the
+        stored one). One statement; a concurrent writer of the key is waited for.
+
+        Raises FieldValidationError for a value that is not an integer, or when the key holds
+        something other than a number (nothing is written then)."""
+        v.state_key("key", key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise v.FieldValidationError("value", "must be an integer", value)
+        row = (
+            await self.session.execute(
+                _ADVANCE, {"key": key, "value": json.dumps(value), "now": utcnow()}
+            )
+        ).first()
+        if row is not None:
+            return StateChange(True, row[0])
+        current = await self.get_state(key)
+        if isinstance(current, bool) or not isinstance(current, int | float):
+            raise v.FieldValidationError(
+                "key", f"must hold a number to be advanced (holds {current!r})", key
+            )
+        return StateChange(False, current)
+
+    async def compare_and_set(self, key: str, expected: Any, value: Any) -> StateChange:
+        """Store ``value`` only if the key holds ``expected`` now (JSON equality: 1 == 1.0, object
+        key order ignored); ``expected=None`` means the key is absent or holds JSON null. Of
+        several writers expecting the same old value exactly one succeeds; the others get
+        ``changed=False`` and the value that beat them. A concurrent writer is waited for.
+        Raises FieldValidationError when either value is not JSON-serialisable."""
+        v.state_key("key", key)
+        params = {"key": key, "value": _json("value", value), "now": utcnow()}
+        if expected is None:
+            statement = _SWAP_ABSENT
+        else:
+            statement = _SWAP
+            params["expected"] = _json("expected", expected)
+        row = (await self.session.execute(statement, params)).first()
+        if row is not None:
+            return StateChange(True, row[0])
+        return StateChange(False, await self.get_state(key))
+
+
+def _json(field: str, value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise v.FieldValidationError(field, f"must be JSON-serialisable ({exc})", value) from None
