@@ -1,7 +1,7 @@
 """mint records: batch mints on mint_events, and the index that finds a token's log
 
-Revision ID: 0005
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-11-27 09:00:00+00:00
 
 A BatchMinted log mints 1 to 50 consecutive tokens: mint_events.token_id is the first and the new
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0003"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
