@@ -82,12 +82,10 @@ def load_handler(path: str, stage: str) -> Handler:
 
 def run(settings: Settings, args: argparse.Namespace) -> None:
     """Entry point from ``glisk.cli``; raises glisk.cli.CliError for exits 1 and 2."""
-    import signal
-
     from glisk.cli import EXIT_CONFIG, CliError
-    from glisk.workers.worker import exit_cleanly
+    from glisk.workers.worker import hold_stop_signals
 
-    signal.signal(signal.SIGTERM, exit_cleanly)  # until the worker installs its own handlers
+    hold_stop_signals()  # a stop before the worker is up is a clean stop too
     try:
         handler = load_handler(args.handler_path, args.stage)
     except HandlerError as exc:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from glisk.core.timezone import enforce_utc
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions
 from glisk.workers.stages import StageName
-from glisk.workers.worker import Handler, Worker, exit_cleanly, install_stop_signals
+from glisk.workers.worker import Handler, Worker, hold_stop_signals, install_stop_signals
 
 
 def handlers(sleep: float = 0.0) -> dict[StageName, Handler]:
@@ -78,9 +77,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # A stop requested before the worker is up (nothing claimed yet) is a clean exit too;
-    # install_stop_signals takes over once the loop runs.
-    signal.signal(signal.SIGTERM, exit_cleanly)
+    hold_stop_signals()  # a stop before the worker is up is a clean stop too
     parser = argparse.ArgumentParser(prog="python -m glisk.workers.noop")
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--stages", default="image,upload,reveal")

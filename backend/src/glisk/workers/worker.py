@@ -77,18 +77,31 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+# A stop signal that arrived before install_stop_signals (while the process was starting).
+_stop_requested = False
+
+
+def _remember_stop(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+def hold_stop_signals() -> None:
+    """Call first thing in a worker process: a SIGTERM or SIGINT that arrives before the worker
+    runs is remembered (install_stop_signals then stops at once, nothing claimed) instead of
+    killing the process halfway through its start-up."""
+    signal.signal(signal.SIGTERM, _remember_stop)
+    signal.signal(signal.SIGINT, _remember_stop)
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set ``stop``: the worker stops claiming, lets the handlers in hand
     finish, records their results, gives back what never started, and returns."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-
-def exit_cleanly(signum: int, frame: object) -> None:
-    """A SIGTERM handler for the moments before ``install_stop_signals``: nothing is claimed yet,
-    so stopping at once is a clean stop (exit status 0)."""
-    raise SystemExit(0)
+    if _stop_requested:
+        stop.set()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
