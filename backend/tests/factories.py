@@ -8,7 +8,10 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from sqlalchemy import text
+
 from glisk.models import Author, Token, TokenStatus
+from glisk.uow import UnitOfWorkFactory
 
 _token_ids = itertools.count(1)
 BASE_TIME = datetime(2025, 1, 1, 12, 0, 0)
@@ -41,3 +44,35 @@ def token(author_id: UUID, status: TokenStatus = TokenStatus.DETECTED, **overrid
         fields["metadata_cid"] = "bafy-metadata"
     fields.update(overrides)
     return Token(**fields)
+
+
+async def seed_tokens(
+    uow_factory: UnitOfWorkFactory,
+    count: int,
+    status: TokenStatus = TokenStatus.DETECTED,
+    **fields: Any,
+) -> list[UUID]:
+    """``count`` tokens of one new author, minted one second apart from BASE_TIME (so claims take
+    them in this order); returns their ids."""
+    async with uow_factory() as uow:
+        owner = await uow.authors.add(author())
+        tokens = [
+            token(
+                owner.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields
+            )
+            for i in range(count)
+        ]
+        uow.session.add_all(tokens)
+    return [t.id for t in tokens]
+
+
+async def expire_leases(uow_factory: UnitOfWorkFactory, *token_ids: UUID) -> None:
+    """Make these tokens' leases run out now (what a dead holder's lease does), without waiting."""
+    async with uow_factory() as uow:
+        await uow.session.execute(
+            text(
+                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') "
+                "- interval '1 second' WHERE id = ANY(:ids) AND claim_id IS NOT NULL"
+            ),
+            {"ids": list(token_ids)},
+        )

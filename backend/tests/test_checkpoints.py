@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -25,26 +24,10 @@ from glisk.workers import (
 )
 from glisk.workers.run import database_url_of
 from glisk.workers.stages import STAGES, StageName
-from tests import factories
-from tests.factories import BASE_TIME
+from tests.factories import expire_leases, seed_tokens
 
 S = TokenStatus
 IMAGE, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.REVEAL]
-
-
-async def _seed(
-    uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus = S.DETECTED, **fields: object
-) -> list[uuid.UUID]:
-    async with uow_factory() as uow:
-        author = await uow.authors.add(factories.author())
-        tokens = [
-            factories.token(
-                author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields
-            )
-            for i in range(count)
-        ]
-        uow.session.add_all(tokens)
-    return [t.id for t in tokens]
 
 
 async def _claim(uow_factory: UnitOfWorkFactory, holder: str, batch: int = 1) -> list[Claim]:
@@ -52,17 +35,6 @@ async def _claim(uow_factory: UnitOfWorkFactory, holder: str, batch: int = 1) ->
         return (
             await uow.leases.claim(IMAGE, holder, batch=batch, lease_seconds=60, max_attempts=3)
         ).claims
-
-
-async def _expire(uow_factory: UnitOfWorkFactory, *ids: uuid.UUID) -> None:
-    async with uow_factory() as uow:
-        await uow.session.execute(
-            text(
-                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') "
-                "- interval '1 second' WHERE id = ANY(:ids)"
-            ),
-            {"ids": list(ids)},
-        )
 
 
 async def _column(uow_factory: UnitOfWorkFactory, column: str, token: uuid.UUID) -> Any:
@@ -77,11 +49,11 @@ async def _column(uow_factory: UnitOfWorkFactory, column: str, token: uuid.UUID)
 async def test_a_rescuer_receives_the_last_checkpoint_and_a_late_one_is_refused(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token,) = await _seed(uow_factory, 1)
+    (token,) = await seed_tokens(uow_factory, 1)
     (old,) = await _claim(uow_factory, "old")
     async with uow_factory() as uow:
         assert await uow.leases.checkpoint([old], {"nonce": 7, "tx_hash": "0xabc"})
-    await _expire(uow_factory, token)
+    await expire_leases(uow_factory, token)
     (new,) = await _claim(uow_factory, "rescuer")
     assert new.checkpoint == {"nonce": 7, "tx_hash": "0xabc"}
     async with uow_factory() as uow:
@@ -92,7 +64,7 @@ async def test_a_rescuer_receives_the_last_checkpoint_and_a_late_one_is_refused(
 async def test_a_checkpoint_is_kept_for_a_retry_and_cleared_by_completion_and_final_failure(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    retried, completed, failed = await _seed(uow_factory, 3)
+    retried, completed, failed = await seed_tokens(uow_factory, 3)
     claims = {c.token_uuid: c for c in await _claim(uow_factory, "w", batch=3)}
     async with uow_factory() as uow:
         assert await uow.leases.checkpoint(list(claims.values()), {"step": "sent"})
@@ -108,7 +80,7 @@ async def test_a_checkpoint_is_kept_for_a_retry_and_cleared_by_completion_and_fi
 async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_handler(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 3)
+    ids = await seed_tokens(uow_factory, 3)
     go = asyncio.Event()
     effects: list[int] = []
     started = asyncio.Event()
@@ -124,7 +96,7 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
     await _make_ready(uow_factory, ids)
     task = asyncio.create_task(worker.run(exit_when_idle=True))
     await asyncio.wait_for(started.wait(), 10)
-    await _expire(uow_factory, ids[1])
+    await expire_leases(uow_factory, ids[1])
     async with uow_factory() as uow:  # another worker takes the lost one over
         await uow.leases.claim(REVEAL, "rescuer", batch=3, lease_seconds=60, max_attempts=3)
     go.set()
@@ -233,7 +205,7 @@ async def _record_then_crash(uow_factory: UnitOfWorkFactory, chain: Chain, count
 async def test_a_batch_recorded_then_interrupted_is_rebroadcast_never_sent_anew(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 4)
+    ids = await seed_tokens(uow_factory, 4)
     await _make_ready(uow_factory, ids)
     chain = Chain()
     await _record_then_crash(uow_factory, chain, 4)
@@ -251,7 +223,7 @@ async def test_a_batch_recorded_then_interrupted_is_rebroadcast_never_sent_anew(
 async def test_a_pending_reveal_that_can_never_be_mined_is_failed_and_its_tokens_sent_anew(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 2)
+    ids = await seed_tokens(uow_factory, 2)
     await _make_ready(uow_factory, ids)
     chain = Chain()
     await _record_then_crash(uow_factory, chain, 2)
@@ -273,7 +245,7 @@ async def test_a_pending_reveal_that_can_never_be_mined_is_failed_and_its_tokens
 async def test_a_reveal_that_stays_unknown_is_waited_for_a_bounded_time_then_failed(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 1)
+    ids = await seed_tokens(uow_factory, 1)
     await _make_ready(uow_factory, ids)
     chain = Chain()
     chain.hold = True  # nothing is ever mined
@@ -290,7 +262,7 @@ async def test_a_reveal_that_stays_unknown_is_waited_for_a_bounded_time_then_fai
 async def test_a_batch_handler_may_return_one_result_per_token(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 3)
+    ids = await seed_tokens(uow_factory, 3)
     await _make_ready(uow_factory, ids)
 
     async def per_token(claims: Sequence[Claim]) -> dict[uuid.UUID, str]:

@@ -12,7 +12,6 @@ import signal
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -26,27 +25,11 @@ from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker
 from glisk.workers.run import database_url_of
 from glisk.workers.stages import STAGES, StageName
-from tests import factories
-from tests.factories import BASE_TIME
+from tests.factories import BASE_TIME, expire_leases, seed_tokens
 from tests.pg import _libpq_kwargs
 
 S = TokenStatus
 IMAGE, UPLOAD, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.UPLOAD], STAGES[StageName.REVEAL]
-
-
-async def _seed(
-    uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus = S.DETECTED, **fields: object
-) -> list[uuid.UUID]:
-    async with uow_factory() as uow:
-        author = await uow.authors.add(factories.author())
-        tokens = [
-            factories.token(
-                author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields
-            )
-            for i in range(count)
-        ]
-        uow.session.add_all(tokens)
-    return [t.id for t in tokens]
 
 
 async def _scalar(uow_factory: UnitOfWorkFactory, sql: str, **params: Any) -> Any:
@@ -61,7 +44,7 @@ def _connect(uow_factory: UnitOfWorkFactory, **kwargs: Any) -> ConnectOptions:
 async def test_twenty_handlers_run_at_once_in_one_process_within_a_three_connection_budget(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 200)
+    ids = await seed_tokens(uow_factory, 200)
     running: set[uuid.UUID] = set()
     handled: list[uuid.UUID] = []
     peak = 0
@@ -107,7 +90,7 @@ async def test_twenty_handlers_run_at_once_in_one_process_within_a_three_connect
 
 
 async def test_a_claim_asks_only_for_free_slots(uow_factory: UnitOfWorkFactory) -> None:
-    await _seed(uow_factory, 30)
+    await seed_tokens(uow_factory, 30)
     release = asyncio.Event()
 
     async def stuck(claim: Claim) -> str:
@@ -133,7 +116,7 @@ async def test_a_claim_asks_only_for_free_slots(uow_factory: UnitOfWorkFactory) 
 async def test_results_finishing_together_are_written_in_one_statement_and_a_lost_claim_is_refused_alone(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 3)
+    ids = await seed_tokens(uow_factory, 3)
     go = asyncio.Event()
     started: list[Claim] = []
 
@@ -160,14 +143,7 @@ async def test_results_finishing_together_are_written_in_one_statement_and_a_los
     task = asyncio.create_task(worker.run(exit_when_idle=True))
     await asyncio.wait_for(all_started.wait(), 10)
     # The middle token's lease runs out and another worker takes it over.
-    async with uow_factory() as uow:
-        await uow.session.execute(
-            text(
-                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') "
-                "- interval '1 second' WHERE id = :id"
-            ),
-            {"id": ids[1]},
-        )
+    await expire_leases(uow_factory, ids[1])
     async with uow_factory() as uow:
         (rescue,) = (
             await uow.leases.claim(IMAGE, "rescuer", batch=1, lease_seconds=60, max_attempts=3)
@@ -189,7 +165,7 @@ async def test_results_finishing_together_are_written_in_one_statement_and_a_los
 async def test_failures_finishing_together_are_written_in_one_statement_and_a_lost_claim_is_refused_alone(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 3)
+    ids = await seed_tokens(uow_factory, 3)
     go = asyncio.Event()
     started: list[Claim] = []
 
@@ -207,14 +183,7 @@ async def test_failures_finishing_together_are_written_in_one_statement_and_a_lo
     )
     task = asyncio.create_task(worker.run(exit_when_idle=True))
     await asyncio.wait_for(all_started.wait(), 10)
-    async with uow_factory() as uow:
-        await uow.session.execute(
-            text(
-                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') "
-                "- interval '1 second' WHERE id = :id"
-            ),
-            {"id": ids[0]},
-        )
+    await expire_leases(uow_factory, ids[0])
     async with uow_factory() as uow:  # another worker takes it over
         await uow.leases.claim(IMAGE, "rescuer", batch=1, lease_seconds=60, max_attempts=3)
     go.set()
@@ -253,7 +222,7 @@ def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
 async def test_a_failed_token_is_not_claimed_again_before_its_backoff_delay(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    await _seed(uow_factory, 1)
+    await seed_tokens(uow_factory, 1)
     calls: list[float] = []
 
     async def flaky(claim: Claim) -> str:
@@ -281,7 +250,7 @@ async def test_a_failed_token_is_not_claimed_again_before_its_backoff_delay(
 async def test_a_backoff_keeps_the_token_from_every_claimer_until_it_passes(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     async with uow_factory() as uow:
         (claim,) = (
             await uow.leases.claim(IMAGE, "w", batch=1, lease_seconds=60, max_attempts=3)
@@ -311,7 +280,7 @@ async def test_a_backoff_keeps_the_token_from_every_claimer_until_it_passes(
 async def test_retry_later_brings_the_token_back_after_exactly_its_delay_without_spending_an_attempt(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    await _seed(uow_factory, 1)
+    await seed_tokens(uow_factory, 1)
     calls: list[tuple[float, Claim]] = []
 
     async def rate_limited(claim: Claim) -> str:
@@ -331,7 +300,7 @@ async def test_retry_later_brings_the_token_back_after_exactly_its_delay_without
 async def test_deferrals_are_bounded_and_then_count_as_attempts(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     calls = 0
 
     async def always_429(claim: Claim) -> str:
@@ -389,7 +358,7 @@ async def test_an_idle_worker_wakes_on_notify_long_before_its_next_poll(
             assert w.listener is not None
             await asyncio.wait_for(w.listener.listening.wait(), 10)
         await asyncio.sleep(0.1)  # both have polled once, found nothing, and sleep for 60 s
-        await _seed(uow_factory, 1)  # the insert trigger wakes the image worker ...
+        await seed_tokens(uow_factory, 1)  # the insert trigger wakes the image worker ...
 
         async def ready() -> bool:
             n = await _scalar(uow_factory, "SELECT count(*) FROM tokens_s0 WHERE status = 'ready'")
@@ -412,7 +381,7 @@ async def test_without_listen_an_idle_worker_finds_new_tokens_by_polling(
     worker = Worker(IMAGE, image, _connect(uow_factory), poll_interval=0.1, listen=False)
     task = asyncio.create_task(worker.run(stop))
     await asyncio.sleep(0.2)
-    await _seed(uow_factory, 1)
+    await seed_tokens(uow_factory, 1)
 
     async def done() -> bool:
         return worker.stats.completed == 1
@@ -428,7 +397,7 @@ async def test_without_listen_an_idle_worker_finds_new_tokens_by_polling(
 async def test_the_reveal_stage_calls_its_handler_once_per_batch_with_batches_running_at_once(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    await _seed(uow_factory, 100, S.READY, metadata_cid="bafy")
+    await seed_tokens(uow_factory, 100, S.READY, metadata_cid="bafy")
     sizes: list[int] = []
     running = 0
     peak = 0
@@ -452,7 +421,7 @@ async def test_the_reveal_stage_calls_its_handler_once_per_batch_with_batches_ru
 async def test_a_worker_stopped_mid_batch_lets_handlers_finish_and_writes_their_results(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    await _seed(uow_factory, 6)
+    await seed_tokens(uow_factory, 6)
     stop = asyncio.Event()
 
     async def slow(claim: Claim) -> str:
@@ -471,7 +440,7 @@ async def test_a_worker_stopped_mid_batch_lets_handlers_finish_and_writes_their_
 async def test_handlers_that_outlast_the_drain_timeout_are_cancelled_and_their_tokens_given_back(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    await _seed(uow_factory, 2)
+    await seed_tokens(uow_factory, 2)
     stop = asyncio.Event()
 
     async def hung(claim: Claim) -> str:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
 
 import psycopg
 import pytest
@@ -24,26 +23,11 @@ from glisk.workers.claims import Claim, ClaimBatch
 from glisk.workers.stages import STAGES, Stage, StageName
 from tests import factories
 from tests.conftest import Database
-from tests.factories import BASE_TIME
+from tests.factories import expire_leases, seed_tokens
 from tests.pg import _libpq_kwargs
 
 S = TokenStatus
 IMAGE, UPLOAD, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.UPLOAD], STAGES[StageName.REVEAL]
-
-
-async def _seed(
-    uow_factory: UnitOfWorkFactory, count: int, status: TokenStatus = S.DETECTED, **fields: object
-) -> list[uuid.UUID]:
-    async with uow_factory() as uow:
-        author = await uow.authors.add(factories.author())
-        tokens = [
-            factories.token(
-                author.id, status=status, mint_timestamp=BASE_TIME + timedelta(seconds=i), **fields
-            )
-            for i in range(count)
-        ]
-        uow.session.add_all(tokens)
-    return [t.id for t in tokens]
 
 
 async def _claim(
@@ -71,18 +55,6 @@ async def _token(uow_factory: UnitOfWorkFactory, token_uuid: uuid.UUID) -> Token
         return token
 
 
-async def _expire(uow_factory: UnitOfWorkFactory, token_uuid: uuid.UUID) -> None:
-    """Make a lease run out now (what a dead holder's lease does), without waiting for it."""
-    async with uow_factory() as uow:
-        await uow.session.execute(
-            text(
-                "UPDATE tokens_s0 SET lease_expires_at = (now() AT TIME ZONE 'utc') - "
-                "interval '1 second' WHERE id = :id AND claim_id IS NOT NULL"
-            ),
-            {"id": token_uuid},
-        )
-
-
 def test_every_status_change_a_stage_makes_is_an_edge_of_the_state_machine() -> None:
     for stage in STAGES.values():
         if stage.claim_from != stage.working:
@@ -93,7 +65,7 @@ def test_every_status_change_a_stage_makes_is_an_edge_of_the_state_machine() -> 
 async def test_a_claim_marks_the_oldest_tokens_with_holder_lease_and_attempt_in_one_statement(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 5)
+    ids = await seed_tokens(uow_factory, 5)
     batch = await _claim(uow_factory, batch=3)
     assert [c.token_uuid for c in batch.claims] == ids[:3]
     assert batch.exhausted == []
@@ -109,7 +81,7 @@ async def test_a_claim_marks_the_oldest_tokens_with_holder_lease_and_attempt_in_
 async def test_sixteen_concurrent_claimers_get_disjoint_batches(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 100)
+    ids = await seed_tokens(uow_factory, 100)
     barrier = asyncio.Barrier(16)
 
     async def claimer(i: int) -> ClaimBatch:
@@ -130,7 +102,7 @@ async def test_sixteen_concurrent_claimers_get_disjoint_batches(
 async def test_the_transactional_worker_queries_skip_tokens_under_a_claim(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 2, S.READY)
+    ids = await seed_tokens(uow_factory, 2, S.READY)
     await _claim(uow_factory, REVEAL, batch=1)
     async with uow_factory() as uow:
         assert [t.id for t in await uow.tokens.get_ready_for_reveal(10)] == [ids[1]]
@@ -139,9 +111,9 @@ async def test_the_transactional_worker_queries_skip_tokens_under_a_claim(
 async def test_an_expired_lease_is_rescued_and_the_late_holder_is_refused(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     (old,) = (await _claim(uow_factory, holder="slow")).claims
-    await _expire(uow_factory, token_uuid)
+    await expire_leases(uow_factory, token_uuid)
 
     (new,) = (await _claim(uow_factory, holder="rescuer")).claims
     assert new.token_uuid == token_uuid
@@ -170,19 +142,19 @@ async def test_an_expired_lease_is_rescued_and_the_late_holder_is_refused(
 async def test_an_expired_lease_is_not_completed_even_if_nobody_took_over(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     (claim,) = (await _claim(uow_factory)).claims
-    await _expire(uow_factory, token_uuid)
+    await expire_leases(uow_factory, token_uuid)
     async with uow_factory() as uow:
         assert await uow.leases.complete(IMAGE, claim, "/too-late.png") is None
 
 
 async def test_a_completed_token_is_never_rescued(uow_factory: UnitOfWorkFactory) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     (claim,) = (await _claim(uow_factory)).claims
     async with uow_factory() as uow:
         await uow.leases.complete(IMAGE, claim, "/done.png")
-    await _expire(uow_factory, token_uuid)  # no lease any more: touches nothing that matters
+    await expire_leases(uow_factory, token_uuid)  # no lease any more: touches nothing that matters
     assert (await _claim(uow_factory, IMAGE, holder="other")).claims == []
     # It moved on: the upload stage takes it (generating -> uploading) and then reveal.
     (upload,) = (await _claim(uow_factory, UPLOAD, holder="uploader")).claims
@@ -193,7 +165,7 @@ async def test_a_completed_token_is_never_rescued(uow_factory: UnitOfWorkFactory
 async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 6)
+    ids = await seed_tokens(uow_factory, 6)
     stop = asyncio.Event()
     rescues: list[list[Claim]] = []
 
@@ -219,7 +191,7 @@ async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
 async def test_out_of_attempts_tokens_fail_with_the_reason_holder_and_last_error(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     for attempt in (1, 2):
         (claim,) = (await _claim(uow_factory, holder=f"w{attempt}", max_attempts=2)).claims
         async with uow_factory() as uow:
@@ -242,10 +214,10 @@ async def test_out_of_attempts_tokens_fail_with_the_reason_holder_and_last_error
 async def test_a_token_whose_holders_keep_dying_is_failed_by_the_next_claim(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     for holder in ("a", "b"):
         await _claim(uow_factory, holder=holder, max_attempts=2)
-        await _expire(uow_factory, token_uuid)
+        await expire_leases(uow_factory, token_uuid)
     batch = await _claim(uow_factory, holder="c", max_attempts=2)
     assert batch.claims == []
     assert [(e.token_uuid, e.attempts, e.last_holder) for e in batch.exhausted] == [
@@ -261,7 +233,7 @@ async def test_a_token_whose_holders_keep_dying_is_failed_by_the_next_claim(
 async def test_run_worker_retries_failures_and_fails_permanent_errors_at_once(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    flaky, doomed = await _seed(uow_factory, 2)
+    flaky, doomed = await seed_tokens(uow_factory, 2)
     calls: dict[uuid.UUID, int] = {}
 
     async def handler(claim: Claim) -> str:
@@ -286,7 +258,7 @@ async def test_run_worker_retries_failures_and_fails_permanent_errors_at_once(
 async def test_a_result_the_state_machine_refuses_counts_as_a_failed_attempt(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    (token_uuid,) = await _seed(uow_factory, 1, S.GENERATING, image_path="/img.png")
+    (token_uuid,) = await seed_tokens(uow_factory, 1, S.GENERATING, image_path="/img.png")
 
     async def empty_cid(c: Claim) -> str:
         return ""
@@ -302,7 +274,7 @@ async def test_a_result_the_state_machine_refuses_counts_as_a_failed_attempt(
 async def test_run_worker_takes_tokens_through_all_stages_and_reveals_in_batches(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await _seed(uow_factory, 60)
+    ids = await seed_tokens(uow_factory, 60)
     reveal_batches: list[int] = []
 
     async def image(c: Claim) -> str:
@@ -405,7 +377,7 @@ async def test_claim_statements_walk_their_partial_index_past_a_large_finished_h
 async def test_the_database_refuses_inconsistent_claims(
     uow_factory: UnitOfWorkFactory, postgres_container: Database, statement: str, constraint: str
 ) -> None:
-    await _seed(uow_factory, 1)
+    await seed_tokens(uow_factory, 1)
     with psycopg.connect(**_libpq_kwargs(postgres_container.url)) as conn:  # type: ignore[arg-type]
         with pytest.raises(psycopg.errors.CheckViolation) as info:
             conn.execute(statement)  # type: ignore[arg-type]
@@ -415,7 +387,7 @@ async def test_the_database_refuses_inconsistent_claims(
 async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
     uow_factory: UnitOfWorkFactory, postgres_container: Database
 ) -> None:
-    ids = await _seed(uow_factory, 5)
+    ids = await seed_tokens(uow_factory, 5)
     worker = subprocess.Popen(  # noqa: ASYNC220 - started once; waited for in a thread below
         [
             sys.executable,
@@ -466,7 +438,7 @@ async def test_worker_settings_feed_run_worker(uow_factory: UnitOfWorkFactory) -
     from glisk.core.config import Settings
 
     settings = Settings(_env_file=None, worker_lease_seconds=5, worker_max_attempts=1)  # type: ignore[call-arg]
-    (token_uuid,) = await _seed(uow_factory, 1)
+    (token_uuid,) = await seed_tokens(uow_factory, 1)
     seen: list[tuple[Claim, object]] = []
 
     async def boom(c: Claim) -> str:
