@@ -38,12 +38,12 @@ WHERE status <> 'detected' OR claimed_by IS NOT NULL
 """
 
 
-def reset(dsn: str, table: str = "tokens_s0", statement: str = RESET) -> None:
+def reset(dsn: str) -> None:
     """Every cell starts from the same state: tokens reset, table vacuumed, a checkpoint taken
     (so none lands inside a cell)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(statement)  # type: ignore[arg-type]
-        conn.execute(f"VACUUM ANALYZE {table}")  # type: ignore[arg-type]
+        conn.execute(RESET)
+        conn.execute("VACUUM ANALYZE tokens_s0")
         conn.execute("CHECKPOINT")
 
 

@@ -72,7 +72,7 @@ def check(system: str, dsn: str, cell: Cell, jobs: int) -> None:
 
 
 def statements(context: Any, dsn: str, url: str, args: argparse.Namespace) -> str:
-    """One drain per system with pg_stat_statements on: statements and commits per job."""
+    """One drain per system with pg_stat_statements on: statements and transactions per job."""
     rows = []
     for system in SYSTEMS:
         prepare(system, dsn, args.jobs)
@@ -103,7 +103,7 @@ def statements(context: Any, dsn: str, url: str, args: argparse.Namespace) -> st
             ]
         )
         rows.append(
-            [system, "commits (pg_stat_database)", f"{(after[0] - before[0]) * per:.3f}", ""]
+            [system, "transactions (pg_stat_database)", f"{(after[0] - before[0]) * per:.3f}", ""]
         )
         for calls, ms, query in found[: args.top]:
             text = " ".join(line.split("--")[0] for line in query.split("\n")).split()
