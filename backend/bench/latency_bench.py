@@ -62,10 +62,10 @@ from bench.http_bench import start_database
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
-from glisk.models.stages import STAGES, StageName
 from glisk.repositories.token import _LOCK_OLDEST
-from glisk.repositories.token_lease import _claim_sql
 from glisk.uow import UnitOfWork, UnitOfWorkFactory, create_uow_factory
+from glisk.workers import queries
+from glisk.workers.stages import STAGES, StageName
 
 AUTHOR_ID = UUID("00000000-0000-4000-8000-00000000a001")
 BATCH = 10
@@ -308,8 +308,10 @@ class Explained:
 
 
 def explained_queries() -> dict[str, Explained]:
-    queries = {
-        f"get_{name}(10)": Explained(_LOCK_OLDEST.text, {"status": status, "limit": BATCH})
+    """The SQL in psycopg's parameter style (``%(name)s``), as the worker runtime sends it."""
+    lock_oldest = re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", _LOCK_OLDEST.text)
+    explained = {
+        f"get_{name}(10)": Explained(lock_oldest, {"status": status, "limit": BATCH})
         for name, status in (
             ("pending_for_generation", "detected"),
             ("pending_for_upload", "generating"),
@@ -317,17 +319,11 @@ def explained_queries() -> dict[str, Explained]:
         )
     }
     for stage in StageName:
-        queries[f"leases.claim({stage.value}, batch=10)"] = Explained(
-            _claim_sql(STAGES[stage], BATCH).text,
-            {
-                "holder": "bench",
-                "batch": BATCH,
-                "lease_seconds": 60,
-                "max_attempts": 3,
-                "stage": stage.value,
-            },
+        explained[f"leases.claim({stage.value}, batch=10)"] = Explained(
+            queries.claim(STAGES[stage], BATCH),
+            {"holder": "bench", "lease_seconds": 60, "max_attempts": 3},
         )
-    return queries
+    return explained
 
 
 @dataclass
@@ -388,7 +384,7 @@ def _prepared(query: Explained) -> tuple[str, str]:
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    body = re.sub(r"(?<![:\w]):([a-z_]+)", number, query.sql)
+    body = re.sub(r"%\((\w+)\)s", number, query.sql)
     arguments = ", ".join(_literal(query.params[name]) for name in names)
     return f"PREPARE bench_generic AS {body}", f"EXECUTE bench_generic({arguments})"
 
@@ -414,8 +410,8 @@ async def measure_server(
             await cleanup()
             result = results[name] = Plans()
             for _ in range(runs):
-                explain = text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query.sql)
-                plan = (await conn.execute(explain, query.params)).scalar_one()[0]
+                explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query.sql
+                plan = (await conn.exec_driver_sql(explain, query.params)).scalar_one()[0]
                 await conn.rollback()
                 result.execution_ms.append(plan["Execution Time"])
                 result.planning_ms.append(plan["Planning Time"])
@@ -428,8 +424,9 @@ async def measure_server(
                 result.generic_shape = _shape(generic["Plan"])
             if want_text:
                 await cleanup()
-                explain = text("EXPLAIN (ANALYZE, BUFFERS) " + query.sql)
-                result.text = "\n".join((await conn.execute(explain, query.params)).scalars())
+                explain = "EXPLAIN (ANALYZE, BUFFERS) " + query.sql
+                rows = (await conn.exec_driver_sql(explain, query.params)).scalars()
+                result.text = "\n".join(rows)
                 await conn.rollback()
                 result.generic_text = "\n".join(await _explain_generic(conn, query, ""))
     return results

@@ -15,6 +15,7 @@ Each step runs ``--repeat`` times (default 3) and is reported as median, min and
 - ``glisk serve`` as a subprocess until the first 200 from GET /health: on a fresh data directory
   (cold: initdb, CREATE DATABASE, migrations) and again on the same directory (warm); then the
   time from SIGTERM to its exit (which stops its PostgreSQL);
+- importing a worker (``python -X importtime``), with and without bytecode caches;
 - once, the full test suite (``uv run pytest -q -p no:cacheprovider``) wall time (spec SC-003,
   < 60 s), unless ``--skip-suite``.
 
@@ -26,6 +27,7 @@ a new data directory, not a cold machine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -255,6 +257,77 @@ def serve_rows(base: Path, repeat: int) -> list[Row]:
     ]
 
 
+# --- importing a worker ------------------------------------------------------------------------
+
+# The web application is the reference: a worker process should import less.
+IMPORTED = ("glisk.workers.worker", "glisk.workers.noop", "glisk.workers.command", "glisk.app")
+
+
+def _importtime(module: str, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
+    """``python -X importtime -c 'import module'``: the module's cumulative import ms, the
+    process's wall ms, and self ms per top-level package."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        cwd=BACKEND_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    wall = 1000 * (time.perf_counter() - started)
+    total, packages = 0.0, {}
+    for line in result.stderr.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) != 3 or not fields[0].strip().isdigit():
+            continue
+        name = fields[2].strip()
+        top = name.split(".")[0]
+        packages[top] = packages.get(top, 0.0) + int(fields[0]) / 1000
+        if name == module:
+            total = int(fields[1]) / 1000
+    return total, wall, packages
+
+
+def import_rows(base: Path, repeat: int) -> list[list[str]]:
+    """Each module with bytecode caches (in a PYTHONPYCACHEPREFIX written by an untimed first
+    import) and without (PYTHONDONTWRITEBYTECODE=1 and an empty PYTHONPYCACHEPREFIX: nothing is
+    read or written, the standard library included). The caller's own PYTHON* cache settings
+    are replaced, so both cases are what they say."""
+    rows = []
+    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE",)}
+    warm = dict(plain, PYTHONPYCACHEPREFIX=str(base / "pycache-warm"))
+    for module in IMPORTED:
+        if importlib.util.find_spec(module) is None:
+            say(f"imports: {module} does not exist here, skipped")
+            continue
+        _importtime(module, warm)  # writes the caches
+        for cached in (True, False):
+            runs = []
+            for i in range(repeat):
+                env = warm
+                if not cached:
+                    prefix = base / f"pycache-{module}-{i}"
+                    prefix.mkdir()
+                    env = dict(plain, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(prefix))
+                runs.append(_importtime(module, env))
+            runs.sort(key=lambda r: r[0])
+            total, wall, packages = runs[len(runs) // 2]
+            top = sorted(packages.items(), key=lambda kv: -kv[1])[:6]
+            rows.append(
+                [
+                    f"`{module}`",
+                    "yes" if cached else "no",
+                    f"{total:.0f} ({runs[0][0]:.0f}-{runs[-1][0]:.0f})",
+                    f"{wall:.0f}",
+                    ", ".join(f"{name} {ms:.0f}" for name, ms in top),
+                ]
+            )
+    say("imports: done")
+    return rows
+
+
 # --- the test suite ---------------------------------------------------------------------------
 
 
@@ -293,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per step (default 3)")
     parser.add_argument("--skip-suite", action="store_true", help="do not run the test suite")
+    parser.add_argument("--imports-only", action="store_true", help="only the import times")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -300,6 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     say(load_before)
     suite: tuple[Row, str, str] | None = None
     with workdir("glisk-startup-") as base:
+        imports = import_rows(base, args.repeat)
+        print(
+            f"Importing a worker, ms (`python -X importtime -c 'import M'`: M's cumulative import "
+            f"time, median (min-max) of {args.repeat}; the process's wall time; self time per "
+            "top-level package, largest first):\n"
+        )
+        print(
+            markdown_table(
+                ["module", "bytecode caches", "import ms", "process ms", "top contributors, ms"],
+                imports,
+                "llrrl",
+            )
+        )
+        print(flush=True)
+        if args.imports_only:
+            return 0
         rows = postgres_rows(base, args.repeat)
         rows += migration_rows(base, args.repeat)
         rows += serve_rows(base, args.repeat)
