@@ -22,9 +22,10 @@ from glisk import migrations
 from glisk.embedded_pg import ephemeral_server
 from glisk.models import TokenStatus
 from glisk.uow import UnitOfWorkFactory
-from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker
+from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker, queries
 from glisk.workers.run import database_url_of
 from glisk.workers.stages import STAGES, StageName
+from tests import factories
 from tests.factories import BASE_TIME, expire_leases, seed_tokens
 from tests.pg import _libpq_kwargs
 
@@ -537,3 +538,55 @@ async def test_a_database_that_stops_answering_surfaces_within_the_timeout_and_t
         await asyncio.wait_for(task, 20)
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_fenced_writes_find_their_rows_by_claim_id_even_with_stale_statistics(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # Statistics taken while nothing was 'generating'; then 20,000 tokens finish their image and
+    # wait for the upload stage: the planner believes 'generating' is rare.
+    async with uow_factory() as uow:
+        author = await uow.authors.add(factories.author())
+        await uow.session.execute(
+            text(
+                "INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, "
+                "mint_timestamp, created_at) SELECT gen_random_uuid(), 200000 + g, :author, "
+                "'0x' || repeat('ab', 20), 'detected', timestamp '2025-01-01' + g * interval "
+                "'1 second', now() FROM generate_series(1, 20000) AS g"
+            ),
+            {"author": author.id},
+        )
+    async with uow_factory() as uow:
+        await uow.session.execute(text("ANALYZE tokens_s0"))
+    async with uow_factory() as uow:
+        await uow.session.execute(
+            text("UPDATE tokens_s0 SET status = 'generating', image_path = '/img.png'")
+        )
+    claim_ids = [uuid.uuid4() for _ in range(10)]
+    statements = {
+        "complete_image": (queries.complete(IMAGE), {"results": ["/x.png"] * 10}),
+        "complete_upload": (queries.complete(UPLOAD), {"results": ["bafy"] * 10}),
+        "fail": (
+            queries.fail(IMAGE),
+            {
+                "errors": ["{}"] * 10,
+                "kinds": ["retry"] * 10,
+                "delays": [1.0] * 10,
+                "max_attempts": 3,
+            },
+        ),
+        "heartbeat": (queries.HEARTBEAT, {"lease_seconds": 60}),
+        "checkpoint": (queries.CHECKPOINT, {"checkpoint": "{}"}),
+        "release": (queries.release(IMAGE), {}),
+    }
+    async with uow_factory() as uow:
+        connection = await uow.session.connection()
+        for name, (statement, params) in statements.items():
+            rows = await connection.exec_driver_sql(
+                "EXPLAIN " + statement, {"claim_ids": claim_ids, **params}
+            )
+            plan = "\n".join(row[0] for row in rows.all())
+            assert "ix_tokens_s0_claim_id" in plan, (name, plan)
+            assert "Seq Scan on tokens_s0" not in plan, (name, plan)
+            assert "ix_tokens_s0_status_mint_timestamp" not in plan, (name, plan)
+        await uow.rollback()

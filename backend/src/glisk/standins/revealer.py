@@ -9,6 +9,7 @@ is spent by a mined one: until then it could still be mined, so the tokens wait.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from glisk.standins.chain_client import (
@@ -59,10 +60,10 @@ class ChainRevealer:
 
     async def reconcile(self, pending: PendingReveal) -> RevealState:
         tx = decode_raw(str(pending.data["raw"]))
-        try:
-            await self.client.send(tx)  # the same signed transaction: safe to repeat
-        except (NonceTooLow, ReplacementUnderpriced):
-            pass  # its nonce is taken or held by another transaction: see below
+        # The same signed transaction: safe to repeat. Refused: its nonce is taken, or held by
+        # another pending transaction (see below).
+        with contextlib.suppress(NonceTooLow, ReplacementUnderpriced):
+            await self.client.send(tx)
         status = await self.client.status(tx.hash)
         if status is TxStatus.CONFIRMED:
             return "confirmed"

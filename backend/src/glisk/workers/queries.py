@@ -89,7 +89,10 @@ WITH results AS (
 held AS MATERIALIZED (
     SELECT t.id, r.claim_id, r.result
     FROM tokens_s0 AS t JOIN results AS r ON t.claim_id = r.claim_id
-    WHERE t.lease_expires_at > {now} AND t.status = '{working}'
+    -- status compared as text: with statistics that saw few tokens in '{working}' (right after a
+    -- burst of mints), "status = ..." led the planner to read the whole backlog through the
+    -- status index (40 ms per completion at 200k finished tokens) instead of the claim_id index.
+    WHERE t.lease_expires_at > {now} AND t.status::text = '{working}'
     ORDER BY t.id
     FOR UPDATE OF t
 ),
