@@ -1,23 +1,58 @@
-"""The seven entities. Importing this package registers every table on ``metadata``."""
+"""The seven entities, their enums and rules.
 
-from glisk.models.author import Author
-from glisk.models.base import metadata
-from glisk.models.enums import (
-    ImageJobStatus,
-    ImageService,
-    InvalidStateTransition,
-    IPFSRecordType,
-    IPFSUploadStatus,
-    RevealStatus,
-    TokenStatus,
-)
-from glisk.models.image_job import ImageGenerationJob
-from glisk.models.ipfs_record import IPFSUploadRecord
-from glisk.models.mint_event import MintConflict, MintEvent, MintLog
-from glisk.models.reveal_tx import RevealTransaction
-from glisk.models.system_state import SystemState
-from glisk.models.token import Token
-from glisk.models.validation import FieldValidationError
+Entity names (``Token``, ``Author``, ...) and ``metadata`` load every entity module on first use,
+which registers every table on ``metadata``. The light names (the enums, FieldValidationError,
+InvalidStateTransition) and the submodules ``enums``, ``validation`` and ``transitions`` load
+without SQLModel: the worker runtime imports only those.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from glisk.models.author import Author
+    from glisk.models.base import metadata
+    from glisk.models.enums import (
+        ImageJobStatus,
+        ImageService,
+        InvalidStateTransition,
+        IPFSRecordType,
+        IPFSUploadStatus,
+        RevealStatus,
+        TokenStatus,
+    )
+    from glisk.models.image_job import ImageGenerationJob
+    from glisk.models.ipfs_record import IPFSUploadRecord
+    from glisk.models.mint_event import MintConflict, MintEvent, MintLog
+    from glisk.models.reveal_tx import RevealTransaction
+    from glisk.models.system_state import SystemState
+    from glisk.models.token import Token
+    from glisk.models.validation import FieldValidationError
+
+_LIGHT = {
+    "ImageJobStatus": "enums",
+    "ImageService": "enums",
+    "InvalidStateTransition": "enums",
+    "IPFSRecordType": "enums",
+    "IPFSUploadStatus": "enums",
+    "RevealStatus": "enums",
+    "TokenStatus": "enums",
+    "FieldValidationError": "validation",
+}
+_ENTITIES = {
+    "Author": "author",
+    "ImageGenerationJob": "image_job",
+    "IPFSUploadRecord": "ipfs_record",
+    "MintConflict": "mint_event",
+    "MintEvent": "mint_event",
+    "MintLog": "mint_event",
+    "RevealTransaction": "reveal_tx",
+    "SystemState": "system_state",
+    "Token": "token",
+    "metadata": "base",
+}
 
 __all__ = [
     "Author",
@@ -39,3 +74,18 @@ __all__ = [
     "TokenStatus",
     "metadata",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHT:
+        value = getattr(importlib.import_module(f"glisk.models.{_LIGHT[name]}"), name)
+    elif name in _ENTITIES:
+        # Any entity (or the metadata) brings all of them: foreign keys between tables resolve
+        # by name on the shared metadata.
+        for module in set(_ENTITIES.values()):
+            importlib.import_module(f"glisk.models.{module}")
+        value = getattr(importlib.import_module(f"glisk.models.{_ENTITIES[name]}"), name)
+    else:
+        raise AttributeError(f"module 'glisk.models' has no attribute '{name}'")
+    globals()[name] = value
+    return value

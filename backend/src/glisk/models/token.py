@@ -23,20 +23,10 @@ from glisk.models._columns import (
 )
 from glisk.models.base import Entity
 from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.models.transitions import TERMINAL, TRANSITIONS, check_transition
 from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
 
 S = TokenStatus
-
-# The whole state machine: target status -> the statuses it may be entered from.
-# detected -> generating -> uploading -> ready -> revealed; any non-terminal state -> failed.
-TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
-    S.GENERATING: (S.DETECTED,),
-    S.UPLOADING: (S.GENERATING,),
-    S.READY: (S.UPLOADING,),
-    S.REVEALED: (S.READY,),
-    S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
-}
-TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
 
 TOKEN_STATUS_ENUM = SAEnum(
     TokenStatus,
@@ -56,13 +46,6 @@ def _transitioning() -> Iterator[None]:
         yield
     finally:
         _in_transition.reset(reset)
-
-
-def check_transition(current: TokenStatus, target: TokenStatus) -> None:
-    """Raise InvalidStateTransition unless ``current -> target`` is in the table."""
-    allowed_from = TRANSITIONS.get(target, ())
-    if current not in allowed_from:
-        raise InvalidStateTransition(current, target, allowed_from)
 
 
 class Token(Entity, table=True):

@@ -17,7 +17,7 @@ from typing import Any
 
 from glisk.models import validation as v
 from glisk.models.enums import TokenStatus
-from glisk.models.token import check_transition
+from glisk.models.transitions import check_transition
 from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
 
 S = TokenStatus
