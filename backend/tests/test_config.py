@@ -193,7 +193,11 @@ def test_worker_listen_follows_the_pooler_unless_set(
     [
         ("DB_POOLER", "pgbouncer", "DB_POOLER: Input should be 'none', 'session' or 'transaction'"),
         ("WORKER_LISTEN", "sometimes", "WORKER_LISTEN: Input should be a valid boolean"),
-        ("WORKER_DB_POOL_SIZE", "0", "WORKER_DB_POOL_SIZE: Input should be greater than or equal to 1"),
+        (
+            "WORKER_DB_POOL_SIZE",
+            "0",
+            "WORKER_DB_POOL_SIZE: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_pooler_settings_name_the_variable_in_one_line(

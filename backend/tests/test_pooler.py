@@ -1,0 +1,157 @@
+"""Connections made for a pooler (DB_POOLER): in transaction mode psycopg prepares nothing on the
+server; behind any pooler UTC is set with SET TIME ZONE instead of the `options` start-up
+parameter (PgBouncer before 1.20 refuses it); the health probe follows the same rules.
+
+What the client sends is checked on the server itself. The "through" tests use the suite's
+connection: PgBouncer in transaction mode when GLISK_TEST_POOLER_URL is set (as in CI), where
+each of these rules, broken, fails them; the server directly otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import text
+
+from glisk.api.health import DatabaseProbe
+from glisk.core.config import PoolerMode
+from glisk.core.database import connect_args, create_db_engine, psycopg_connect_kwargs
+from tests.conftest import Database
+from tests.pg import _libpq_kwargs, pooler_for, throwaway_database
+
+REPEATS = 12  # psycopg prepares a statement on its 5th run on a connection by default
+STATEMENT = text("SELECT count(*) FROM pg_class WHERE relname = :name")
+
+
+@pytest.fixture(scope="module")
+def tokyo_url(postgres_container: Database) -> Iterator[str]:
+    """A database on the suite's server whose default time zone is not UTC (direct URL)."""
+    with throwaway_database(postgres_container.direct_url or postgres_container.url) as url:
+        with psycopg.connect(**_libpq_kwargs(url), autocommit=True) as conn:  # type: ignore[arg-type]
+            name = sql.Identifier(conn.info.dbname)
+            conn.execute(sql.SQL("ALTER DATABASE {} SET timezone TO 'Asia/Tokyo'").format(name))
+        yield url
+
+
+def _count_named(url: str, application_name: str) -> int:
+    with psycopg.connect(**_libpq_kwargs(url), autocommit=True) as conn:  # type: ignore[arg-type]
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_connect_args_follow_the_pooler_mode() -> None:
+    direct = connect_args()
+    assert direct["options"] == "-c timezone=UTC"
+    assert "prepare_threshold" not in direct
+    session = connect_args(pooler="session")
+    assert "options" not in session and "prepare_threshold" not in session
+    transaction = connect_args(pooler="transaction", application_name="glisk-worker")
+    assert "options" not in transaction
+    assert transaction["prepare_threshold"] is None
+    assert transaction["application_name"] == "glisk-worker"
+
+
+@pytest.mark.parametrize(
+    ("pooler", "prepared"), [("none", True), ("session", True), ("transaction", False)]
+)
+async def test_only_transaction_mode_keeps_psycopg_from_preparing_statements_on_the_server(
+    tokyo_url: str, pooler: PoolerMode, prepared: bool
+) -> None:
+    engine = create_db_engine(tokyo_url, pool_size=1, max_overflow=0, pooler=pooler)
+    try:
+        async with engine.connect() as conn:
+            for _ in range(REPEATS):
+                await conn.execute(STATEMENT, {"name": "tokens_s0"})
+            count = (
+                await conn.execute(text("SELECT count(*) FROM pg_prepared_statements"))
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    assert (count > 0) is prepared
+
+
+@pytest.mark.parametrize(
+    ("pooler", "source"),
+    # `options` arrives with the start-up packet ("client"); SET TIME ZONE is "session".
+    [("none", "client"), ("session", "session"), ("transaction", "session")],
+)
+async def test_every_mode_runs_in_utc_and_only_the_direct_one_sends_the_options_parameter(
+    tokyo_url: str, pooler: PoolerMode, source: str
+) -> None:
+    engine = create_db_engine(tokyo_url, pool_size=1, max_overflow=0, pooler=pooler)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT setting, source FROM pg_settings WHERE name = 'TimeZone'")
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    assert tuple(row) == ("UTC", source)
+    with psycopg.connect(**_libpq_kwargs(tokyo_url), autocommit=True) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)  # the control
+
+
+async def test_through_the_suites_connection_concurrent_transactions_stay_utc_and_never_fail(
+    tokyo_url: str,
+) -> None:
+    # Behind PgBouncer in transaction mode every transaction below may run on another server
+    # connection: a statement psycopg had prepared on one would be missing on the next, and the
+    # pooler must restore each client's time zone on whichever connection it hands out.
+    url, pooler = pooler_for(tokyo_url)
+    engine = create_db_engine(url, pool_size=6, max_overflow=0, pooler=pooler)
+
+    async def client() -> set[str]:
+        zones: set[str] = set()
+        for _ in range(REPEATS):
+            async with engine.begin() as conn:
+                await conn.execute(STATEMENT, {"name": "tokens_s0"})
+                zones.add((await conn.execute(text("SHOW TimeZone"))).scalar_one())
+            await asyncio.sleep(0)  # let the other clients' transactions interleave
+        return zones
+
+    try:
+        results = await asyncio.gather(*(client() for _ in range(6)))
+    finally:
+        await engine.dispose()
+    assert set().union(*results) == {"UTC"}
+
+
+async def test_the_health_probe_keeps_at_most_its_size_in_connections_and_closes_them(
+    tokyo_url: str,
+) -> None:
+    name = "glisk-probe-size-test"
+    probe = DatabaseProbe(psycopg_connect_kwargs(tokyo_url, application_name=name), size=3)
+    try:
+        await asyncio.gather(*(probe.check() for _ in range(200)))
+        assert 1 <= _count_named(tokyo_url, name) <= 3
+        await probe.check()  # reuses one of them
+        assert _count_named(tokyo_url, name) <= 3
+    finally:
+        await probe.close()
+    for _ in range(50):  # the server notices a closed connection a moment later
+        if _count_named(tokyo_url, name) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert _count_named(tokyo_url, name) == 0
+
+
+async def test_through_the_suites_connection_the_health_probe_answers_repeated_probes(
+    tokyo_url: str,
+) -> None:
+    url, pooler = pooler_for(tokyo_url)
+    probe = DatabaseProbe(psycopg_connect_kwargs(url, pooler=pooler), size=2)
+    try:
+        for _ in range(REPEATS):  # the same SELECT 1 on the same connections, again and again
+            await asyncio.gather(*(probe.check() for _ in range(8)))
+    finally:
+        await probe.close()
