@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await app.state.database_probe.close()
+            await app.state.database_probe.aclose()
             await app.state.engine.dispose()
             log.info("app.stopped")
 

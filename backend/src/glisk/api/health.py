@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -16,9 +17,6 @@ router = APIRouter()
 
 # A probe must answer even when the database hangs; a load balancer gives up after a few seconds.
 HEALTH_TIMEOUT_SECONDS = 1.0
-# Connections a process keeps for /health, on top of its pool. A probe holds one for a single
-# round trip, so a few serve any request rate the process itself can sustain.
-PROBE_CONNECTIONS = 4
 
 
 async def check_database(engine: AsyncEngine, within: float = HEALTH_TIMEOUT_SECONDS) -> None:
@@ -29,23 +27,30 @@ async def check_database(engine: AsyncEngine, within: float = HEALTH_TIMEOUT_SEC
 
 
 class DatabaseProbe:
-    """``SELECT 1`` in one round trip, on a few autocommit connections kept for probes only.
+    """``SELECT 1`` on one autocommit connection kept for probes: one round trip, no ORM.
 
     The application's pool would cost three or four round trips for the same answer (the
     checkout's pre-ping, BEGIN, the query, the ROLLBACK when the connection goes back) and
-    ~0.5 ms of CPU in the ORM; this path costs one round trip and ~0.1 ms. It answers whether
-    the database is reachable, not whether the application's pool has a free connection.
+    ~0.5 ms of CPU. Here every probe is answered by a ``SELECT 1`` *sent after the probe
+    arrived*: probes that arrive while one is in flight wait for the next, and share it. So a
+    probe costs at most one round trip, and the process one connection however many probes
+    come at once. It answers whether the database is reachable, not whether the application's
+    pool has a free connection.
 
-    A connection that fails is closed, and with it every idle one (they reach the same server,
-    so after a restart they are all dead). A probe whose reused connection fails tries once more
-    on a new connection within the same bound, so a database restart costs no failed probe.
-    At most ``size`` probes run at once; the others wait, inside their time bound.
+    A failure closes the connection; the next ``SELECT 1`` opens a new one. When the failure
+    was on a connection that had worked before (a restarted server leaves it dead), the same
+    ``SELECT 1`` is retried at once on a new connection, so a restart costs no failed probe.
     """
 
-    def __init__(self, connect_kwargs: dict[str, Any], *, size: int = PROBE_CONNECTIONS) -> None:
+    def __init__(
+        self, connect_kwargs: dict[str, Any], *, timeout: float = HEALTH_TIMEOUT_SECONDS
+    ) -> None:
         self._connect_kwargs = {**connect_kwargs, "autocommit": True}
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._slots = asyncio.Semaphore(size)
+        self._timeout = timeout  # bound of one SELECT 1, reconnection included
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._next: asyncio.Future[None] | None = None  # answered by the next SELECT 1 sent
+        self._sender: asyncio.Task[None] | None = None
+        self.sent = 0  # SELECT 1 statements sent so far (probes per round trip, for benchmarks)
 
     @classmethod
     def for_engine(cls, engine: AsyncEngine) -> "DatabaseProbe":
@@ -57,51 +62,63 @@ class DatabaseProbe:
         return cls(psycopg_connect_kwargs(url, application_name="glisk-api"))
 
     async def check(self, within: float = HEALTH_TIMEOUT_SECONDS) -> None:
-        """Raise if the database does not answer ``SELECT 1`` within ``within`` seconds
-        (TimeoutError), or answers with an error (psycopg.Error)."""
-        probe = asyncio.ensure_future(self._probe())
-        try:
-            # shield: on timeout the answer is due now, while psycopg's cancellation of a hung
-            # query (it waits up to 10 s for the server) runs on in the background.
-            async with asyncio.timeout(within):
-                await asyncio.shield(probe)
-        except TimeoutError:
-            probe.cancel()
-            probe.add_done_callback(_consume)
-            raise
+        """Return once a ``SELECT 1`` sent after this call has been answered. Raises TimeoutError
+        after ``within`` seconds, or the error of that ``SELECT 1`` (psycopg.Error)."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        answer = self._next
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        async with asyncio.timeout(within):
+            # shield: a probe that gives up does not cancel the answer others wait for.
+            await asyncio.shield(answer)
 
-    async def _probe(self) -> None:
-        async with self._slots:
-            if self._idle:
-                try:
-                    await self._select_one(self._idle.pop())
-                    return
-                except psycopg.Error:
-                    await self._close_idle()  # then one more try on a new connection
-            connection = await psycopg.AsyncConnection.connect(**self._connect_kwargs)
-            await self._select_one(connection)
+    async def _send(self) -> None:
+        """Send SELECT 1 for the probes waiting, one at a time, until none is."""
+        while self._next is not None:
+            answer, self._next = self._next, None
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._select_one()
+            except asyncio.CancelledError:
+                answer.cancel()
+                raise
+            except Exception as exc:
+                answer.set_exception(exc)
+                answer.exception()  # retrieved: every waiter may have given up already
+            else:
+                answer.set_result(None)
 
-    async def _select_one(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        try:
-            await connection.execute("SELECT 1")
-        except BaseException:  # an error, or cancelled by the time bound mid-query
-            await connection.close()
-            raise
-        self._idle.append(connection)
-
-    async def _close_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.close()
+    async def _select_one(self) -> None:
+        reused = self._connection is not None
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = await psycopg.AsyncConnection.connect(**self._connect_kwargs)
+            try:
+                self.sent += 1
+                await self._connection.execute("SELECT 1")
+                return
+            except psycopg.Error:
+                await self.close()
+                if not reused or attempt == 2:
+                    raise
+            except BaseException:  # cancelled mid-query: the connection's state is unknown
+                await self.close()
+                raise
 
     async def close(self) -> None:
-        """Close the idle connections (a probe still running closes its own when it ends)."""
-        await self._close_idle()
+        """Close the probe's connection (the next probe opens a new one)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
-
-def _consume(task: "asyncio.Future[None]") -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: an abandoned probe's error is not worth a warning
+    async def aclose(self) -> None:
+        """At shutdown: stop a SELECT 1 in flight and close the connection."""
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        await self.close()
 
 
 def database_probe(app: FastAPI) -> DatabaseProbe:
