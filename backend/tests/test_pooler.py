@@ -37,16 +37,6 @@ def tokyo_url(postgres_container: Database) -> Iterator[str]:
         yield url
 
 
-def _count_named(url: str, application_name: str) -> int:
-    with psycopg.connect(**_libpq_kwargs(url), autocommit=True) as conn:  # type: ignore[arg-type]
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (application_name,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def test_connect_args_follow_the_pooler_mode() -> None:
     direct = connect_args()
     assert direct["options"] == "-c timezone=UTC"
@@ -124,23 +114,6 @@ async def test_through_the_suites_connection_concurrent_transactions_stay_utc_an
     finally:
         await engine.dispose()
     assert set().union(*results) == {"UTC"}
-
-
-async def test_the_health_probe_answers_concurrent_probes_on_one_connection_and_closes_it(
-    tokyo_url: str,
-) -> None:
-    name = "glisk-probe-size-test"
-    probe = DatabaseProbe(psycopg_connect_kwargs(tokyo_url, application_name=name))
-    try:
-        await asyncio.gather(*(probe.check() for _ in range(200)))
-        assert _count_named(tokyo_url, name) == 1
-    finally:
-        await probe.aclose()
-    for _ in range(50):  # the server notices a closed connection a moment later
-        if _count_named(tokyo_url, name) == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert _count_named(tokyo_url, name) == 0
 
 
 async def test_through_the_suites_connection_the_health_probe_answers_repeated_probes(
