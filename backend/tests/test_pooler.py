@@ -18,6 +18,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from glisk.api.health import DatabaseProbe
+from glisk.app import DatabaseUnavailableError, verify_database
 from glisk.core.config import PoolerMode
 from glisk.core.database import connect_args, create_db_engine, psycopg_connect_kwargs
 from tests.conftest import Database
@@ -126,3 +127,38 @@ async def test_through_the_suites_connection_the_health_probe_answers_repeated_p
             await asyncio.gather(*(probe.check() for _ in range(8)))
     finally:
         await probe.aclose()
+
+
+async def _pgbouncer_refusing_options(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """What PgBouncer before 1.20 answers a start-up packet carrying `options`: no to TLS, then
+    FATAL 08P01 "unsupported startup parameter: options"."""
+    length = int.from_bytes(await reader.readexactly(4), "big")
+    body = await reader.readexactly(length - 4)
+    if body[:4] == (80877103).to_bytes(4, "big"):  # SSLRequest
+        writer.write(b"N")
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        body = await reader.readexactly(length - 4)
+    assert b"options\x00" in body
+    fields = b"SFATAL\x00VFATAL\x00C08P01\x00Munsupported startup parameter: options\x00\x00"
+    writer.write(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_pooler_refusing_options_without_db_pooler_fails_in_one_line_naming_db_pooler() -> (
+    None
+):
+    server = await asyncio.start_server(_pgbouncer_refusing_options, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DatabaseUnavailableError) as info:
+            await verify_database(f"postgresql+psycopg://glisk@127.0.0.1:{port}/glisk", 2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unsupported startup parameter: options" in message
+    assert "set DB_POOLER=transaction or session" in message

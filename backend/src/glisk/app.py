@@ -69,6 +69,9 @@ async def verify_database(
         detail = reason[0] if reason else type(exc).__name__
         if isinstance(exc, TimeoutError):
             detail = f"no answer within {connect_timeout + 1:.0f} s"
+        if pooler == "none" and "unsupported startup parameter: options" in detail:
+            # PgBouncer before 1.20 answers the direct mode's `options` parameter this way.
+            detail += " (DATABASE_URL points at a pooler: set DB_POOLER=transaction or session)"
         raise DatabaseUnavailableError(
             f"Cannot connect to the database at {masked_url(db_url)}: {detail}"
         ) from None
