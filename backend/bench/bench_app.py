@@ -5,22 +5,30 @@ of the database round trip.
 
 Run as its own process by bench.http_bench, the way ``glisk serve`` runs the real app:
 
-    python -m bench.bench_app --database-url URL --port 8123 --log-level WARNING
+    python -m bench.bench_app --database-url URL --port 8123 --log-level WARNING [--workers 2]
+
+With ``--workers N`` (N > 1) uvicorn runs N processes from the import string
+``bench.bench_app:create_served_bench_app``, as ``glisk serve --workers N`` runs
+``glisk.app:create_served_app``; the settings reach them through the environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from glisk.app import create_app
+from glisk.app import SERVE_PARENT_ENV, create_app, stop_with_parent
 from glisk.core.config import Settings
 
 BARE_BODY = {"status": "healthy"}  # the same body /health sends, so only the work differs
+# How --workers hands the settings to the processes uvicorn starts.
+ENV_PREFIX = "GLISK_BENCH_"
 
 
 def create_bench_app(settings: Settings) -> FastAPI:
@@ -31,7 +39,34 @@ def create_bench_app(settings: Settings) -> FastAPI:
         # A JSONResponse, like /health: no response-model validation on either side.
         return JSONResponse(content=BARE_BODY)
 
+    @app.get("/pid", include_in_schema=False)
+    async def pid() -> JSONResponse:
+        # Which process answered (the benchmark waits until every worker process has), and how
+        # many SELECT 1 its /health probe has sent.
+        probe = getattr(app.state, "database_probe", None)
+        return JSONResponse(content={"pid": os.getpid(), "selects": probe.sent if probe else 0})
+
     return app
+
+
+def bench_settings(database_url: str, log_level: str, app_env: str) -> Settings:
+    # Every other setting is glisk serve's default (pool size, overflow, connect timeout, CORS);
+    # production's secret rules are not the point, so APP_ENV is applied after validation.
+    return Settings(
+        database_url=database_url, log_level=cast(Any, log_level), app_env="development"
+    ).model_copy(update={"app_env": app_env})
+
+
+def create_served_bench_app() -> FastAPI:
+    """The factory uvicorn's worker processes call (``--workers`` > 1)."""
+    stop_with_parent()
+    return create_bench_app(
+        bench_settings(
+            os.environ[f"{ENV_PREFIX}DATABASE_URL"],
+            os.environ[f"{ENV_PREFIX}LOG_LEVEL"],
+            os.environ[f"{ENV_PREFIX}APP_ENV"],
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,13 +78,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--app-env", default="development", choices=["development", "production"])
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args(argv)
 
-    # Every other setting is glisk serve's default (pool size, overflow, connect timeout, CORS).
-    settings = Settings(
-        database_url=args.database_url, log_level=args.log_level, app_env="development"
-    ).model_copy(update={"app_env": args.app_env})  # production's secret rules are not the point
-    app = create_bench_app(settings)
+    if args.workers > 1:  # as glisk.cli._serve_processes runs them
+        os.environ.update(
+            {
+                f"{ENV_PREFIX}DATABASE_URL": args.database_url,
+                f"{ENV_PREFIX}LOG_LEVEL": args.log_level,
+                f"{ENV_PREFIX}APP_ENV": args.app_env,
+                SERVE_PARENT_ENV: str(os.getpid()),
+            }
+        )
+        uvicorn.run(
+            "bench.bench_app:create_served_bench_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            lifespan="on",
+        )
+        return 0
+    app = create_bench_app(bench_settings(args.database_url, args.log_level, args.app_env))
     # As glisk.cli.cmd_serve runs it.
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, lifespan="on")
     return 0

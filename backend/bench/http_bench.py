@@ -1,6 +1,6 @@
 """HTTP benchmark: throughput and latency of ``GET /health`` against ``GET /bare``.
 
-    cd backend && uv run python -m bench.http_bench                  # 10 s per cell (~1.5 min)
+    cd backend && uv run python -m bench.http_bench                  # 10 s per cell (~2 min)
     cd backend && uv run python -m bench.http_bench --duration 5     # ~1 min
 
 What runs, each in its own process:
@@ -16,7 +16,9 @@ What runs, each in its own process:
 Each cell is a closed loop: N clients, each sending its next request when the previous answer
 arrives, for a fixed duration after a short warm-up. The server logs at WARNING during the main
 table (so logging does not dominate); one extra row repeats 32 clients at INFO, the production
-level, where every request writes one log line.
+level, where every request writes one log line; another runs 128 clients against two uvicorn
+worker processes (``--workers 2``, as ``glisk serve --workers 2``). The load average before and
+after the run is printed: on a shared machine it says how much the neighbours took.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class Cell:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    server_cpu: float  # fraction of one core the server process used during the cell
+    server_cpu: float  # fraction of one core the server's processes used during the cell
+    selects: int  # SELECT 1 statements the server's /health probes sent during the cell
 
     @property
     def rps(self) -> float:
@@ -236,13 +239,16 @@ def start_database(workdir: Path, max_connections: int) -> tuple[EmbeddedPostgre
 
 
 class Server:
-    """bench.bench_app under uvicorn, in its own process."""
+    """bench.bench_app under uvicorn, in its own process (and its workers' processes)."""
 
-    def __init__(self, database_url: str, log_level: str, app_env: str, log_file: Path) -> None:
+    def __init__(
+        self, database_url: str, log_level: str, app_env: str, log_file: Path, workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
         self.log_file = log_file
         self._log: IO[bytes] = open(log_file, "wb")  # noqa: SIM115 - closed in stop()
+        self.workers = workers
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -258,6 +264,8 @@ class Server:
                 log_level,
                 "--app-env",
                 app_env,
+                "--workers",
+                str(workers),
             ],
             cwd=BACKEND_DIR,
             stdout=self._log,
@@ -266,8 +274,12 @@ class Server:
         )
         self._wait_ready()
 
-    def _wait_ready(self, limit: float = 30.0) -> None:
+    def _wait_ready(self, limit: float = 60.0) -> None:
+        """Until /health answers 200 and every worker process has answered /pid (a new
+        connection each time, so the kernel hands them to whichever process accepts)."""
         deadline = time.monotonic() + limit
+        answered: dict[int, int] = {}
+        healthy = False
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
@@ -275,17 +287,47 @@ class Server:
                     + self.log_file.read_text(errors="replace")[-2000:]
                 )
             try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:  # noqa: S310 - our own http://127.0.0.1 URL
-                    if response.status == 200:
-                        return
+                if not healthy:
+                    with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:  # noqa: S310 - our own http://127.0.0.1 URL
+                        healthy = response.status == 200
+                answered.update(self._pids(0.5))
+                if healthy and len(answered) >= self.workers:
+                    return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the server did not answer /health within {limit:.0f} s")
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"the server did not answer /health from {self.workers} process(es) within "
+            f"{limit:.0f} s"
+        )
+
+    def _pids(self, limit: float) -> dict[int, int]:
+        """Ask /pid on new connections until every worker process has answered: pid -> SELECT 1
+        its probe has sent."""
+        answered: dict[int, int] = {}
+        deadline = time.monotonic() + limit
+        while len(answered) < self.workers and time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.base_url}/pid", timeout=2) as response:  # noqa: S310 - our own http://127.0.0.1 URL
+                body = json.loads(response.read())
+            answered[body["pid"]] = body["selects"]
+        return answered
+
+    def selects(self) -> int:
+        answered = self._pids(30.0)
+        if len(answered) < self.workers:
+            raise RuntimeError(f"only {len(answered)} of {self.workers} processes answered /pid")
+        return sum(answered.values())
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time of the server process and its live children (uvicorn's workers)."""
+        ticks = 0
+        for pid in (self.process.pid, *_children(self.process.pid)):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -296,6 +338,24 @@ class Server:
                 self.process.kill()
                 self.process.wait(5)
         self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
 # --- running and reporting ------------------------------------------------------------------
@@ -312,13 +372,17 @@ def measure(
     url = f"{server.base_url}{path}"
     if warmup > 0:  # fills the connection pool and warms caches; not counted
         client.run(url, clients, warmup)
+    selects_before = server.selects()
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
     raw = client.run(url, clients, seconds)
     cpu = (server.cpu_seconds() - cpu_before) / max(1e-9, time.monotonic() - wall_before)
-    cell = Cell(path=path, clients=clients, server_cpu=cpu, **raw)
+    selects = server.selects() - selects_before
+    cell = Cell(path=path, clients=clients, server_cpu=cpu, selects=selects, **raw)
+    per_request = cell.selects / cell.requests if cell.requests else math.nan
     print(
         f"  {path:<8} {clients:>4} clients: {cell.rps:8.0f} req/s, p50 {cell.p50_ms:.2f} ms, "
-        f"p95 {cell.p95_ms:.2f} ms, p99 {cell.p99_ms:.2f} ms, errors {cell.errors}",
+        f"p95 {cell.p95_ms:.2f} ms, p99 {cell.p99_ms:.2f} ms, errors {cell.errors}, "
+        f"{per_request:.2f} SELECT 1 per request",
         file=sys.stderr,
         flush=True,
     )
@@ -329,17 +393,20 @@ def table(rows: list[tuple[str, Cell, Cell]]) -> str:
     lines = [
         "| clients | /health req/s | p50 ms | p95 ms | p99 ms "
         "| /bare req/s | p50 ms | p95 ms | p99 ms "
-        "| /health ÷ /bare req/s | p95 ratio | server CPU (health/bare) | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| /health ÷ /bare req/s | p95 ratio | server CPU (health/bare) "
+        "| SELECT 1 per /health | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, health, bare in rows:
         ratio = health.rps / bare.rps if bare.rps else math.nan
         p95_ratio = health.p95_ms / bare.p95_ms if bare.p95_ms else math.nan
+        per_probe = health.selects / health.requests if health.requests else math.nan
         lines.append(
             f"| {label} | {health.rps:,.0f} | {health.p50_ms:.2f} | {health.p95_ms:.2f} "
             f"| {health.p99_ms:.2f} | {bare.rps:,.0f} | {bare.p50_ms:.2f} | {bare.p95_ms:.2f} "
             f"| {bare.p99_ms:.2f} | {ratio:.2f} | {p95_ratio:.2f} "
-            f"| {health.server_cpu:.0%} / {bare.server_cpu:.0%} | {health.errors + bare.errors} |"
+            f"| {health.server_cpu:.0%} / {bare.server_cpu:.0%} | {per_probe:.2f} "
+            f"| {health.errors + bare.errors} |"
         )
     return "\n".join(lines)
 
@@ -364,9 +431,13 @@ def run(args: argparse.Namespace) -> int:
     server: Server | None = None
     database: EmbeddedPostgres | None = None
     started = time.monotonic()
+    load_before = load_average()
     try:
         client = pick_client(args.client, workdir)
-        database, url = start_database(workdir, settings.embedded_max_connections())
+        processes = max(1, args.workers)
+        database, url = start_database(
+            workdir, settings.embedded_max_connections(api_processes=processes)
+        )
         print(f"database ready ({time.monotonic() - started:.1f} s)", file=sys.stderr)
 
         server = Server(url, "WARNING", args.app_env, workdir / "server-warning.log")
@@ -394,6 +465,20 @@ def run(args: argparse.Namespace) -> int:
             server = None
             info_lines = sum(1 for _ in log_file.open("rb"))
 
+        workers_rows: list[tuple[str, Cell, Cell]] = []
+        if args.workers > 1 and args.workers_clients > 0:
+            server = Server(
+                url, "WARNING", args.app_env, workdir / "server-workers.log", args.workers
+            )
+            health, bare = (
+                measure(client, server, path, args.workers_clients, args.duration, args.warmup)
+                for path in ENDPOINTS
+            )
+            label = f"{args.workers_clients} (--workers {args.workers})"
+            workers_rows.append((label, health, bare))
+            server.stop()
+            server = None
+
         cores = os.cpu_count() or 0
         print()
         print(
@@ -414,8 +499,19 @@ def run(args: argparse.Namespace) -> int:
             )
             print()
             print(table(info_rows))
+        if workers_rows:
+            print()
+            print(
+                f"Server LOG_LEVEL=WARNING, {args.workers} uvicorn worker processes "
+                "(server CPU summed over them):"
+            )
+            print()
+            print(table(workers_rows))
         print()
-        print(f"Total time {time.monotonic() - started:.0f} s.")
+        print(
+            f"Total time {time.monotonic() - started:.0f} s. Load average (1/5/15 min) on "
+            f"{cores} cores: {load_before} before, {load_average()} after."
+        )
         return 0
     finally:
         if server is not None:
@@ -444,6 +540,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=32,
         help="clients for the extra LOG_LEVEL=INFO row (0 skips it)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="uvicorn worker processes for the extra multi-process row (default 2; 1 skips it)",
+    )
+    parser.add_argument(
+        "--workers-clients",
+        type=int,
+        default=128,
+        help="clients for the multi-process row (default 128)",
     )
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--app-env", choices=["development", "production"], default="development")

@@ -12,16 +12,19 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from glisk import migrations
+from glisk.core.config import PoolerMode
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.timezone import enforce_utc
 from glisk.models import metadata
 from glisk.uow import UnitOfWorkFactory, create_uow_factory
-from tests.pg import STARTUP_LIMIT_SECONDS, provide_database
+from tests.pg import STARTUP_LIMIT_SECONDS, pooler_for, provide_database
 
 
 @dataclass(frozen=True)
 class Database:
-    url: str
+    url: str  # what the tests connect to: through the pooler when one is configured
+    direct_url: str = ""  # the server itself (migrations)
+    pooler: PoolerMode = "none"  # pass to setup_db_session(pooler=...) for connections to url
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,25 +35,32 @@ def utc_timezone() -> None:
 
 @pytest.fixture(scope="session")
 def postgres_container() -> Iterator[Database]:
-    """A real PostgreSQL with the migrations applied (``alembic upgrade head``)."""
+    """A real PostgreSQL with the migrations applied (``alembic upgrade head``), reached through
+    a pooler when GLISK_TEST_POOLER_URL is set (tests/pg.py)."""
     started = time.monotonic()
     with ExitStack() as stack:
         try:
             url = stack.enter_context(provide_database())
             migrations.upgrade(url)
+            connect_url, pooler = pooler_for(url)
         except Exception as exc:
             pytest.fail(f"could not start the test PostgreSQL: {exc}", pytrace=False)
         elapsed = time.monotonic() - started
         if elapsed > STARTUP_LIMIT_SECONDS:
             pytest.fail(f"test database took {elapsed:.0f} s to start (limit 60 s)")
-        yield Database(url=url)  # teardown errors surface as themselves
+        if pooler != "none":  # processes the tests start read it through load_settings()
+            stack.enter_context(pytest.MonkeyPatch.context()).setenv("DB_POOLER", pooler)
+        # teardown errors surface as themselves
+        yield Database(url=connect_url, direct_url=url, pooler=pooler)
 
 
 @pytest.fixture(scope="session")
 async def session_factory(
     postgres_container: Database,
 ) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    factory = setup_db_session(postgres_container.url, pool_size=20, max_overflow=20)
+    factory = setup_db_session(
+        postgres_container.url, pool_size=20, max_overflow=20, pooler=postgres_container.pooler
+    )
     yield factory
     await engine_of(factory).dispose()
 
@@ -71,6 +81,12 @@ async def session(session_factory: async_sessionmaker[AsyncSession]) -> AsyncIte
     async with session_factory() as s:
         yield s
         await s.rollback()
+
+
+@pytest.fixture
+async def emptied_tables(session_factory: async_sessionmaker[AsyncSession]) -> None:
+    """Every table of the session's database emptied, for tests that drive it from processes."""
+    await _empty_tables(session_factory)
 
 
 @pytest.fixture

@@ -5,6 +5,12 @@
 - ``GLISK_TEST_PG=docker``: a testcontainers PostgreSQL (needs a Docker engine).
 - default: a private embedded server (fsync off) on a free port in a fresh temporary directory,
   so two test runs on one machine never collide.
+
+``GLISK_TEST_POOLER_URL`` (with ``GLISK_TEST_DATABASE_URL``): a pooler such as PgBouncer in front
+of that server, routing every database name to it. The throwaway database is created and migrated
+on the server directly; the tests connect through the pooler in the mode ``DB_POOLER`` names
+(default transaction), which is exported for the session so processes the tests start read the
+same setting through load_settings().
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from glisk.core.config import normalize_database_url
+from glisk.core.config import PoolerMode, normalize_database_url
 from glisk.embedded_pg import ephemeral_server
 
 STARTUP_LIMIT_SECONDS = 60.0
+POOLER_URL_ENV = "GLISK_TEST_POOLER_URL"
 
 
 def _libpq_kwargs(url: str) -> dict[str, object]:
@@ -31,6 +38,9 @@ def _libpq_kwargs(url: str) -> dict[str, object]:
         "port": parsed.port or 5432,
         "user": parsed.username,
         "dbname": parsed.database or "postgres",
+        # Never prepared on the server: the same connection may be a pooler's, in transaction
+        # mode, where the next statement can run on another server connection.
+        "prepare_threshold": None,
     }
     if parsed.password:
         kwargs["password"] = parsed.password
@@ -80,3 +90,23 @@ def provide_database() -> Iterator[str]:
             yield url
     finally:
         server.stop()
+
+
+def pooler_for(database_url: str) -> tuple[str, PoolerMode]:
+    """The URL tests connect to for ``database_url`` and the pooler mode to use: the same database
+    through GLISK_TEST_POOLER_URL when that is set (mode from DB_POOLER, default transaction),
+    else ``database_url`` itself and "none"."""
+    pooler_url = os.environ.get(POOLER_URL_ENV)
+    if not pooler_url:
+        return database_url, "none"
+    if not os.environ.get("GLISK_TEST_DATABASE_URL"):
+        raise RuntimeError(
+            f"{POOLER_URL_ENV} needs GLISK_TEST_DATABASE_URL, the server behind the pooler "
+            "(the throwaway database is created there)"
+        )
+    mode = os.environ.get("DB_POOLER", "transaction").strip().lower()
+    if mode not in ("session", "transaction"):
+        raise RuntimeError(f"{POOLER_URL_ENV} is set: DB_POOLER must be session or transaction")
+    database = make_url(database_url).database
+    pooled = make_url(normalize_database_url(pooler_url)).set(database=database)
+    return pooled.render_as_string(hide_password=False), mode  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlmodel import col
 
+from glisk.core.config import load_settings
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
@@ -46,7 +47,9 @@ async def _stage(uow: UnitOfWork, stage: str) -> list[tuple[str, str]]:
 async def _run(url: str, deadline_seconds: float) -> dict[str, Any]:
     enforce_utc()
     configure_logging("development", "WARNING")  # a line per commit would dominate the run
-    factory = setup_db_session(url, pool_size=1, max_overflow=0)
+    factory = setup_db_session(
+        url, pool_size=1, max_overflow=0, pooler=load_settings().db_pooler
+    )  # DB_POOLER from the environment: a pooler may stand in between
     uow_factory = create_uow_factory(factory)
     done: list[tuple[str, str]] = []
     errors: list[str] = []

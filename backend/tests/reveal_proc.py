@@ -8,6 +8,7 @@ import os
 import random
 import signal
 
+from glisk.core.config import load_settings
 from glisk.core.logs import configure_logging
 from glisk.standins.chain_client import ChainClient
 from glisk.standins.revealer import ChainRevealer
@@ -38,7 +39,10 @@ async def _main(url: str, chain_url: str, seed: int, lease: float, die_after_sen
     worker = Worker(
         "reveal",
         ChainRevealer(ChainClient(chain_url), sender, after_send=after_send),
-        ConnectOptions(url, application_name="glisk-reveal-chaos"),
+        # DB_POOLER from the environment: the tests may run through PgBouncer.
+        ConnectOptions(
+            url, application_name="glisk-reveal-chaos", pooler=load_settings().db_pooler
+        ),
         batch=10,
         lease_seconds=lease,
         max_attempts=50,

@@ -15,14 +15,13 @@ from glisk.models import RevealStatus, TokenStatus
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import (
     Claim,
-    ConnectOptions,
     PendingReveal,
     RevealState,
     Worker,
     checkpoint,
     record_reveal,
 )
-from glisk.workers.run import database_url_of
+from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
 from tests.factories import expire_leases, seed_tokens
 
@@ -92,7 +91,7 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
         effects.append(len(claims))
         return "0x" + "1" * 64
 
-    worker = Worker(REVEAL, reveal, ConnectOptions(database_url_of(uow_factory)), batch=3)
+    worker = Worker(REVEAL, reveal, connect_options_of(uow_factory), batch=3)
     await _make_ready(uow_factory, ids)
     task = asyncio.create_task(worker.run(exit_when_idle=True))
     await asyncio.wait_for(started.wait(), 10)
@@ -182,7 +181,7 @@ async def _reveal_rows(uow_factory: UnitOfWorkFactory) -> list[tuple[str, str]]:
 
 def _worker(uow_factory: UnitOfWorkFactory, handler: Any, **kwargs: Any) -> Worker:
     options = {"backoff_base": 0.01, "poll_interval": 0.02, "batch": 10, **kwargs}
-    return Worker(REVEAL, handler, ConnectOptions(database_url_of(uow_factory)), **options)
+    return Worker(REVEAL, handler, connect_options_of(uow_factory), **options)
 
 
 async def _record_then_crash(uow_factory: UnitOfWorkFactory, chain: Chain, count: int) -> None:

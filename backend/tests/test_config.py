@@ -25,6 +25,9 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             "PORT",
             "POSTGRES_PASSWORD",
             "GLISK_ENV_FILE",
+            "DB_POOLER",
+            "WORKER_LISTEN",
+            "WORKER_DB_POOL_SIZE",
         }:
             monkeypatch.delenv(name)
 
@@ -149,3 +152,83 @@ def test_production_with_real_secrets_is_accepted(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("DATABASE_URL", "postgresql://glisk:s3cr3t-Zq@db/glisk")
     monkeypatch.setenv("POSTGRES_PASSWORD", "s3cr3t-Zq")
     assert load_settings(os.devnull).app_env == "production"
+
+
+def test_transaction_pooler_with_listen_explicitly_on_is_refused_in_one_line_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DB_POOLER", "transaction")
+    monkeypatch.setenv("WORKER_LISTEN", "true")
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "WORKER_LISTEN=true" in message and "DB_POOLER=transaction" in message
+
+
+@pytest.mark.parametrize(
+    ("pooler", "listen", "enabled"),
+    [
+        (None, None, True),  # the defaults: no pooler, LISTEN on
+        ("transaction", None, False),  # unset follows the pooler
+        ("transaction", "false", False),
+        ("session", None, True),  # a session pooler keeps LISTEN sessions
+        ("session", "true", True),
+        ("none", "false", False),
+        ("TRANSACTION", "", False),  # case-insensitive; an empty value means unset
+    ],
+)
+def test_worker_listen_follows_the_pooler_unless_set(
+    monkeypatch: pytest.MonkeyPatch, pooler: str | None, listen: str | None, enabled: bool
+) -> None:
+    if pooler is not None:
+        monkeypatch.setenv("DB_POOLER", pooler)
+    if listen is not None:
+        monkeypatch.setenv("WORKER_LISTEN", listen)
+    assert load_settings(os.devnull).worker_listen_enabled is enabled
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("DB_POOLER", "pgbouncer", "DB_POOLER: Input should be 'none', 'session' or 'transaction'"),
+        ("WORKER_LISTEN", "sometimes", "WORKER_LISTEN: Input should be a valid boolean"),
+        (
+            "WORKER_DB_POOL_SIZE",
+            "0",
+            "WORKER_DB_POOL_SIZE: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_bad_pooler_settings_name_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    assert str(info.value).startswith(f"Invalid configuration: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_engine_options_size_and_name_each_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_POOLER", "transaction")
+    monkeypatch.setenv("DB_POOL_SIZE", "40")
+    settings = load_settings(os.devnull)
+    api = settings.engine_options("api")
+    assert (api["pool_size"], api["max_overflow"], api["application_name"]) == (40, 10, "glisk-api")
+    worker = settings.engine_options("worker", concurrency=4)
+    assert (worker["pool_size"], worker["max_overflow"]) == (6, 0)
+    assert worker["application_name"] == "glisk-worker"
+    assert settings.engine_options("worker", concurrency=50)["pool_size"] == 10  # capped
+    assert {o["pooler"] for o in (api, worker, settings.engine_options("cli"))} == {"transaction"}
+
+    monkeypatch.setenv("WORKER_DB_POOL_SIZE", "3")
+    assert load_settings(os.devnull).engine_options("worker", concurrency=50)["pool_size"] == 3
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        settings.worker_pool_size(0)
+
+
+def test_the_embedded_server_is_sized_for_every_api_process() -> None:
+    settings = load_settings(os.devnull)
+    assert settings.embedded_max_connections() == 260
+    assert settings.embedded_max_connections(api_processes=3) == 3 * 210 + 50

@@ -20,10 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from glisk import migrations
 from glisk.standins.chain_client import FakeChainControl, fake_chain_process
 from tests.conftest import Database
-from tests.pg import _libpq_kwargs, throwaway_database
+from tests.pg import _libpq_kwargs
 from tests.reveal_proc import run_reveal_worker
 
 TOKENS = 600
@@ -66,14 +65,11 @@ def _unrevealed(conn: psycopg.Connection[Any]) -> int:
 
 @pytest.mark.slow
 def test_killed_and_paused_reveal_workers_reveal_every_token_with_exactly_one_transaction(
-    postgres_container: Database, tmp_path: Path
+    postgres_container: Database, emptied_tables: None, tmp_path: Path
 ) -> None:
     rng = random.Random(20261127)
-    with (
-        fake_chain_process(block_time=0.25) as chain,
-        throwaway_database(postgres_container.url) as url,
-    ):
-        migrations.upgrade(url)
+    url = postgres_container.url
+    with fake_chain_process(block_time=0.25) as chain:
         with psycopg.connect(**_libpq_kwargs(url), autocommit=True) as conn:  # type: ignore[arg-type]
             conn.execute(SEED.format(tokens=TOKENS))  # type: ignore[arg-type]
             workers = [_start(url, chain.url, tmp_path, n) for n in range(WORKERS)]

@@ -23,7 +23,7 @@ from glisk.embedded_pg import ephemeral_server
 from glisk.models import TokenStatus
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker, queries
-from glisk.workers.run import database_url_of
+from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
 from tests import factories
 from tests.factories import BASE_TIME, expire_leases, seed_tokens
@@ -39,7 +39,7 @@ async def _scalar(uow_factory: UnitOfWorkFactory, sql: str, **params: Any) -> An
 
 
 def _connect(uow_factory: UnitOfWorkFactory, **kwargs: Any) -> ConnectOptions:
-    return ConnectOptions(database_url_of(uow_factory), **kwargs)
+    return connect_options_of(uow_factory, **kwargs)
 
 
 async def test_twenty_handlers_run_at_once_in_one_process_within_a_three_connection_budget(
@@ -338,6 +338,7 @@ async def _wait_until(predicate: Any, seconds: float, what: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.listen
 async def test_an_idle_worker_wakes_on_notify_long_before_its_next_poll(
     uow_factory: UnitOfWorkFactory,
 ) -> None:

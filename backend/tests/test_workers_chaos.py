@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from glisk import migrations
+from glisk.core.config import load_settings
 from glisk.core.database import engine_of, setup_db_session
 from glisk.uow import create_uow_factory
 from tests import factories
@@ -53,7 +54,7 @@ CREATE TRIGGER chaos_audit AFTER UPDATE ON tokens_s0
 
 
 async def _seed(url: str) -> None:
-    factory = setup_db_session(url, pool_size=2)
+    factory = setup_db_session(url, pool_size=2, pooler=load_settings().db_pooler)
     try:
         async with create_uow_factory(factory)() as uow:
             author = await uow.authors.add(factories.author())

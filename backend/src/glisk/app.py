@@ -7,6 +7,10 @@ session factory and unit-of-work factory, verifies the database once, publishes 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,26 +25,43 @@ from glisk.api.middleware import (
     RequestContextMiddleware,
     UnhandledErrorMiddleware,
 )
-from glisk.core.config import Settings, load_settings
-from glisk.core.database import engine_of, masked_url, setup_db_session
+from glisk.core.config import PoolerMode, Settings, load_settings
+from glisk.core.database import engine_of, masked_url, psycopg_connect_kwargs, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.uow import create_uow_factory
 
 log = structlog.get_logger("glisk.app")
 
+# Set by `glisk serve --workers N` for its API processes: the pid of the serving parent.
+SERVE_PARENT_ENV = "GLISK_SERVE_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+
 
 class DatabaseUnavailableError(OperatorError):
     """The database could not be reached at start-up. The message is one line for the operator."""
 
 
-async def verify_database(db_url: str, connect_timeout: float) -> None:
+async def verify_database(
+    db_url: str,
+    connect_timeout: float,
+    *,
+    application_name: str = "glisk",
+    pooler: PoolerMode = "none",
+) -> None:
     """Open one connection and run SELECT 1; raise DatabaseUnavailableError naming the cause and
     the password-masked URL. Used by the lifespan and by ``glisk serve`` before it starts."""
     from glisk.api.health import check_database
     from glisk.core.database import create_db_engine
 
-    engine = create_db_engine(db_url, pool_size=1, max_overflow=0, connect_timeout=connect_timeout)
+    engine = create_db_engine(
+        db_url,
+        pool_size=1,
+        max_overflow=0,
+        connect_timeout=connect_timeout,
+        application_name=application_name,
+        pooler=pooler,
+    )
     try:
         await check_database(engine, within=connect_timeout + 1)
     except Exception as exc:
@@ -48,6 +69,9 @@ async def verify_database(db_url: str, connect_timeout: float) -> None:
         detail = reason[0] if reason else type(exc).__name__
         if isinstance(exc, TimeoutError):
             detail = f"no answer within {connect_timeout + 1:.0f} s"
+        if pooler == "none" and "unsupported startup parameter: options" in detail:
+            # PgBouncer before 1.20 answers the direct mode's `options` parameter this way.
+            detail += " (DATABASE_URL points at a pooler: set DB_POOLER=transaction or session)"
         raise DatabaseUnavailableError(
             f"Cannot connect to the database at {masked_url(db_url)}: {detail}"
         ) from None
@@ -67,21 +91,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "DATABASE_URL is not set. Use `glisk serve`, which starts the embedded "
                 "database, or set DATABASE_URL."
             )
-        await verify_database(settings.database_url, settings.db_connect_timeout)
-        session_factory = setup_db_session(
+        options = settings.engine_options("api")
+        await verify_database(
             settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            connect_timeout=settings.db_connect_timeout,
+            settings.db_connect_timeout,
+            application_name=options["application_name"],
+            pooler=settings.db_pooler,
         )
+        session_factory = setup_db_session(settings.database_url, **options)
         app.state.settings = settings
         app.state.session_factory = session_factory
         app.state.engine = engine_of(session_factory)
         app.state.uow_factory = create_uow_factory(session_factory)
+        app.state.database_probe = health.DatabaseProbe(
+            psycopg_connect_kwargs(
+                settings.database_url,
+                connect_timeout=settings.db_connect_timeout,
+                application_name=options["application_name"],
+                pooler=settings.db_pooler,
+            )
+        )
         log.info("app.started", database=masked_url(settings.database_url), env=settings.app_env)
         try:
             yield
         finally:
+            await app.state.database_probe.aclose()
             await app.state.engine.dispose()
             log.info("app.stopped")
 
@@ -112,3 +146,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Lifespan only: a start-up failure the app explains in one line reaches the server as it.
     app.add_middleware(LifespanErrorMiddleware)
     return app
+
+
+def stop_with_parent() -> None:
+    """In an API process started by ``glisk serve --workers N``: ask the kernel for SIGTERM when
+    the serving parent dies, even by SIGKILL, so no API process outlives it (uvicorn then shuts
+    down gracefully). Does nothing outside such a process or off Linux."""
+    expected = os.environ.get(SERVE_PARENT_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(expected):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_served_app() -> FastAPI:
+    """The factory ``glisk serve --workers N`` hands uvicorn (``glisk.app:create_served_app``):
+    each API process reads the settings from its environment, where the parent has put the
+    database it started and migrated (DATABASE_URL)."""
+    stop_with_parent()
+    return create_app(load_settings())

@@ -1,4 +1,4 @@
-"""The ``glisk`` command: ``serve``, ``worker`` and ``db upgrade|downgrade|current``.
+"""The ``glisk`` command: ``serve``, ``worker`` and ``db upgrade|downgrade|current|check``.
 
 Without DATABASE_URL both start the embedded PostgreSQL (data kept between runs) and stop it on
 exit. Configuration and connection problems end in one clear line on stderr and a non-zero exit.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from glisk.workers.command import add_parser as add_worker_parser
 EMBEDDED_DATABASE = "glisk"
 EXIT_CONFIG = 2
 EXIT_DATABASE = 1
+EXIT_NEAR_LIMIT = 3  # `glisk db check`: connections near the server's limit
 
 
 class CliError(Exception):
@@ -52,16 +54,24 @@ def _reachable(url: str, settings: Settings) -> str:
     from glisk.app import DatabaseUnavailableError, verify_database
 
     try:
-        asyncio.run(verify_database(url, settings.db_connect_timeout))
+        asyncio.run(
+            verify_database(
+                url,
+                settings.db_connect_timeout,
+                application_name="glisk-cli",
+                pooler=settings.db_pooler,
+            )
+        )
     except DatabaseUnavailableError as exc:
         raise CliError(str(exc)) from None
     return url
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[str]:
+def database(settings: Settings, *, api_processes: int = 1) -> Iterator[str]:
     """Yield the URL of a database that answered SELECT 1: DATABASE_URL, or the embedded server
-    started for the duration of the block. Raises CliError (one line) otherwise."""
+    started for the duration of the block (sized for ``api_processes`` API processes). Raises
+    CliError (one line) otherwise."""
     if settings.database_url is not None:
         yield _reachable(settings.database_url, settings)
         return
@@ -69,7 +79,7 @@ def database(settings: Settings) -> Iterator[str]:
     server = EmbeddedPostgres(
         data_dir=data_dir,
         port=settings.glisk_pg_port,
-        max_connections=settings.embedded_max_connections(),
+        max_connections=settings.embedded_max_connections(api_processes=api_processes),
         bindir=settings.glisk_pg_bindir,
     )
     try:
@@ -121,16 +131,81 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
     host = args.host or settings.host
     port = args.port or settings.port
-    with database(settings) as url:
+    with database(settings, api_processes=args.workers) as url:
         _migrate(url, lambda: migrations.upgrade(url))
-        app = create_app(settings.model_copy(update={"database_url": url}))
         _say(f"GLISK API on http://{host}:{port} (database {masked_url(url)})")
+        if args.workers > 1:
+            _serve_processes(url, host, port, args.workers)
+            return
+        app = create_app(settings.model_copy(update={"database_url": url}))
         uvicorn.run(app, host=host, port=port, log_config=None, lifespan="on")
+
+
+def _serve_processes(url: str, host: str, port: int, workers: int) -> None:
+    """uvicorn's supervisor with ``workers`` API processes. They get the database (started and
+    migrated here, once) through DATABASE_URL in their environment, and arm a parent-death
+    signal (glisk.app.stop_with_parent) so none outlives this process, even after a SIGKILL.
+    On SIGTERM or SIGINT the supervisor stops them gracefully and returns."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from glisk.app import SERVE_PARENT_ENV
+
+    config = uvicorn.Config(
+        "glisk.app:create_served_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        lifespan="on",
+    )
+    saved = {name: os.environ.get(name) for name in ("DATABASE_URL", SERVE_PARENT_ENV)}
+    os.environ.update({"DATABASE_URL": url, SERVE_PARENT_ENV: str(os.getpid())})
+    try:
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        raise CliError("an API process failed to start (its log is above)")
+
+
+def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
+    """Connections in use per application_name against what the server allows. Raises CliError
+    with EXIT_NEAR_LIMIT when they reach ``warn_at`` percent of the usable connections, or when
+    one API process's pool could exceed them (without a pooler, whose clients do not count)."""
+    from glisk.core.database import read_connection_usage
+
+    try:
+        usage = read_connection_usage(
+            url, connect_timeout=settings.db_connect_timeout, pooler=settings.db_pooler
+        )
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()
+        raise CliError(
+            f"Cannot read pg_stat_activity on {masked_url(url)}: {first[0] if first else exc!r}"
+        ) from None
+    api_pool = settings.db_pool_size + settings.db_max_overflow
+    print("\n".join(usage.report(api_pool=api_pool)))
+    # Behind a pooler the API's pool holds pooler clients, not server connections.
+    problems = usage.problems(warn_at, api_pool=api_pool if settings.db_pooler == "none" else None)
+    for problem in problems:
+        _say(f"warning: {problem} (see backend/docs/deployment.md, connection budget)")
+    if problems:
+        raise CliError("connections near the limit", EXIT_NEAR_LIMIT)
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
     with database(settings) as url:
-        if args.db_command == "upgrade":
+        if args.db_command == "check":
+            cmd_db_check(settings, url, args.warn_at)
+        elif args.db_command == "upgrade":
             _migrate(url, lambda: migrations.upgrade(url, args.revision))
             _say(
                 f"Database at {migrations.current_revision(url)} "
@@ -152,6 +227,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     run(settings, args)
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {number})")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glisk", description="GLISK backend")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="apply migrations and serve the HTTP API")
     serve.add_argument("--host", help="bind address (default: HOST, 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: PORT, 8000)")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="API processes (default 1); each has its own pool of DB_POOL_SIZE",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     add_worker_parser(commands).set_defaults(handler=cmd_worker)
@@ -170,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     down = db_commands.add_parser("downgrade", help="migrate down to REVISION (e.g. -1, base)")
     down.add_argument("revision")
     db_commands.add_parser("current", help="show the database's revision")
+    check = db_commands.add_parser(
+        "check", help="connections in use per application_name against max_connections"
+    )
+    check.add_argument(
+        "--warn-at",
+        type=float,
+        default=80.0,
+        help=f"percent of usable connections that exits {EXIT_NEAR_LIMIT} (default 80)",
+    )
     db.set_defaults(handler=cmd_db)
     return parser
 

@@ -26,6 +26,21 @@ PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "password", "post
 
 DRIVER = "postgresql+psycopg"
 
+# What sits between the application and PostgreSQL (DB_POOLER).
+PoolerMode = Literal["none", "session", "transaction"]
+# application_name of each kind of process, so pg_stat_activity (and `glisk db check`) can tell
+# who holds the connections.
+Role = Literal["api", "worker", "cli"]
+APPLICATION_NAMES: dict[Role, str] = {
+    "api": "glisk-api",
+    "worker": "glisk-worker",
+    "cli": "glisk-cli",
+}
+# A worker's pool when WORKER_DB_POOL_SIZE is unset: one connection per handler running at once
+# (each completes its token in a short transaction) plus one for claims and one for heartbeats,
+# capped because completions take milliseconds and a handler can wait for a free connection.
+WORKER_POOL_CAP = 10
+
 
 class WorkerOptions(TypedDict):
     lease_seconds: float
@@ -38,6 +53,18 @@ class WorkerOptions(TypedDict):
     max_deferrals: int
     db_timeout: float
     drain_timeout: float | None
+    listen: bool
+    prepare_statements: bool
+
+
+class EngineOptions(TypedDict):
+    """Keyword arguments for glisk.core.database.setup_db_session / create_db_engine."""
+
+    pool_size: int
+    max_overflow: int
+    connect_timeout: float
+    application_name: str
+    pooler: PoolerMode
 
 
 class ConfigError(ValueError):
@@ -80,6 +107,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=200, ge=1, le=5000)
     db_max_overflow: int = Field(default=10, ge=0, le=5000)
     db_connect_timeout: float = Field(default=5.0, gt=0, le=300)
+    db_pooler: PoolerMode = "none"
 
     # Application
     app_env: Literal["development", "production"] = "development"
@@ -106,6 +134,10 @@ class Settings(BaseSettings):
     worker_max_deferrals: int = Field(default=20, ge=0, le=10000)
     worker_db_timeout: float = Field(default=10.0, gt=0, le=3600)
     worker_drain_timeout: float | None = Field(default=25.0, gt=0, le=86400)
+    # None means "not set": on unless DB_POOLER=transaction (see worker_listen_enabled).
+    worker_listen: bool | None = None
+    # None means "sized from the worker's concurrency" (see worker_pool_size).
+    worker_db_pool_size: int | None = Field(default=None, ge=1, le=1000)
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
@@ -116,6 +148,17 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("db_pooler", mode="before")
+    @classmethod
+    def _lower_pooler(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("worker_listen", "worker_db_pool_size", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `WORKER_LISTEN=` in a .env file means "not set", not an invalid boolean.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -139,6 +182,18 @@ class Settings(BaseSettings):
                     )
             return origins
         return value
+
+    @model_validator(mode="after")
+    def _pooler_rules(self) -> Settings:
+        # A transaction-mode pooler hands each transaction to any server connection: a LISTEN
+        # registered on one is lost (or heard by someone else) after the transaction ends.
+        if self.db_pooler == "transaction" and self.worker_listen:
+            raise ValueError(
+                "WORKER_LISTEN=true cannot work with DB_POOLER=transaction (a transaction-mode "
+                "pooler does not keep a LISTEN session); unset WORKER_LISTEN so workers poll, "
+                "or use DB_POOLER=session"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_rules(self) -> Settings:
@@ -183,11 +238,55 @@ class Settings(BaseSettings):
             "max_deferrals": self.worker_max_deferrals,
             "db_timeout": self.worker_db_timeout,
             "drain_timeout": self.worker_drain_timeout,
+            "listen": self.worker_listen_enabled,
+            # PgBouncer up to 1.20 in transaction mode does not keep prepared statements.
+            "prepare_statements": self.db_pooler != "transaction",
         }
 
-    def embedded_max_connections(self) -> int:
-        """Pool plus overflow, with headroom for migrations, psql and worker processes."""
-        return self.db_pool_size + self.db_max_overflow + 50
+    @property
+    def worker_listen_enabled(self) -> bool:
+        """Whether workers wake up on LISTEN/NOTIFY (polling stays on either way): WORKER_LISTEN
+        when set, else on except behind a transaction-mode pooler. The combination
+        WORKER_LISTEN=true with DB_POOLER=transaction is refused when the settings load."""
+        if self.worker_listen is not None:
+            return self.worker_listen
+        return self.db_pooler != "transaction"
+
+    def worker_pool_size(self, concurrency: int) -> int:
+        """Connections in one worker process's pool: WORKER_DB_POOL_SIZE when set, else
+        ``concurrency + 2`` (handlers completing, claims, heartbeats), at most WORKER_POOL_CAP."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
+        if self.worker_db_pool_size is not None:
+            return self.worker_db_pool_size
+        return min(concurrency + 2, WORKER_POOL_CAP)
+
+    def engine_options(self, role: Role, *, concurrency: int = 1) -> EngineOptions:
+        """Keyword arguments for setup_db_session / create_db_engine for one kind of process.
+
+        - ``api``: DB_POOL_SIZE + DB_MAX_OVERFLOW (200 + 10 by default).
+        - ``worker``: worker_pool_size(concurrency), no overflow, so the budget is exact.
+        - ``cli``: one connection (migrations and checks open their own).
+        Every role gets DB_CONNECT_TIMEOUT, DB_POOLER and its own application_name.
+        """
+        if role == "api":
+            pool_size, max_overflow = self.db_pool_size, self.db_max_overflow
+        elif role == "worker":
+            pool_size, max_overflow = self.worker_pool_size(concurrency), 0
+        else:
+            pool_size, max_overflow = 1, 1
+        return {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "connect_timeout": self.db_connect_timeout,
+            "application_name": APPLICATION_NAMES[role],
+            "pooler": self.db_pooler,
+        }
+
+    def embedded_max_connections(self, *, api_processes: int = 1) -> int:
+        """Pool plus overflow of each API process, with headroom for migrations, psql and worker
+        processes."""
+        return api_processes * (self.db_pool_size + self.db_max_overflow) + 50
 
 
 def _format(error: ValidationError) -> str:
@@ -199,6 +298,8 @@ def _format(error: ValidationError) -> str:
             lines.append(f"{'_'.join(loc).upper()}: {message}")
         else:
             lines.append(message)
+    if len(lines) == 1:  # the usual case: one line an operator can read in a log
+        return f"Invalid configuration: {lines[0]}"
     return "Invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -119,8 +119,8 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
     if args.no_listen:
         options["listen"] = False
     timeout = options.pop("db_timeout")
-    prepare = options.pop("prepare_statements", True)
-    connect = ConnectOptions(url, timeout=timeout, prepare_statements=prepare)
+    options.pop("prepare_statements")  # follows DB_POOLER, given to the connection options
+    connect = ConnectOptions(url, timeout=timeout, pooler=settings.db_pooler)
     try:
         worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
     except FieldValidationError as exc:

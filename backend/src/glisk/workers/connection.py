@@ -41,8 +41,9 @@ class ConnectOptions:
     """How a worker reaches the database.
 
     ``timeout`` bounds every statement and ``connect_timeout`` every connection attempt, in
-    seconds. ``prepare_statements=False`` is for PgBouncer in transaction mode (1.21 and older
-    do not track prepared statements). Keepalives: a silent peer host is declared dead after
+    seconds. ``pooler`` is DB_POOLER: behind a transaction-mode pooler (PgBouncer) nothing is
+    prepared on the server (1.20 and older do not track prepared statements) and there is no
+    LISTEN. Keepalives: a silent peer host is declared dead after
     ``keepalive_idle + 3 * keepalive_interval`` seconds.
     """
 
@@ -50,9 +51,18 @@ class ConnectOptions:
     application_name: str = "glisk-worker"
     timeout: float = 10.0
     connect_timeout: float = 5.0
-    prepare_statements: bool = True
+    pooler: str = "none"
     keepalive_idle: int = 10
     keepalive_interval: int = 5
+
+    @property
+    def prepare_statements(self) -> bool:
+        return self.pooler != "transaction"
+
+    @property
+    def can_listen(self) -> bool:
+        """LISTEN needs a session of its own, which a transaction-mode pooler does not keep."""
+        return self.pooler != "transaction"
 
     def connect_kwargs(self) -> dict[str, Any]:
         return {

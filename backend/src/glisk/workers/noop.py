@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from glisk.core.config import load_settings
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.workers.claims import Claim
@@ -51,7 +52,8 @@ async def _main(args: argparse.Namespace) -> None:
     enforce_utc()
     configure_logging("development", args.log_level)
     stages = [StageName(s) for s in args.stages.split(",")]
-    connect = ConnectOptions(args.database_url, application_name="glisk-noop-worker")
+    pooler = load_settings().db_pooler  # DB_POOLER from the environment, as glisk worker reads it
+    connect = ConnectOptions(args.database_url, application_name="glisk-noop-worker", pooler=pooler)
     stop = asyncio.Event()
     install_stop_signals(stop)
     chosen = handlers(args.sleep)
@@ -65,7 +67,7 @@ async def _main(args: argparse.Namespace) -> None:
             lease_seconds=args.lease,
             max_attempts=args.max_attempts,
             poll_interval=args.poll,
-            listen=not args.no_listen,
+            listen=False if args.no_listen else None,
         )
         for stage in stages
     ]

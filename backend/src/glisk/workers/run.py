@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from glisk.workers.connection import ConnectOptions
 from glisk.workers.stages import Stage, StageName
@@ -18,6 +19,16 @@ def database_url_of(uow_factory: UnitOfWorkFactory) -> str:
     work without entering it: no I/O."""
     engine = uow_factory().session_factory.kw["bind"]
     return engine.url.render_as_string(hide_password=False)
+
+
+def connect_options_of(uow_factory: UnitOfWorkFactory, **options: Any) -> ConnectOptions:
+    """ConnectOptions for the database behind ``uow_factory``, following its DB_POOLER mode:
+    behind a transaction-mode pooler nothing is prepared on the server."""
+    from glisk.core.database import pooler_of
+
+    engine = uow_factory().session_factory.kw["bind"]
+    options.setdefault("pooler", pooler_of(engine))
+    return ConnectOptions(database_url_of(uow_factory), **options)
 
 
 async def run_worker(
@@ -36,9 +47,9 @@ async def run_worker(
     backoff_base: float = 5.0,
     backoff_cap: float = 600.0,
     max_deferrals: int = 20,
-    listen: bool = True,
+    listen: bool | None = None,
     db_timeout: float = 10.0,
-    prepare_statements: bool = True,
+    prepare_statements: bool | None = None,
     drain_timeout: float | None = None,
 ) -> WorkerStats:
     """Run one stage until ``stop`` is set (or, with ``exit_when_idle``, until nothing of the
@@ -51,11 +62,12 @@ async def run_worker(
     the attempt: the token is retried after a backoff until ``max_attempts``; PermanentError
     fails it at once; RetryLater(s) brings it back after ``s`` seconds without spending an
     attempt. See ``Worker`` for the rest; the worker opens its own connections (three at most)
-    to the database ``uow_factory`` uses.
+    to the database ``uow_factory`` uses. ``listen`` and ``prepare_statements`` default to what
+    that engine's DB_POOLER mode allows (both off behind a transaction-mode pooler).
     """
-    connect = ConnectOptions(
-        database_url_of(uow_factory), timeout=db_timeout, prepare_statements=prepare_statements
-    )
+    connect = connect_options_of(uow_factory, timeout=db_timeout)
+    if prepare_statements is False:  # as behind a transaction-mode pooler
+        connect = replace(connect, pooler="transaction")
     worker = Worker(
         stage,
         handler,

@@ -148,7 +148,7 @@ class Worker:
         backoff_base: float = 5.0,
         backoff_cap: float = 600.0,
         max_deferrals: int = 20,
-        listen: bool = True,
+        listen: bool | None = None,
         completion_window: float = 0.005,
         drain_timeout: float | None = None,
         rng: random.Random | None = None,
@@ -182,7 +182,8 @@ class Worker:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.max_deferrals = v.int_at_least("max_deferrals", max_deferrals, 0)
-        self.listen = listen
+        # Default: LISTEN unless the connection options say a transaction pooler is in between.
+        self.listen = connect.can_listen if listen is None else listen
         self.completion_window = completion_window
         self.drain_timeout = drain_timeout
         self.stats = WorkerStats()
@@ -203,7 +204,7 @@ class Worker:
         self._stopping = False
         self._flush_lock = asyncio.Lock()
         # LISTEN on the stage's channel while running (no I/O until run()).
-        self.listener = Listener(connect, self.stage.channel, self._wake) if listen else None
+        self.listener = Listener(connect, self.stage.channel, self._wake) if self.listen else None
 
     # -- the loop ---------------------------------------------------------------------------
 

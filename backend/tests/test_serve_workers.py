@@ -1,0 +1,237 @@
+"""`glisk serve --workers N` (several API processes, one embedded database) and `glisk db check`,
+run as an operator runs them: real processes, real signals, a real server's pg_stat_activity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from glisk.embedded_pg import free_port
+from tests.conftest import Database
+from tests.pg import _libpq_kwargs
+
+START_SECONDS = 30.0  # two interpreters importing the app on a loaded 2-core machine
+GONE_SECONDS = 15.0
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Iterator[Path]:
+    # As root the embedded server runs as another user, who must traverse the directory.
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"glisk-serve-{os.getpid()}-{tmp_path.name}"
+    base.mkdir(mode=0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "APP_ENV", "DB_POOLER", "WORKER_LISTEN")
+    }
+    env["GLISK_ENV_FILE"] = os.devnull  # a developer's own .env must not leak into the test
+    env["LOG_LEVEL"] = "WARNING"
+    env.update(extra)
+    return env
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def _wait_gone(pids: set[int], seconds: float) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = {pid for pid in pids if _alive(pid)}
+        if not alive:
+            return alive
+        time.sleep(0.1)
+    return {pid for pid in pids if _alive(pid)}
+
+
+def _serve_two(data_dir: Path, http_port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "glisk.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(http_port),
+            "--workers",
+            "2",
+        ],
+        env=_env(GLISK_PG_DATA=str(data_dir), GLISK_PG_PORT=str(free_port())),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _api_processes(children: set[int]) -> set[int]:
+    # uvicorn's workers are multiprocessing "spawn" children; the parent's other children are
+    # postgres and multiprocessing's resource tracker.
+    found = set()
+    for pid in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _serving(process: subprocess.Popen[str], data_dir: Path, port: int) -> set[int]:
+    """Wait until /health answers 200 and both API processes run; return every child's pid
+    (postgres, the API processes, multiprocessing's resource tracker)."""
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        try:
+            healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        children = _children(process.pid)
+        if healthy and len(_api_processes(children)) == 2:
+            assert _postmaster(data_dir) in children
+            return children
+        time.sleep(0.2)
+    raise AssertionError(f"glisk serve --workers 2 not serving within {START_SECONDS:.0f} s")
+
+
+def test_serve_with_two_workers_runs_two_api_processes_and_sigterm_stops_them_and_postgres(
+    data_root: Path,
+) -> None:
+    data_dir, port = data_root / "pgdata", free_port()
+    process = _serve_two(data_dir, port)
+    try:
+        children = _serving(process, data_dir, port)
+        for _ in range(20):
+            assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        with psycopg.connect(
+            host="127.0.0.1", port=_pg_port(data_dir), user="postgres", dbname="glisk"
+        ) as conn:
+            # Sized for both processes: 2 x (200 + 10) + 50.
+            assert conn.execute("SHOW max_connections").fetchone() == ("470",)
+            names = conn.execute(
+                "SELECT DISTINCT application_name FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND application_name LIKE 'glisk%'"
+            ).fetchall()
+            assert ("glisk-api",) in names
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
+    assert _wait_gone(children, GONE_SECONDS) == set(), output
+
+
+def _postmaster(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+
+
+def _pg_port(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[3])
+
+
+def test_sigkill_of_serve_with_two_workers_leaves_no_api_process_or_postgres_behind(
+    data_root: Path,
+) -> None:
+    data_dir, port = data_root / "pgdata", free_port()
+    process = _serve_two(data_dir, port)
+    try:
+        children = _serving(process, data_dir, port)
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+    assert _wait_gone(children, GONE_SECONDS) == set(), "orphans after SIGKILL"
+    with pytest.raises(httpx.ConnectError):  # nobody holds the listening socket any more
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def _db_check(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "glisk.cli", "db", "check", *args],
+        env=_env(DATABASE_URL=url, DB_POOLER="none"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_db_check_counts_connections_per_application_name_and_warns_near_the_limit(
+    postgres_container: Database,
+) -> None:
+    url = postgres_container.direct_url or postgres_container.url
+    held = [
+        psycopg.connect(**_libpq_kwargs(url), application_name="glisk-worker")  # type: ignore[arg-type]
+        for _ in range(3)
+    ]
+    try:
+        calm = _db_check(url)
+        alarmed = _db_check(url, "--warn-at", "0")
+    finally:
+        for conn in held:
+            conn.close()
+
+    assert calm.returncode == 0, calm.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in calm.stdout.splitlines()}
+    assert rows["glisk-worker"][0] == "3"
+    assert rows["glisk-cli"][0] == "1"  # the check's own connection
+    [total] = [line for line in calm.stdout.splitlines() if line.startswith("in use ")]
+    in_use, usable = int(total.split()[2]), int(total.split()[4])
+    assert 4 <= in_use < usable  # ours, plus whatever else the suite holds open
+    assert "max_connections" in total
+    assert alarmed.returncode == 3
+    [warning] = [line for line in alarmed.stderr.splitlines() if line.startswith("warning:")]
+    assert "connections in use" in warning
+
+
+def test_db_check_warns_when_one_api_pool_exceeds_what_the_server_allows(
+    postgres_container: Database,
+) -> None:
+    url = postgres_container.direct_url or postgres_container.url
+    with psycopg.connect(**_libpq_kwargs(url)) as conn:  # type: ignore[arg-type]
+        row = conn.execute("SHOW max_connections").fetchone()
+    assert row is not None
+    result = subprocess.run(
+        [sys.executable, "-m", "glisk.cli", "db", "check"],
+        env=_env(DATABASE_URL=url, DB_POOLER="none", DB_POOL_SIZE=str(int(row[0]))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "one API process may open DB_POOL_SIZE + DB_MAX_OVERFLOW" in result.stderr
