@@ -27,15 +27,33 @@ from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
 
 S = TokenStatus
 
-# The whole state machine: target status -> the statuses it may be entered from.
+# The pipeline's forward edges, taken by the mark_* methods and the workers' stages:
 # detected -> generating -> uploading -> ready -> revealed; any non-terminal state -> failed.
-TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
+FORWARD: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.GENERATING: (S.DETECTED,),
     S.UPLOADING: (S.GENERATING,),
     S.READY: (S.UPLOADING,),
     S.REVEALED: (S.READY,),
     S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
 }
+# The one edge out of 'failed', an operator's decision taken only by Token.retry_from_failed: back
+# to the status the failed stage claims from (glisk.workers.stages.STAGES[stage].claim_from; a
+# test keeps the two equal, this module cannot import the workers).
+RETRY_TARGETS: dict[str, TokenStatus] = {
+    "image": S.DETECTED,
+    "upload": S.GENERATING,
+    "reveal": S.READY,
+}
+# The whole state machine: target status -> the statuses it may be entered from.
+TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
+    S.DETECTED: (S.FAILED,),
+    S.GENERATING: (S.DETECTED, S.FAILED),
+    S.UPLOADING: (S.GENERATING,),
+    S.READY: (S.UPLOADING, S.FAILED),
+    S.REVEALED: (S.READY,),
+    S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
+}
+# Finished for the pipeline: no worker claims these ('failed' is left only by an operator's retry).
 TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
 
 TOKEN_STATUS_ENUM = SAEnum(
@@ -59,8 +77,9 @@ def _transitioning() -> Iterator[None]:
 
 
 def check_transition(current: TokenStatus, target: TokenStatus) -> None:
-    """Raise InvalidStateTransition unless ``current -> target`` is in the table."""
-    allowed_from = TRANSITIONS.get(target, ())
+    """Raise InvalidStateTransition unless ``current -> target`` is a forward edge (the mark_*
+    methods and the stages; leaving 'failed' is Token.retry_from_failed's alone)."""
+    allowed_from = FORWARD.get(target, ())
     if current not in allowed_from:
         raise InvalidStateTransition(current, target, allowed_from)
 
@@ -206,6 +225,69 @@ class Token(Entity, table=True):
             raise v.FieldValidationError("error_dict", "must be a dict", error_dict)
         self._transition(S.FAILED)
         self.error_data = error_dict
+
+    def retry_from_failed(self, *, at: datetime | None = None) -> TokenStatus:
+        """failed -> the status its failed stage claims from; returns that status.
+
+        The stage is ``error_data['stage']`` (image -> detected, upload -> generating, reveal ->
+        ready). A failure that names no known stage (the transactional path's mark_failed) is
+        sent back to the earliest stage whose input the token lacks nothing for: reveal if it
+        has a metadata_cid, upload if it has an image_path, image otherwise. The token starts
+        that stage afresh: attempts, deferrals, backoff and checkpoint reset. A retry to the
+        image stage clears image_path (that stage claims only tokens without one). The previous
+        failure is appended to ``error_data['history']`` (with ``retried_at`` when ``at`` is
+        given) and is the only thing error_data then holds.
+
+        Raises InvalidStateTransition for a token in any other status, and for a stage whose
+        input the token lacks (upload without image_path, reveal without metadata_cid).
+        """
+        previous = dict(self.error_data or {})
+        stage = previous.get("stage")
+        if self.status != S.FAILED:
+            target = RETRY_TARGETS.get(stage, S.DETECTED) if isinstance(stage, str) else S.DETECTED
+            raise InvalidStateTransition(
+                self.status,
+                target,
+                (S.FAILED,),
+                message=(
+                    f"Cannot retry a token in '{self.status}': only a token in 'failed' "
+                    "state can be sent back to its stage."
+                ),
+            )
+        if not (isinstance(stage, str) and stage in RETRY_TARGETS):
+            stage = "reveal" if self.metadata_cid else "upload" if self.image_path else "image"
+        target = RETRY_TARGETS[stage]
+        missing = {
+            "upload": ("image_path", self.image_path),
+            "reveal": ("metadata_cid", self.metadata_cid),
+        }
+        if stage in missing and not missing[stage][1]:
+            raise InvalidStateTransition(
+                S.FAILED,
+                target,
+                (S.FAILED,),
+                message=(
+                    f"Cannot retry the {stage} stage of a token without {missing[stage][0]}: "
+                    f"moving it to '{target}' would leave it in no stage's queue."
+                ),
+            )
+        history = list(previous.pop("history", None) or [])
+        entry: dict[str, Any] = {**previous, "retried_to": target.value}
+        if at is not None:
+            entry["retried_at"] = at.isoformat()
+        history.append(entry)
+        with _transitioning():
+            self.status = target
+        if stage == "image":
+            self.image_path = None
+        self.attempts = 0
+        self.deferrals = 0
+        self.not_before = None
+        self.checkpoint = None
+        self.claim_id = None
+        self.lease_expires_at = None
+        self.error_data = {"history": history}
+        return target
 
     def _transition(self, target: TokenStatus) -> None:
         check_transition(self.status, target)
