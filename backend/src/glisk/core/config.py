@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     worker_max_deferrals: int = Field(default=20, ge=0, le=10000)
     worker_db_timeout: float = Field(default=10.0, gt=0, le=3600)
     worker_drain_timeout: float | None = Field(default=25.0, gt=0, le=86400)
+    # A worker's Prometheus endpoint (glisk worker --metrics-port); unset: none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
