@@ -144,7 +144,8 @@ def test_a_timed_reveal_handler_is_still_a_reconciler() -> None:
 
     wrapped: Any = WorkerMetrics("reveal").wrap(Revealer())
     assert isinstance(wrapped, Reconciler)
-    assert asyncio.run(wrapped.reconcile(None)) == "reconciled"
+    reconcile: Any = wrapped.reconcile
+    assert asyncio.run(reconcile(None)) == "reconciled"
     assert not isinstance(WorkerMetrics("image").wrap(Revealer().__call__), Reconciler)
 
 
