@@ -67,6 +67,13 @@ LATERAL (SELECT s0.status,
 """
 
 
+def plans() -> list[tuple[str, str]]:
+    from glisk.ops.status import FAILED_BY_REASON, STAGE_NAMES, STATUS_COUNTS, stage_counts
+
+    out = [(f"stage {name}", stage_counts(name)) for name in STAGE_NAMES]
+    return [*out, ("status counts", STATUS_COUNTS), ("failed by reason", FAILED_BY_REASON)]
+
+
 def timed(call: Callable[[], Any], iterations: int) -> tuple[float, float]:
     call()  # warm: plans cached, pages in shared buffers
     times: list[float] = []
@@ -96,6 +103,10 @@ def main() -> int:
         with psycopg.connect(dsn, autocommit=True) as conn:
             counts = collect(conn, exact=True).statuses
             print("statuses:", counts)
+            for label, statement in plans():
+                plan = conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {statement}".encode()).fetchall()
+                scans = [r[0].strip() for r in plan if "Scan" in r[0] or "Execution" in r[0]]
+                print(f"{label}: " + " | ".join(scans))
             rows = [
                 (
                     "SELECT 1 (round trip, baseline)",

@@ -20,7 +20,7 @@ from glisk.workers.reveal import Reconciler
 from glisk.workers.run import database_url_of
 from tests.conftest import Database
 from tests.test_api import api_settings, create_logged_app, logging_restored, serving
-from tests.test_ops import seed, sql
+from tests.test_ops import EXPECTED_STAGES, seed, sql
 
 
 def samples(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,6 +65,12 @@ async def test_api_metrics_parse_and_the_token_gauge_matches_the_table(
         assert got[("glisk_tokens", (("status", status),))] == table.get(status, 0), status
         assert cached[("glisk_tokens", (("status", status),))] == table.get(status, 0), status
     assert got[("glisk_tokens_revealed_estimated", ())] == 0
+    # The stage gauges: the seeded states of tests.test_ops (which checks them against SQL).
+    for stage, expected in EXPECTED_STAGES.items():
+        for state in ("waiting", "in_flight", "expired", "backoff"):
+            key = ("glisk_stage_tokens", (("stage", stage), ("state", state)))
+            assert got[key] == expected[state], (stage, state)
+        assert got[("glisk_stage_oldest_waiting_seconds", (("stage", stage),))] > 60 * 60
     assert (
         got[
             (

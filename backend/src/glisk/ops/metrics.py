@@ -10,7 +10,9 @@ API (``install_api_metrics``):
 - ``glisk_http_request_duration_seconds{method, route}`` (histogram)
 - ``glisk_tokens{status}``: tokens by status, read at most every ``TOKEN_GAUGE_TTL`` seconds with
   the index-backed statements of ``glisk status`` (revealed is estimated on large tables:
-  ``glisk_tokens_revealed_estimated`` is 1 then)
+  ``glisk_tokens_revealed_estimated`` is 1 then); from the same read,
+  ``glisk_stage_tokens{stage, state}`` (waiting, in_flight, expired, backoff) and
+  ``glisk_stage_oldest_waiting_seconds{stage}``
 
 Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
 path but the handler timing):
@@ -41,8 +43,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from glisk.ops.status import (
     ESTIMATE_ABOVE,
     REVEALED_EXACT,
+    STAGE_NAMES,
     STATUS_COUNTS,
     TABLE_ROWS,
+    stage_counts,
 )
 
 if TYPE_CHECKING:
@@ -57,12 +61,15 @@ _STATUSES = ("detected", "generating", "uploading", "ready", "revealed", "failed
 
 
 class TokenGauge(Collector):
-    """``glisk_tokens{status}`` from a cache refreshed by ``refresh`` at most every ``ttl`` s."""
+    """``glisk_tokens{status}`` and the stage gauges, from a cache that ``refresh`` renews at
+    most every ``ttl`` seconds (a scrape never waits on more than these few index reads)."""
 
     def __init__(self, ttl: float = TOKEN_GAUGE_TTL, estimate_above: int = ESTIMATE_ABOVE) -> None:
         self.ttl = ttl
         self.estimate_above = estimate_above
         self.counts: dict[str, int] | None = None
+        # stage -> (waiting, in flight, expired, backoff, oldest waiting seconds or None)
+        self.stages: dict[str, tuple[Any, ...]] = {}
         self.estimated = False
         self._read_at = float("-inf")
 
@@ -79,7 +86,11 @@ class TokenGauge(Collector):
                 counts["revealed"] = max(0, table_rows - sum(counts.values()))
             else:
                 counts["revealed"] = int((await conn.exec_driver_sql(REVEALED_EXACT)).scalar_one())
+            stages: dict[str, tuple[Any, ...]] = {}
+            for name in STAGE_NAMES:
+                stages[name] = tuple((await conn.exec_driver_sql(stage_counts(name))).one())
         self.counts = {s: counts.get(s, 0) for s in _STATUSES}
+        self.stages = stages
         self.estimated = estimated
         self._read_at = time.monotonic()
 
@@ -95,6 +106,24 @@ class TokenGauge(Collector):
             "1 when glisk_tokens{status='revealed'} is an estimate from planner statistics",
             value=1 if self.estimated else 0,
         )
+        by_state = GaugeMetricFamily(
+            "glisk_stage_tokens",
+            "Tokens of a stage by lease state (waiting, in_flight, expired, backoff)",
+            labels=["stage", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "glisk_stage_oldest_waiting_seconds",
+            "Seconds since the mint of the stage's oldest claimable token (0: none waits)",
+            labels=["stage"],
+        )
+        for name, row in self.stages.items():
+            for state, value in zip(
+                ("waiting", "in_flight", "expired", "backoff"), row, strict=False
+            ):
+                by_state.add_metric([name, state], int(value))
+            oldest.add_metric([name], float(row[4]) if row[4] is not None else 0.0)
+        yield by_state
+        yield oldest
 
 
 class ApiMetrics:
