@@ -76,7 +76,11 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
         with conn:
             try:
                 yield conn
-            except psycopg.errors.UndefinedColumn as exc:
+            except (
+                psycopg.errors.UndefinedColumn,
+                psycopg.errors.UndefinedTable,
+                psycopg.errors.UndefinedObject,
+            ) as exc:
                 raise CliError(
                     f"the database is not migrated ({exc.diag.message_primary}): "
                     "run 'glisk db upgrade'"
