@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 
 def add_parsers(commands: Any) -> None:
-    """Add ``status`` and ``tokens`` to the ``glisk`` subcommands."""
+    """Add ``status``, ``tokens`` and ``demo`` to the ``glisk`` subcommands."""
+    from glisk.ops.demo import add_parser as add_demo_parser
+
     status = commands.add_parser("status", help="tokens per stage, leases, failures, totals")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.add_argument(
@@ -53,6 +55,8 @@ def add_parsers(commands: Any) -> None:
     show = sub.add_parser("show", help="one token: status, lease, attempts, checkpoint, errors")
     show.add_argument("token_id", type=int)
     show.set_defaults(handler=cmd_tokens_show)
+
+    add_demo_parser(commands)
 
 
 @contextmanager
