@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -377,3 +378,48 @@ def test_show_prints_lease_holder_attempts_and_refuses_an_unknown_token(
     assert json.loads(out)["lease"] == "expired"
     code, _, err = glisk("tokens", "show", "424242")
     assert code == 1 and "token_id 424242: no such token" in err
+
+
+async def test_a_retried_token_that_fails_again_keeps_its_history_through_the_worker(
+    seeded: str, uow_factory: UnitOfWorkFactory
+) -> None:
+    from glisk.ops.tokens import RetryFilter, retry_failed
+    from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker
+    from glisk.workers.run import database_url_of
+
+    failed = _failed_ids(seeded)
+    with psycopg.connect(libpq_url(seeded), autocommit=True) as conn:
+        selection = RetryFilter.parse(ids=f"{failed[0]},{failed[1]}")
+        assert len(retry_failed(conn, selection).moved) == 2
+    # Everything else of the image stage out of the way: only the two retried tokens remain.
+    sql(
+        seeded,
+        "UPDATE tokens_s0 SET status = 'revealed', metadata_cid = 'bafy', claim_id = NULL, "
+        "lease_expires_at = NULL WHERE token_id <> ALL(%s) AND status <> 'failed' RETURNING 1",
+        failed,
+    )
+    calls: dict[int, int] = {}
+
+    async def image(claim: Claim) -> str:
+        calls[claim.token_id] = calls.get(claim.token_id, 0) + 1
+        if claim.token_id == failed[0]:
+            raise PermanentError("still broken")
+        if calls[claim.token_id] == 1:
+            raise RetryLater(0.01, "busy")  # an attempt's error_data, then success
+        raise RuntimeError("flaky")  # a retried attempt, then out of attempts
+
+    worker = Worker(
+        "image",
+        image,
+        ConnectOptions(database_url_of(uow_factory)),
+        max_attempts=1,
+        poll_interval=0.02,
+        backoff_base=0,
+    )
+    await asyncio.wait_for(worker.run(exit_when_idle=True), 30)
+    for token_id, reason in ((failed[0], "permanent_error"), (failed[1], "max_attempts_exceeded")):
+        ((status, error),) = sql(
+            seeded, "SELECT status::text, error_data FROM tokens_s0 WHERE token_id = %s", token_id
+        )
+        assert status == "failed" and error["reason"] == reason
+        assert [h["reason"] for h in error["history"]] == ["max_attempts_exceeded"], token_id

@@ -149,6 +149,17 @@ def test_retry_goes_to_what_the_failed_stage_claims_from_and_resets_the_attempts
     assert token.error_data == {"history": [{**(error_data or {}), "retried_to": target.value}]}
 
 
+def test_failing_a_retried_token_again_keeps_its_history() -> None:
+    token = factories.token(uuid.uuid4(), status=S.FAILED, error_data={"reason": "first"})
+    token.retry_from_failed()
+    token.mark_generating()
+    token.mark_failed({"reason": "second"})
+    assert token.error_data == {
+        "reason": "second",
+        "history": [{"reason": "first", "retried_to": "detected"}],
+    }
+
+
 def test_retry_refuses_a_stage_whose_input_the_token_lacks() -> None:
     token = factories.token(uuid.uuid4(), status=S.FAILED, error_data={"stage": "upload"})
     with pytest.raises(InvalidStateTransition, match="without image_path"):

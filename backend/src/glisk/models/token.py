@@ -219,12 +219,18 @@ class Token(Entity, table=True):
         self.image_path = v.text_length("image_path", image_path, 1, 2048)
 
     def mark_failed(self, error_dict: dict[str, Any]) -> None:
-        """Any non-terminal state -> failed; stores error_dict as error_data. Retrying is the
-        workers' business, not the model's."""
+        """Any non-terminal state -> failed; stores error_dict as error_data, keeping the
+        ``history`` of failures an operator retried (retry_from_failed) unless error_dict
+        brings its own. Retrying attempts is the workers' business, not the model's."""
         if not isinstance(error_dict, dict):
             raise v.FieldValidationError("error_dict", "must be a dict", error_dict)
+        history = (self.error_data or {}).get("history")
         self._transition(S.FAILED)
-        self.error_data = error_dict
+        self.error_data = (
+            {**error_dict, "history": history}
+            if history is not None and "history" not in error_dict
+            else error_dict
+        )
 
     def retry_from_failed(self, *, at: datetime | None = None) -> TokenStatus:
         """failed -> the status its failed stage claims from; returns that status.
