@@ -144,7 +144,12 @@ def retry_failed(
         rows = cur.execute(statement.encode(), params).fetchall()
         found = {int(row["token_id"]) for row in rows}
         for missing in sorted(set(selection.ids or ()) - found):
-            outcome.refused.append((missing, "no such token"))
+            why = (
+                "no such token"
+                if selection == RetryFilter(ids=selection.ids)
+                else ("no such token, or it does not match the other filters")
+            )
+            outcome.refused.append((missing, why))
         writes: list[dict[str, Any]] = []
         for row in rows:
             now = row.pop("now")
