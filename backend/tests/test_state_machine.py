@@ -25,7 +25,13 @@ LEGAL = {
     (S.GENERATING, S.FAILED),
     (S.UPLOADING, S.FAILED),
     (S.READY, S.FAILED),
+    # The operator's retry: a failed token goes back to what its failed stage claims from.
+    (S.FAILED, S.DETECTED),
+    (S.FAILED, S.GENERATING),
+    (S.FAILED, S.READY),
 }
+# The stage whose failure a retry to each status undoes.
+RETRY_STAGE = {S.DETECTED: "image", S.GENERATING: "upload", S.READY: "reveal"}
 
 METHODS: dict[TokenStatus, Callable[[Token], None]] = {
     S.GENERATING: lambda t: t.mark_generating(),
@@ -37,13 +43,25 @@ METHODS: dict[TokenStatus, Callable[[Token], None]] = {
 
 
 def _token(status: TokenStatus) -> Token:
+    if status == S.FAILED:
+        # A failed token with everything any stage needs, so every retry target is reachable.
+        return factories.token(
+            uuid.uuid4(),
+            status=status,
+            image_path="/images/1.png",
+            metadata_cid="bafy-meta",
+            error_data={"reason": "boom"},
+        )
     return factories.token(uuid.uuid4(), status=status)
 
 
 def _change(token: Token, target: TokenStatus) -> None:
-    if target in METHODS:
+    if token.status == S.FAILED and target in RETRY_STAGE:
+        token.error_data = {"reason": "boom", "stage": RETRY_STAGE[target]}
+        token.retry_from_failed()
+    elif target in METHODS:
         METHODS[target](token)
-    else:  # nothing leads back to 'detected'; the only way to try is direct assignment
+    else:  # only a retry leads back to 'detected'; otherwise the way to try is assignment
         token.status = target
 
 
@@ -70,6 +88,83 @@ def test_every_status_pair_is_allowed_exactly_when_the_state_machine_says_so(
         assert token.status == current
         assert token.metadata_cid == before.get("metadata_cid")
         assert token.error_data == before.get("error_data")
+
+
+def test_the_table_is_the_forward_edges_plus_the_retry_edges_and_matches_the_stages() -> None:
+    from glisk.models.transitions import FORWARD, RETRY_TARGETS, TRANSITIONS
+    from glisk.workers.stages import STAGES
+
+    table = {(source, target) for target, sources in TRANSITIONS.items() for source in sources}
+    assert table == LEGAL
+    forward = {(source, target) for target, sources in FORWARD.items() for source in sources}
+    assert table - forward == {(S.FAILED, target) for target in RETRY_TARGETS.values()}
+    assert {name: stage.claim_from for name, stage in STAGES.items()} == RETRY_TARGETS
+
+
+@pytest.mark.parametrize("target", [S.GENERATING, S.READY], ids=str)
+def test_a_failed_token_leaves_failed_only_through_the_retry(target: TokenStatus) -> None:
+    token = _token(S.FAILED)
+    with pytest.raises(InvalidStateTransition):
+        METHODS[target](token)
+    assert token.status == S.FAILED
+
+
+@pytest.mark.parametrize("current", [s for s in S if s != S.FAILED], ids=str)
+def test_retry_is_refused_for_every_status_but_failed(current: TokenStatus) -> None:
+    token = _token(current)
+    before = dict(token.__dict__)
+    with pytest.raises(InvalidStateTransition, match=f"Cannot retry a token in '{current}'"):
+        token.retry_from_failed()
+    assert token.__dict__ == before
+
+
+@pytest.mark.parametrize(
+    ("error_data", "image_path", "metadata_cid", "target"),
+    [
+        ({"stage": "image"}, None, None, S.DETECTED),
+        ({"stage": "upload"}, "/i.png", None, S.GENERATING),
+        ({"stage": "reveal"}, "/i.png", "bafy", S.READY),
+        # No stage recorded (the transactional path): the first stage whose input is missing.
+        ({"reason": "x"}, None, None, S.DETECTED),
+        ({"reason": "x"}, "/i.png", None, S.GENERATING),
+        ({"reason": "x"}, "/i.png", "bafy", S.READY),
+        (None, None, None, S.DETECTED),
+    ],
+)
+def test_retry_goes_to_what_the_failed_stage_claims_from_and_resets_the_attempts(
+    error_data: dict[str, Any] | None, image_path: str | None, metadata_cid: str | None, target: S
+) -> None:
+    token = factories.token(
+        uuid.uuid4(),
+        status=S.FAILED,
+        image_path=image_path,
+        metadata_cid=metadata_cid,
+        error_data=error_data,
+        attempts=3,
+        deferrals=2,
+        checkpoint={"step": 1},
+    )
+    assert token.retry_from_failed() == target
+    assert (token.status, token.attempts, token.deferrals, token.checkpoint) == (target, 0, 0, None)
+    assert token.error_data == {"history": [{**(error_data or {}), "retried_to": target.value}]}
+
+
+def test_failing_a_retried_token_again_keeps_its_history() -> None:
+    token = factories.token(uuid.uuid4(), status=S.FAILED, error_data={"reason": "first"})
+    token.retry_from_failed()
+    token.mark_generating()
+    token.mark_failed({"reason": "second"})
+    assert token.error_data == {
+        "reason": "second",
+        "history": [{"reason": "first", "retried_to": "detected"}],
+    }
+
+
+def test_retry_refuses_a_stage_whose_input_the_token_lacks() -> None:
+    token = factories.token(uuid.uuid4(), status=S.FAILED, error_data={"stage": "upload"})
+    with pytest.raises(InvalidStateTransition, match="without image_path"):
+        token.retry_from_failed()
+    assert token.status == S.FAILED and token.error_data == {"stage": "upload"}
 
 
 def test_invalid_transition_message_names_current_and_required_state() -> None:

@@ -29,6 +29,7 @@ from glisk.core.config import PoolerMode, Settings, load_settings
 from glisk.core.database import engine_of, masked_url, psycopg_connect_kwargs, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
+from glisk.ops.metrics import install_api_metrics
 from glisk.uow import create_uow_factory
 
 log = structlog.get_logger("glisk.app")
@@ -129,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(health.router)
+    # GET /metrics and the request counters; the innermost middleware, where the route is known.
+    install_api_metrics(app)
     # add_middleware wraps what is there, so the last one added is the outermost.
     # Innermost: an unexpected exception becomes the 500 envelope inside CORS, which then adds
     # its headers so a browser can read the error.

@@ -1,4 +1,4 @@
-"""The ``glisk`` command: ``serve``, ``worker`` and ``db upgrade|downgrade|current|check``.
+"""The ``glisk`` command: ``serve``, ``worker``, ``status``, ``tokens`` and ``db ...``.
 
 Without DATABASE_URL both start the embedded PostgreSQL (data kept between runs) and stop it on
 exit. Configuration and connection problems end in one clear line on stderr and a non-zero exit.
@@ -23,6 +23,7 @@ from glisk.core.database import masked_url
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+from glisk.ops.command import add_parsers as add_ops_parsers
 from glisk.workers.command import add_parser as add_worker_parser
 
 EMBEDDED_DATABASE = "glisk"
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     add_worker_parser(commands).set_defaults(handler=cmd_worker)
+    add_ops_parsers(commands)  # status, tokens retry|show
 
     db = commands.add_parser("db", help="schema migrations (Alembic)")
     db_commands = db.add_subparsers(dest="db_command", required=True)

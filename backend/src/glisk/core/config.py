@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     worker_listen: bool | None = None
     # None means "sized from the worker's concurrency" (see worker_pool_size).
     worker_db_pool_size: int | None = Field(default=None, ge=1, le=1000)
+    # A worker's Prometheus endpoint (glisk worker --metrics-port); unset: none.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"

@@ -23,7 +23,12 @@ from glisk.models._columns import (
 )
 from glisk.models.base import Entity
 from glisk.models.enums import InvalidStateTransition, TokenStatus
-from glisk.models.transitions import TERMINAL, TRANSITIONS, check_transition
+from glisk.models.transitions import (
+    RETRY_TARGETS,
+    TERMINAL,
+    TRANSITIONS,
+    check_transition,
+)
 from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
 
 S = TokenStatus
@@ -183,12 +188,81 @@ class Token(Entity, table=True):
         self.image_path = v.text_length("image_path", image_path, 1, 2048)
 
     def mark_failed(self, error_dict: dict[str, Any]) -> None:
-        """Any non-terminal state -> failed; stores error_dict as error_data. Retrying is the
-        workers' business, not the model's."""
+        """Any non-terminal state -> failed; stores error_dict as error_data, keeping the
+        ``history`` of failures an operator retried (retry_from_failed) unless error_dict
+        brings its own. Retrying attempts is the workers' business, not the model's."""
         if not isinstance(error_dict, dict):
             raise v.FieldValidationError("error_dict", "must be a dict", error_dict)
+        history = (self.error_data or {}).get("history")
         self._transition(S.FAILED)
-        self.error_data = error_dict
+        self.error_data = (
+            {**error_dict, "history": history}
+            if history is not None and "history" not in error_dict
+            else error_dict
+        )
+
+    def retry_from_failed(self, *, at: datetime | None = None) -> TokenStatus:
+        """failed -> the status its failed stage claims from; returns that status.
+
+        The stage is ``error_data['stage']`` (image -> detected, upload -> generating, reveal ->
+        ready). A failure that names no known stage (the transactional path's mark_failed) is
+        sent back to the earliest stage whose input the token lacks nothing for: reveal if it
+        has a metadata_cid, upload if it has an image_path, image otherwise. The token starts
+        that stage afresh: attempts, deferrals, backoff and checkpoint reset. A retry to the
+        image stage clears image_path (that stage claims only tokens without one). The previous
+        failure is appended to ``error_data['history']`` (with ``retried_at`` when ``at`` is
+        given) and is the only thing error_data then holds.
+
+        Raises InvalidStateTransition for a token in any other status, and for a stage whose
+        input the token lacks (upload without image_path, reveal without metadata_cid).
+        """
+        previous = dict(self.error_data or {})
+        stage = previous.get("stage")
+        if self.status != S.FAILED:
+            target = RETRY_TARGETS.get(stage, S.DETECTED) if isinstance(stage, str) else S.DETECTED
+            raise InvalidStateTransition(
+                self.status,
+                target,
+                (S.FAILED,),
+                message=(
+                    f"Cannot retry a token in '{self.status}': only a token in 'failed' "
+                    "state can be sent back to its stage."
+                ),
+            )
+        if not (isinstance(stage, str) and stage in RETRY_TARGETS):
+            stage = "reveal" if self.metadata_cid else "upload" if self.image_path else "image"
+        target = RETRY_TARGETS[stage]
+        missing = {
+            "upload": ("image_path", self.image_path),
+            "reveal": ("metadata_cid", self.metadata_cid),
+        }
+        if stage in missing and not missing[stage][1]:
+            raise InvalidStateTransition(
+                S.FAILED,
+                target,
+                (S.FAILED,),
+                message=(
+                    f"Cannot retry the {stage} stage of a token without {missing[stage][0]}: "
+                    f"moving it to '{target}' would leave it in no stage's queue."
+                ),
+            )
+        history = list(previous.pop("history", None) or [])
+        entry: dict[str, Any] = {**previous, "retried_to": target.value}
+        if at is not None:
+            entry["retried_at"] = at.isoformat()
+        history.append(entry)
+        with _transitioning():
+            self.status = target
+        if stage == "image":
+            self.image_path = None
+        self.attempts = 0
+        self.deferrals = 0
+        self.not_before = None
+        self.checkpoint = None
+        self.claim_id = None
+        self.lease_expires_at = None
+        self.error_data = {"history": history}
+        return target
 
     def _transition(self, target: TokenStatus) -> None:
         check_transition(self.status, target)

@@ -11,20 +11,39 @@ from glisk.models.enums import InvalidStateTransition, TokenStatus
 
 S = TokenStatus
 
-# The whole state machine: target status -> the statuses it may be entered from.
+# The pipeline's forward edges, taken by the mark_* methods and the workers' stages:
 # detected -> generating -> uploading -> ready -> revealed; any non-terminal state -> failed.
-TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
+FORWARD: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.GENERATING: (S.DETECTED,),
     S.UPLOADING: (S.GENERATING,),
     S.READY: (S.UPLOADING,),
     S.REVEALED: (S.READY,),
     S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
 }
+# The one edge out of 'failed', an operator's decision taken only by Token.retry_from_failed: back
+# to the status the failed stage claims from (glisk.workers.stages.STAGES[stage].claim_from; a
+# test keeps the two equal, this module cannot import the workers).
+RETRY_TARGETS: dict[str, TokenStatus] = {
+    "image": S.DETECTED,
+    "upload": S.GENERATING,
+    "reveal": S.READY,
+}
+# The whole state machine: target status -> the statuses it may be entered from.
+TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
+    S.DETECTED: (S.FAILED,),
+    S.GENERATING: (S.DETECTED, S.FAILED),
+    S.UPLOADING: (S.GENERATING,),
+    S.READY: (S.UPLOADING, S.FAILED),
+    S.REVEALED: (S.READY,),
+    S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
+}
+# Finished for the pipeline: no worker claims these ('failed' is left only by an operator's retry).
 TERMINAL: frozenset[TokenStatus] = frozenset({S.REVEALED, S.FAILED})
 
 
 def check_transition(current: TokenStatus, target: TokenStatus) -> None:
-    """Raise InvalidStateTransition unless ``current -> target`` is in the table."""
-    allowed_from = TRANSITIONS.get(target, ())
+    """Raise InvalidStateTransition unless ``current -> target`` is a forward edge (the mark_*
+    methods and the stages; leaving 'failed' is Token.retry_from_failed's alone)."""
+    allowed_from = FORWARD.get(target, ())
     if current not in allowed_from:
         raise InvalidStateTransition(current, target, allowed_from)

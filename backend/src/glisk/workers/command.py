@@ -49,6 +49,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--no-listen", action="store_true", help="poll only, no LISTEN (WORKER_LISTEN=false)"
     )
     worker.add_argument("--worker-id", help="holder name recorded on claims (default host:pid:rnd)")
+    worker.add_argument("--metrics-port", type=int, help="serve /metrics (WORKER_METRICS_PORT)")
     return worker
 
 
@@ -121,10 +122,20 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
     timeout = options.pop("db_timeout")
     options.pop("prepare_statements")  # follows DB_POOLER, given to the connection options
     connect = ConnectOptions(url, timeout=timeout, pooler=settings.db_pooler)
+    port = args.metrics_port or settings.worker_metrics_port
+    metrics = None
+    if port is not None:  # operator's metrics (glisk.ops.metrics): the handler timed, stats read
+        from glisk.ops.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(args.stage)
+        handler = metrics.wrap(handler)
     try:
         worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
     except FieldValidationError as exc:
         raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    if metrics is not None and port is not None:
+        metrics.attach(worker)
+        metrics.serve(port)
     asyncio.run(_run(worker, connect))
 
 

@@ -56,6 +56,8 @@ exhausted AS (
             'attempts', t.attempts,
             'last_holder', t.claimed_by,
             'last_error', t.error_data -> 'last_error')
+            || CASE WHEN t.error_data -> 'history' IS NULL THEN CAST('{{}}' AS jsonb)
+                    ELSE jsonb_build_object('history', t.error_data -> 'history') END
     FROM candidates AS c
     WHERE t.id = c.id AND c.out_of_attempts
     RETURNING t.id, t.token_id, t.author_id, t.claim_id, t.claimed_by, t.attempts, t.deferrals,
@@ -133,8 +135,9 @@ _FAIL = """
 --   'defer'     the handler asked to be called again later (RetryLater): the attempt is given
 --               back and the token waits exactly its delay.
 -- error_data keeps the last error while retrying, and the reason, stage, attempts and last holder
--- once failed; the checkpoint is kept for the next attempt, and cleared once failed. A claim
--- no longer live matches nothing. Locks the held rows in id order.
+-- once failed, next to the history of failures an operator retried (glisk tokens retry); the
+-- checkpoint is kept for the next attempt, and cleared once failed. A claim no longer live
+-- matches nothing. Locks the held rows in id order.
 WITH failures AS (
     SELECT * FROM unnest(CAST(%(claim_ids)s AS uuid[]), CAST(%(errors)s AS text[]),
                          CAST(%(kinds)s AS text[]), CAST(%(delays)s AS float8[]))
@@ -166,6 +169,8 @@ SET status = CASE WHEN h.final THEN CAST('failed' AS token_status_enum) ELSE t.s
             'last_error', h.error)
         ELSE jsonb_build_object('last_error', h.error, 'attempts', h.attempts)
     END
+    || CASE WHEN t.error_data -> 'history' IS NULL THEN CAST('{{}}' AS jsonb)
+            ELSE jsonb_build_object('history', t.error_data -> 'history') END
 FROM held AS h
 WHERE t.id = h.id
 RETURNING h.claim_id, h.final

@@ -1,0 +1,151 @@
+"""``glisk status`` and ``glisk tokens retry|show``: the operator's commands.
+
+They need database access (DATABASE_URL, or the embedded server in development) and nothing
+else; nothing here is reachable over HTTP. Heavy imports (rich, psycopg) wait for the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from glisk.core.config import Settings
+
+
+def add_parsers(commands: Any) -> None:
+    """Add ``status``, ``tokens`` and ``demo`` to the ``glisk`` subcommands."""
+    from glisk.ops.demo import add_parser as add_demo_parser
+
+    status = commands.add_parser("status", help="tokens per stage, leases, failures, totals")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
+    status.add_argument(
+        "--exact", action="store_true", help="count revealed tokens instead of estimating"
+    )
+    status.set_defaults(handler=cmd_status)
+
+    tokens = commands.add_parser("tokens", help="inspect tokens, send failed tokens back")
+    sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    retry = sub.add_parser(
+        "retry", help="move failed tokens back to the status their failed stage claims from"
+    )
+    retry.add_argument("--ids", help="token ids (token_id), comma-separated")
+    retry.add_argument("--reason", help="only tokens failed with this error_data reason")
+    retry.add_argument("--stage", choices=["image", "upload", "reveal"], help="failed stage")
+    retry.add_argument("--since", help="only tokens minted at or after this ISO time (UTC)")
+    retry.add_argument(
+        "--dry-run", action="store_true", help="show what would move, change nothing"
+    )
+    retry.set_defaults(handler=cmd_tokens_retry)
+    show = sub.add_parser("show", help="one token: status, lease, attempts, checkpoint, errors")
+    show.add_argument("token_id", type=int)
+    show.set_defaults(handler=cmd_tokens_show)
+
+    add_demo_parser(commands)
+
+
+@contextmanager
+def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection to the configured (or embedded) database; CliError if unusable."""
+    import psycopg
+
+    from glisk.cli import CliError, database
+    from glisk.workers.connection import libpq_url
+
+    with database(settings) as url:
+        try:
+            conn = psycopg.connect(
+                libpq_url(url),
+                autocommit=True,
+                connect_timeout=max(2, int(settings.db_connect_timeout)),
+                application_name="glisk-ops",
+            )
+        except psycopg.Error as exc:
+            raise CliError(f"database unreachable: {str(exc).strip().splitlines()[0]}") from None
+        with conn:
+            try:
+                yield conn
+            except (
+                psycopg.errors.UndefinedColumn,
+                psycopg.errors.UndefinedTable,
+                psycopg.errors.UndefinedObject,
+            ) as exc:
+                raise CliError(
+                    f"the database is not migrated ({exc.diag.message_primary}): "
+                    "run 'glisk db upgrade'"
+                ) from None
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.ops.status import collect, render
+
+    with _connection(settings) as conn:
+        if args.json:
+            print(json.dumps(collect(conn, exact=args.exact).as_json(), indent=2))
+            return
+        from rich.console import Console
+
+        console = Console()
+        if args.watch is None:
+            console.print(render(collect(conn, exact=args.exact)))
+            return
+        from rich.live import Live
+
+        interval = max(0.2, float(args.watch))
+        with Live(render(collect(conn, exact=args.exact)), console=console) as live:
+            while True:  # until Ctrl-C (KeyboardInterrupt: exit 130 in glisk.cli.main)
+                time.sleep(interval)
+                live.update(render(collect(conn, exact=args.exact)))
+
+
+def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.cli import EXIT_CONFIG, CliError
+    from glisk.models.validation import FieldValidationError
+    from glisk.ops.tokens import RetryFilter, retry_failed
+
+    try:
+        selection = RetryFilter.parse(
+            ids=args.ids, reason=args.reason, stage=args.stage, since=args.since
+        )
+    except FieldValidationError as exc:
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    with _connection(settings) as conn:
+        outcome = retry_failed(conn, selection, dry_run=args.dry_run)
+    verb = "would move" if args.dry_run else "moved"
+    for moved in outcome.moved:
+        print(
+            f"token {moved.token_id}: failed ({moved.stage or '-'}: {moved.reason or '-'}) "
+            f"-> {moved.target} [{verb}]"
+        )
+    for token_id, why in outcome.refused:
+        print(f"token {token_id}: refused: {why}", file=sys.stderr)
+    by_target = ", ".join(f"{n} to {t}" for t, n in sorted(outcome.by_target().items()))
+    print(f"{len(outcome.moved)} token(s) {verb}{': ' + by_target if by_target else ''}")
+    if outcome.refused:
+        raise CliError(f"{len(outcome.refused)} selected token(s) refused (see above)")
+
+
+def cmd_tokens_show(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.cli import CliError
+    from glisk.ops.tokens import show_token
+
+    with _connection(settings) as conn:
+        shown = show_token(conn, args.token_id)
+    if shown is None:
+        raise CliError(f"token_id {args.token_id}: no such token")
+    print(json.dumps(shown, indent=2, default=str))

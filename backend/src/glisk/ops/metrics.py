@@ -1,0 +1,284 @@
+"""Prometheus metrics: the API's ``/metrics`` and a worker's own endpoint.
+
+Counts and durations only: no label ever holds a wallet, a prompt, a URL or a token id (routes
+are labelled by their template, ``/tokens/{token_id}``, and requests that match no route by
+``<unmatched>``). Each app and each worker builds its own ``CollectorRegistry``: nothing is
+registered at import.
+
+API (``install_api_metrics``):
+- ``glisk_http_requests_total{method, route, status}``
+- ``glisk_http_request_duration_seconds{method, route}`` (histogram)
+- ``glisk_tokens{status}``: tokens by status, read at most every ``TOKEN_GAUGE_TTL`` seconds with
+  the index-backed statements of ``glisk status`` (revealed is estimated on large tables:
+  ``glisk_tokens_revealed_estimated`` is 1 then); from the same read,
+  ``glisk_stage_tokens{stage, state}`` (waiting, in_flight, expired, backoff) and
+  ``glisk_stage_oldest_waiting_seconds{stage}``
+
+Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
+path but the handler timing):
+- ``glisk_worker_claims_total``, ``glisk_worker_completions_total``,
+  ``glisk_worker_failures_total{kind}`` (attempt: a handler failure, retried or final;
+  exhausted: a claim that found the attempts used up; deferred: a RetryLater),
+  ``glisk_worker_rescues_total``, ``glisk_worker_refused_total`` (late results dropped),
+  ``glisk_worker_released_total``, ``glisk_worker_db_errors_total``
+- ``glisk_worker_handler_duration_seconds{outcome}`` (histogram; one observation per handler
+  call: one token, or one reveal batch), ``glisk_worker_handlers_in_flight``
+All worker series carry ``stage`` and ``worker`` labels (the holder name recorded on claims).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from glisk.ops.status import (
+    ESTIMATE_ABOVE,
+    REVEALED_EXACT,
+    STAGE_NAMES,
+    STATUS_COUNTS,
+    TABLE_ROWS,
+    stage_counts,
+)
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from glisk.workers.worker import Worker
+
+TOKEN_GAUGE_TTL = 10.0
+UNMATCHED = "<unmatched>"
+_STATUSES = ("detected", "generating", "uploading", "ready", "revealed", "failed")
+
+
+class TokenGauge(Collector):
+    """``glisk_tokens{status}`` and the stage gauges, from a cache that ``refresh`` renews at
+    most every ``ttl`` seconds (a scrape never waits on more than these few index reads)."""
+
+    def __init__(self, ttl: float = TOKEN_GAUGE_TTL, estimate_above: int = ESTIMATE_ABOVE) -> None:
+        self.ttl = ttl
+        self.estimate_above = estimate_above
+        self.counts: dict[str, int] | None = None
+        # stage -> (waiting, in flight, expired, backoff, oldest waiting seconds or None)
+        self.stages: dict[str, tuple[Any, ...]] = {}
+        self.estimated = False
+        self._read_at = float("-inf")
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        """Re-read the counts if the cache is older than ``ttl``. Database errors propagate."""
+        if time.monotonic() - self._read_at < self.ttl:
+            return
+        async with engine.connect() as conn:
+            rows = cast("list[tuple[Any, Any]]", (await conn.exec_driver_sql(STATUS_COUNTS)).all())
+            counts = {str(row[0]): int(row[1]) for row in rows}
+            table_rows = int((await conn.exec_driver_sql(TABLE_ROWS)).scalar_one())
+            estimated = table_rows > self.estimate_above
+            if estimated:
+                counts["revealed"] = max(0, table_rows - sum(counts.values()))
+            else:
+                counts["revealed"] = int((await conn.exec_driver_sql(REVEALED_EXACT)).scalar_one())
+            stages: dict[str, tuple[Any, ...]] = {}
+            for name in STAGE_NAMES:
+                stages[name] = tuple((await conn.exec_driver_sql(stage_counts(name))).one())
+        self.counts = {s: counts.get(s, 0) for s in _STATUSES}
+        self.stages = stages
+        self.estimated = estimated
+        self._read_at = time.monotonic()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.counts is None:
+            return
+        tokens = GaugeMetricFamily("glisk_tokens", "Tokens by status", labels=["status"])
+        for status, n in self.counts.items():
+            tokens.add_metric([status], n)
+        yield tokens
+        yield GaugeMetricFamily(
+            "glisk_tokens_revealed_estimated",
+            "1 when glisk_tokens{status='revealed'} is an estimate from planner statistics",
+            value=1 if self.estimated else 0,
+        )
+        by_state = GaugeMetricFamily(
+            "glisk_stage_tokens",
+            "Tokens of a stage by lease state (waiting, in_flight, expired, backoff)",
+            labels=["stage", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "glisk_stage_oldest_waiting_seconds",
+            "Seconds since the mint of the stage's oldest claimable token (0: none waits)",
+            labels=["stage"],
+        )
+        for name, row in self.stages.items():
+            for state, value in zip(
+                ("waiting", "in_flight", "expired", "backoff"), row, strict=False
+            ):
+                by_state.add_metric([name, state], int(value))
+            oldest.add_metric([name], float(row[4]) if row[4] is not None else 0.0)
+        yield by_state
+        yield oldest
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "glisk_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "glisk_http_request_duration_seconds",
+            "HTTP request duration by route template",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.tokens = TokenGauge()
+        self.registry.register(self.tokens)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (read from the scope after
+    routing, so an id in the path never becomes a label)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            method = scope["method"]
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
+
+
+def install_api_metrics(app: FastAPI) -> ApiMetrics:
+    """Add ``GET /metrics`` and the request middleware to ``app`` (call before it starts). The
+    token gauge reads through ``app.state.engine``, which the lifespan publishes."""
+    metrics = ApiMetrics()
+
+    async def metrics_endpoint(request: Request) -> Response:
+        await metrics.tokens.refresh(request.app.state.engine)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return metrics
+
+
+class _WorkerStatsCollector(Collector):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.worker.stats
+        labels = ["stage", "worker"]
+        values = [self.worker.stage.name.value, self.worker.holder]
+
+        def counter(name: str, doc: str, value: int) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        yield counter("glisk_worker_claims", "Tokens claimed", stats.claimed)
+        yield counter("glisk_worker_completions", "Tokens completed", stats.completed)
+        failures = CounterMetricFamily(
+            "glisk_worker_failures", "Failures by kind", labels=[*labels, "kind"]
+        )
+        failures.add_metric([*values, "attempt"], stats.failed)
+        failures.add_metric([*values, "exhausted"], stats.exhausted)
+        failures.add_metric([*values, "deferred"], stats.deferred)
+        yield failures
+        yield counter(
+            "glisk_worker_rescues", "Tokens taken over from an expired lease", stats.rescued
+        )
+        yield counter("glisk_worker_refused", "Late results refused (lease lost)", stats.refused)
+        yield counter("glisk_worker_released", "Claims given back unstarted", stats.released)
+        yield counter(
+            "glisk_worker_db_errors", "Database calls failed or timed out", stats.db_errors
+        )
+
+
+class WorkerMetrics:
+    """A worker's registry. ``wrap`` times its handler (before the Worker is built);
+    ``attach`` reads the worker's stats on scrape; ``serve`` starts the HTTP endpoint."""
+
+    def __init__(self, stage: str, worker_id: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.stage = stage
+        self.duration = Histogram(
+            "glisk_worker_handler_duration_seconds",
+            "Handler call duration (one token, or one reveal batch)",
+            ["stage", "outcome"],
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.in_flight = Gauge(
+            "glisk_worker_handlers_in_flight",
+            "Handler calls running now",
+            ["stage"],
+            registry=self.registry,
+        )
+
+    def wrap(self, handler: Any) -> Any:
+        """The handler, timed. Keeps a ``reconcile`` method (the reveal stage's Reconciler)."""
+        if callable(getattr(handler, "reconcile", None)):
+            return _TimedReconciler(handler, self)
+        return _Timed(handler, self)
+
+    def attach(self, worker: Worker) -> None:
+        self.registry.register(_WorkerStatsCollector(worker))
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve ``/metrics`` on ``port`` from a daemon thread for the process's life."""
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _Timed:
+    def __init__(self, handler: Callable[[Any], Awaitable[Any]], metrics: WorkerMetrics) -> None:
+        self._handler = handler
+        self._metrics = metrics
+
+    async def __call__(self, arg: Any) -> Any:
+        stage = self._metrics.stage
+        started = time.perf_counter()
+        outcome = "error"
+        self._metrics.in_flight.labels(stage).inc()
+        try:
+            result = await self._handler(arg)
+            outcome = "ok"
+            return result
+        finally:
+            self._metrics.in_flight.labels(stage).dec()
+            self._metrics.duration.labels(stage, outcome).observe(time.perf_counter() - started)
+
+
+class _TimedReconciler(_Timed):
+    def reconcile(self, pending: Any) -> Any:
+        return self._handler.reconcile(pending)  # type: ignore[attr-defined]

@@ -1,0 +1,197 @@
+"""``glisk tokens retry`` and ``glisk tokens show``: one token's story, and failed tokens sent back.
+
+A retry goes through ``Token.retry_from_failed`` for every selected row (the state machine's one
+edge out of 'failed'), then writes what the method changed. Set-based in its reads and writes,
+row-by-row in its rules: a token the method refuses is reported and left alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from glisk.models import validation as v
+from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.models.token import RETRY_TARGETS, Token
+
+NOW = "(now() AT TIME ZONE 'utc')"
+STAGE_OF_TARGET: dict[TokenStatus, str] = {status: stage for stage, status in RETRY_TARGETS.items()}
+_COLUMNS = (
+    "id, token_id, author_id, minter_address, status, mint_timestamp, image_path, image_cid, "
+    "metadata_cid, reveal_tx_hash, error_data, created_at, claimed_by, claim_id, "
+    "lease_expires_at, attempts, not_before, deferrals, checkpoint"
+)
+
+
+@dataclass(frozen=True)
+class RetryFilter:
+    """Which failed tokens to send back; every given filter must match (AND). At least one."""
+
+    ids: tuple[int, ...] | None = None
+    reason: str | None = None
+    stage: str | None = None
+    since: datetime | None = None  # minted at or after (UTC)
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        ids: str | None = None,
+        reason: str | None = None,
+        stage: str | None = None,
+        since: str | None = None,
+    ) -> RetryFilter:
+        """From the command line's strings; FieldValidationError naming the option."""
+        parsed_ids: tuple[int, ...] | None = None
+        if ids is not None:
+            try:
+                parsed_ids = tuple(int(part) for part in ids.split(",") if part.strip())
+            except ValueError:
+                raise v.FieldValidationError(
+                    "--ids", "must be token ids separated by commas, e.g. 12,40,41", ids
+                ) from None
+            if not parsed_ids:
+                raise v.FieldValidationError("--ids", "must name at least one token id", ids)
+        if stage is not None and stage not in RETRY_TARGETS:
+            raise v.FieldValidationError(
+                "--stage", f"must be one of: {', '.join(RETRY_TARGETS)}", stage
+            )
+        parsed_since: datetime | None = None
+        if since is not None:
+            try:
+                parsed_since = datetime.fromisoformat(since)
+            except ValueError:
+                raise v.FieldValidationError(
+                    "--since", "must be an ISO date or time, e.g. 2026-11-26T03:00", since
+                ) from None
+            if parsed_since.tzinfo is not None:  # the columns hold naive UTC
+                parsed_since = parsed_since.astimezone(UTC).replace(tzinfo=None)
+        if parsed_ids is None and reason is None and stage is None and parsed_since is None:
+            raise v.FieldValidationError(
+                "filters", "give at least one of --ids, --reason, --stage, --since", None
+            )
+        return cls(parsed_ids, reason, stage, parsed_since)
+
+
+@dataclass(frozen=True)
+class Moved:
+    token_id: int
+    stage: str | None  # as recorded in the failure
+    reason: str | None
+    target: TokenStatus
+
+
+@dataclass
+class RetryOutcome:
+    moved: list[Moved] = field(default_factory=list[Moved])
+    refused: list[tuple[int, str]] = field(default_factory=list[tuple[int, str]])
+
+    def by_target(self) -> dict[str, int]:
+        return dict(Counter(m.target.value for m in self.moved))
+
+
+def _select(selection: RetryFilter) -> tuple[str, dict[str, Any]]:
+    # With --ids every named token is read whatever its status, so one that is not failed is
+    # refused by the state machine (and reported) instead of silently skipped.
+    where = ["status = 'failed'"] if selection.ids is None else ["token_id = ANY(%(ids)s)"]
+    params: dict[str, Any] = {}
+    if selection.ids is not None:
+        params["ids"] = list(selection.ids)
+    if selection.reason is not None:
+        where.append("error_data ->> 'reason' = %(reason)s")
+        params["reason"] = selection.reason
+    if selection.stage is not None:
+        where.append("error_data ->> 'stage' = %(stage)s")
+        params["stage"] = selection.stage
+    if selection.since is not None:
+        where.append("mint_timestamp >= %(since)s")
+        params["since"] = selection.since
+    statement = (
+        f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE {' AND '.join(where)} "
+        "ORDER BY token_id FOR UPDATE"
+    )
+    return statement, params
+
+
+_WRITE = """
+-- retry: what Token.retry_from_failed changed, for a token still failed (locked above).
+UPDATE tokens_s0
+SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s, attempts = 0,
+    deferrals = 0, not_before = NULL, checkpoint = NULL, error_data = %(error_data)s
+WHERE id = %(id)s AND status = 'failed'
+"""
+
+
+def retry_failed(
+    conn: psycopg.Connection[Any], selection: RetryFilter, *, dry_run: bool = False
+) -> RetryOutcome:
+    """Send the selected failed tokens back to their stage, in one transaction.
+
+    Locks the selected rows (FOR UPDATE, in token_id order) so a concurrent retry waits; workers
+    never claim a failed token, so they are not in the way. Each stage that receives tokens is
+    NOTIFYed (``glisk_stage_<name>``, delivered at commit) so idle workers wake. A dry run reads
+    and applies the rules the same way, then rolls back: nothing changes, nothing is notified.
+    """
+    outcome = RetryOutcome()
+    statement, params = _select(selection)
+    with conn.cursor(row_factory=dict_row) as cur, conn.transaction() as tx:
+        rows = cur.execute(statement.encode(), params).fetchall()
+        found = {int(row["token_id"]) for row in rows}
+        for missing in sorted(set(selection.ids or ()) - found):
+            why = (
+                "no such token"
+                if selection == RetryFilter(ids=selection.ids)
+                else ("no such token, or it does not match the other filters")
+            )
+            outcome.refused.append((missing, why))
+        writes: list[dict[str, Any]] = []
+        for row in rows:
+            now = row.pop("now")
+            token = Token(**row)
+            recorded = dict(row["error_data"] or {})
+            try:
+                target = token.retry_from_failed(at=now)
+            except InvalidStateTransition as exc:
+                outcome.refused.append((token.token_id, str(exc)))
+                continue
+            outcome.moved.append(
+                Moved(token.token_id, recorded.get("stage"), recorded.get("reason"), target)
+            )
+            writes.append(
+                {
+                    "id": token.id,
+                    "status": target.value,
+                    "image_path": token.image_path,
+                    "error_data": Jsonb(token.error_data),
+                }
+            )
+        if dry_run:
+            raise psycopg.Rollback(tx)  # leaves the block rolled back; not raised further
+        if writes:
+            cur.executemany(_WRITE.encode(), writes)
+            for stage in sorted({STAGE_OF_TARGET[m.target] for m in outcome.moved}):
+                cur.execute("SELECT pg_notify(%s, '')", (f"glisk_stage_{stage}",))
+    return outcome
+
+
+def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] | None:
+    """One token as a dict for printing: status, lease (live/expired/none, by the database
+    clock), holder, attempts, deferrals, backoff, checkpoint, error_data (with its history)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE token_id = %s".encode(),
+            (token_id,),
+        ).fetchone()
+    if row is None:
+        return None
+    now = row.pop("now")
+    expires = row["lease_expires_at"]
+    row["lease"] = "none" if expires is None else ("live" if expires > now else "expired")
+    row["status"] = str(row["status"])
+    return row
