@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 from glisk.cli import main
-from glisk.embedded_pg import free_port
+from glisk.embedded_pg import free_port, password_file, read_password
 from tests.conftest import Database
 from tests.pg import throwaway_database
 from tests.test_embedded_pg import _alive, _wait_gone
@@ -75,8 +75,27 @@ def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 
 
+def _main_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str, str]:
+    """glisk.cli.main in this process (the subprocess tests cover the real entry point)."""
+    for name, value in _env(**env).items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "APP_ENV"):
+        if name not in env:
+            monkeypatch.delenv(name, raising=False)
+    # main() configures logging for the process; put back what the rest of the suite expects.
+    saved = structlog.get_config()
+    try:
+        code = main(list(argv))
+    finally:
+        structlog.configure(**saved)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_sigterm(
-    data_root: Path,
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data_dir, pg_port, http_port = data_root / "pgdata", free_port(), free_port()
 
@@ -84,9 +103,21 @@ def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_s
     try:
         _wait_healthy(first, http_port)
         postgres = _postmaster_pid(data_dir)
-        with psycopg.connect(
-            host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk", autocommit=True
-        ) as c:
+        secret = read_password(password_file(data_dir))
+        assert secret is not None
+        # `glisk db url` prints the full URL (for psql) while serve runs; nothing else gets in.
+        code, out, _ = _main_in_process(
+            monkeypatch,
+            capsys,
+            "db",
+            "url",
+            GLISK_PG_DATA=str(data_dir),
+            GLISK_PG_PORT=str(pg_port),
+        )
+        assert (code, out) == (0, f"postgresql://postgres:{secret}@127.0.0.1:{pg_port}/glisk\n")
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk")
+        with psycopg.connect(out.strip(), autocommit=True) as c:
             # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
             assert c.execute("show max_connections").fetchone() == ("260",)
             assert c.execute("show fsync").fetchone() == ("on",)  # the app's data is durable
@@ -100,12 +131,16 @@ def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_s
     assert first.returncode == 0, repr(output)
     assert f"http://127.0.0.1:{http_port}" in output
     assert str(data_dir) in output
+    assert f"password in {password_file(data_dir)}" in output
+    assert f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_port}/glisk" in output
+    assert secret not in output
     assert _wait_gone(postgres, 10), "postgres still running after glisk serve exited"
 
     second = _serve(data_dir, pg_port, http_port)
     try:
         _wait_healthy(second, http_port)
-        with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk") as c:
+        assert read_password(password_file(data_dir)) == secret
+        with psycopg.connect(out.strip()) as c:
             assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)
     finally:
         second.send_signal(signal.SIGTERM)
@@ -124,25 +159,6 @@ def test_sigkill_of_serve_leaves_no_postgres_behind(data_root: Path) -> None:
         process.kill()
         process.communicate(timeout=10)
     assert _wait_gone(postgres, 15), "orphaned postgres after SIGKILL of glisk serve"
-
-
-def _main_in_process(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
-) -> tuple[int, str, str]:
-    """glisk.cli.main in this process (the subprocess tests above cover the real entry point)."""
-    for name, value in _env(**env).items():
-        monkeypatch.setenv(name, value)
-    for name in ("DATABASE_URL", "APP_ENV"):
-        if name not in env:
-            monkeypatch.delenv(name, raising=False)
-    # main() configures logging for the process; put back what the rest of the suite expects.
-    saved = structlog.get_config()
-    try:
-        code = main(list(argv))
-    finally:
-        structlog.configure(**saved)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_db_commands_work_against_an_existing_server(
@@ -215,3 +231,23 @@ def test_a_failing_migration_is_one_line_naming_the_database(
     assert code == 1
     assert err.startswith("error: Migrations failed on postgresql+psycopg://")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_db_url_prints_the_libpq_form_of_database_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "postgresql+psycopg://glisk:s%40cret@db.example:5432/glisk?sslmode=require"
+    code, out, _ = _main_in_process(monkeypatch, capsys, "db", "url", DATABASE_URL=url)
+    assert (code, out) == (0, "postgresql://glisk:s%40cret@db.example:5432/glisk?sslmode=require\n")
+
+
+def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _main_in_process(
+        monkeypatch, capsys, "db", "url", GLISK_PG_DATA=str(data_root / "pgdata")
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: No embedded PostgreSQL password at {data_root}/pgdata.password")
+    assert "glisk serve" in err
+    assert not (data_root / "pgdata").exists(), "db url must start nothing"

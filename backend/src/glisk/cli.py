@@ -1,4 +1,4 @@
-"""The ``glisk`` command: ``serve`` and ``db upgrade|downgrade|current``.
+"""The ``glisk`` command: ``serve`` and ``db upgrade|downgrade|current|url``.
 
 Without DATABASE_URL both start the embedded PostgreSQL (data kept between runs) and stop it on
 exit. Configuration and connection problems end in one clear line on stderr and a non-zero exit.
@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from glisk import migrations
 from glisk.core.config import BACKEND_DIR, ConfigError, Settings, load_settings
@@ -39,9 +40,7 @@ def _say(message: str) -> None:
 
 
 def _ensure_database(server: EmbeddedPostgres, name: str) -> None:
-    with psycopg.connect(
-        host="127.0.0.1", port=server.port, user="postgres", dbname="postgres", autocommit=True
-    ) as conn:
+    with psycopg.connect(server.conninfo(), autocommit=True) as conn:
         found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not found:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -64,23 +63,42 @@ def database(settings: Settings) -> Iterator[str]:
     if settings.database_url is not None:
         yield _reachable(settings.database_url, settings)
         return
-    data_dir = settings.glisk_pg_data or default_data_dir(BACKEND_DIR)
-    server = EmbeddedPostgres(
-        data_dir=data_dir,
-        port=settings.glisk_pg_port,
-        max_connections=settings.embedded_max_connections(),
-        bindir=settings.glisk_pg_bindir,
-    )
+    server = _embedded_server(settings)
     try:
         server.start()
     except EmbeddedPostgresError as exc:
         raise CliError(str(exc)) from None
     try:
-        _say(f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {data_dir}")
+        _say(
+            f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {server.data_dir}, "
+            f"password in {server.password_file} (glisk db url prints the URL)"
+        )
         _ensure_database(server, EMBEDDED_DATABASE)
         yield _reachable(server.url_for(EMBEDDED_DATABASE), settings)
     finally:
         server.stop()
+
+
+def _embedded_server(settings: Settings) -> EmbeddedPostgres:
+    return EmbeddedPostgres(
+        data_dir=settings.glisk_pg_data or default_data_dir(BACKEND_DIR),
+        port=settings.glisk_pg_port,
+        max_connections=settings.embedded_max_connections(),
+        bindir=settings.glisk_pg_bindir,
+    )
+
+
+def _url_for_tools(settings: Settings) -> str:
+    """The libpq URL (password included) of the database glisk uses, for psql and other tools.
+    Starts nothing: the embedded server's URL is read from its password file, and is valid
+    whenever that server runs. Raises CliError if it was never started."""
+    if settings.database_url is not None:
+        url = make_url(settings.database_url).set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
+    try:
+        return _embedded_server(settings).conninfo(EMBEDDED_DATABASE)
+    except EmbeddedPostgresError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _migrate(url: str, action: Callable[[], None]) -> None:
@@ -128,6 +146,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    if args.db_command == "url":
+        print(_url_for_tools(settings))
+        return
     with database(settings) as url:
         if args.db_command == "upgrade":
             _migrate(url, lambda: migrations.upgrade(url, args.revision))
@@ -161,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = db_commands.add_parser("downgrade", help="migrate down to REVISION (e.g. -1, base)")
     down.add_argument("revision")
     db_commands.add_parser("current", help="show the database's revision")
+    db_commands.add_parser(
+        "url", help='print the database URL with its password (psql "$(glisk db url)")'
+    )
     db.set_defaults(handler=cmd_db)
     return parser
 
