@@ -30,6 +30,7 @@ from glisk.embedded_pg import (
     find_bindir,
     free_port,
     runnable_bindir,
+    scratch_parent,
     service_user,
 )
 from tests.conftest import Database
@@ -138,7 +139,7 @@ def test_the_servers_settings_are_the_ones_asked_for(server: EmbeddedPostgres) -
 
 def _owned_tmp(tmp_path: Path) -> Path:
     # The service user must be able to traverse to the data directory when we run as root.
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"glisk-test-{os.getpid()}-{tmp_path.name}"
+    base = scratch_parent() / f"glisk-test-{os.getpid()}-{tmp_path.name}"
     base.mkdir(mode=0o755)
     return base
 

@@ -741,15 +741,34 @@ class EmbeddedPostgres:
         self.stop()
 
 
+# A throwaway cluster is about 60 MB; RAM is used for it only with room for many.
+SCRATCH_MIN_FREE_BYTES = 2 * 1024**3
+
+
+def scratch_parent() -> Path:
+    """Where throwaway clusters and test data go: /dev/shm when it is a writable RAM disk with
+    room (initdb, fsync and deleting the files cost next to nothing there, and nothing competes
+    for the disk), else the temporary directory."""
+    shm = Path("/dev/shm")  # noqa: S108 - only fresh mkdtemp directories are made there
+    try:
+        vfs = os.statvfs(shm)
+    except OSError:
+        return Path(tempfile.gettempdir())
+    if os.access(shm, os.W_OK | os.X_OK) and vfs.f_bavail * vfs.f_frsize >= SCRATCH_MIN_FREE_BYTES:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
 def ephemeral_server(
     max_connections: int = 300, bindir: Path | None = None, startup_timeout: float = 30.0
 ) -> EmbeddedPostgres:
-    """A throwaway server for tests: a fresh temporary directory the service user can reach, a free
-    port (retried if another process grabs it first), fsync off. The caller must stop() it."""
+    """A throwaway server for tests: a fresh directory under ``scratch_parent()`` the service user
+    can reach, a free port (retried if another process grabs it first), fsync off. The caller
+    must stop() it."""
     user = service_user()
     last_error: EmbeddedPostgresError | None = None
     for _ in range(5):
-        base = Path(tempfile.mkdtemp(prefix="glisk-pg-"))
+        base = Path(tempfile.mkdtemp(prefix="glisk-pg-", dir=scratch_parent()))
         if user is not None:
             base.chmod(0o755)  # our own fresh directory: let the service user traverse it
         server = EmbeddedPostgres(
