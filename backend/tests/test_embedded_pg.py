@@ -308,7 +308,7 @@ def test_a_data_directory_an_older_version_made_with_trust_requires_the_password
     user = service_user()
     if user is not None:
         os.chown(data, user.pw_uid, user.pw_gid)
-    bindir = find_bindir()
+    bindir, private_copy = runnable_bindir(find_bindir(), user)
     pg = EmbeddedPostgres(data_dir=data, port=free_port(), ephemeral=True)
     try:
         # What earlier versions did: initdb --auth=trust, no password; then some data.
@@ -336,6 +336,8 @@ def test_a_data_directory_an_older_version_made_with_trust_requires_the_password
     finally:
         pg.stop()
         shutil.rmtree(base, ignore_errors=True)
+        if private_copy is not None:
+            shutil.rmtree(private_copy, ignore_errors=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="another local account can only be tried as root")
