@@ -283,6 +283,17 @@ def test_the_password_is_random_private_and_never_logged(
     assert server.password not in repr(server)
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604])
+def test_a_password_file_others_could_read_is_refused_not_used(tmp_path: Path, mode: int) -> None:
+    pg = EmbeddedPostgres(data_dir=tmp_path / "pgdata", port=free_port())
+    pg.password_file.write_text("s3cret\n")
+    pg.password_file.chmod(mode)
+    with pytest.raises(EmbeddedPostgresError, match=r"Refusing the password file .*mode 0600"):
+        _ = pg.url
+    pg.password_file.chmod(0o600)
+    assert pg.conninfo("glisk") == f"postgresql://postgres:s3cret@127.0.0.1:{pg.port}/glisk"
+
+
 def _run_as_service_user(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command as the account the server runs as (ourselves when we are not root)."""
     user = service_user()

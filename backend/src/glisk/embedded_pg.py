@@ -340,6 +340,8 @@ def _put_in_place(staging: Path, cache: Path, bindir: Path, user: pwd.struct_pas
     if not _owned_by_us_and_not_shared(cache):
         raise EmbeddedPostgresError(f"{cache} was taken by another user while glisk copied to it")
     # rename() may replace an empty directory: move the broken copy into a fresh one's place.
+    # (A stale copy, left by a wheel since upgraded in place, may still be in use by a running
+    # server; that server keeps what it has loaded, and its next start uses the new copy.)
     trash = Path(tempfile.mkdtemp(prefix=f"{cache.name}.old-", dir=cache.parent))
     try:
         cache.rename(trash)
@@ -379,9 +381,9 @@ def read_password(path: Path) -> str | None:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise EmbeddedPostgresError(
-                f"Refusing the password file {path}: it must be a regular file owned by "
-                f"{pwd.getpwuid(os.geteuid()).pw_name} that only its owner can read (mode 0600). "
-                "Remove it; the next start sets a new password."
+                f"Refusing the password file {path}: it must be a regular file owned by you "
+                f"(uid {os.geteuid()}) that only you can read (mode 0600). Remove it; the next "
+                "start sets a new password."
             )
         return f.readline().strip() or None
 
