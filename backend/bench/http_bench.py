@@ -229,9 +229,7 @@ def start_database(workdir: Path, max_connections: int) -> tuple[EmbeddedPostgre
         data_dir=base / "data", port=free_port(), max_connections=max_connections
     )
     server.start()
-    with psycopg.connect(
-        host=HOST, port=server.port, user="postgres", dbname="postgres", autocommit=True
-    ) as conn:
+    with psycopg.connect(server.conninfo(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{DATABASE}"')
     url = server.url_for(DATABASE)
     migrations.upgrade(url)

@@ -125,9 +125,7 @@ def migration_rows(base: Path, repeat: int) -> list[Row]:
     in_process, new_process = [], []
     try:
         server.start()
-        with psycopg.connect(
-            host=HOST, port=server.port, user="postgres", dbname="postgres", autocommit=True
-        ) as conn:
+        with psycopg.connect(server.conninfo(), autocommit=True) as conn:
             for i in range(2 * repeat):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"bench_{i}")))
         for i in range(repeat):

@@ -3,8 +3,9 @@
 - ``GLISK_TEST_DATABASE_URL``: an existing server; a throwaway database is created on it and
   dropped at the end.
 - ``GLISK_TEST_PG=docker``: a testcontainers PostgreSQL (needs a Docker engine).
-- default: a private embedded server (fsync off) on a free port in a fresh temporary directory,
-  so two test runs on one machine never collide.
+- default: a private embedded server (fsync off) on a free port in a fresh directory (in RAM
+  when there is room), so two test runs on one machine never collide. Like every embedded server
+  it requires its password; the URLs handed out carry it.
 
 ``GLISK_TEST_POOLER_URL`` (with ``GLISK_TEST_DATABASE_URL``): a pooler such as PgBouncer in front
 of that server, routing every database name to it. The throwaway database is created and migrated

@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 from glisk.cli import main
-from glisk.embedded_pg import free_port
+from glisk.embedded_pg import free_port, password_file, read_password, scratch_parent
 from tests.conftest import Database
 from tests.pg import throwaway_database
 from tests.test_embedded_pg import _alive, _wait_gone
@@ -25,7 +25,9 @@ from tests.test_embedded_pg import _alive, _wait_gone
 
 @pytest.fixture
 def data_root(tmp_path: Path) -> Iterator[Path]:
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"glisk-cli-{os.getpid()}-{tmp_path.name}"
+    # In RAM when there is room: this server's data is durable (fsync on), which on a busy disk
+    # costs seconds in initdb, every commit, and deleting the files afterwards.
+    base = scratch_parent() / f"glisk-cli-{os.getpid()}-{tmp_path.name}"
     base.mkdir(mode=0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
@@ -67,7 +69,7 @@ def _wait_healthy(process: subprocess.Popen[str], port: int, seconds: float = 15
                 return time.monotonic() - started
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"no healthy answer within {seconds} s")
 
 
@@ -75,61 +77,10 @@ def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 
 
-def test_serve_answers_health_keeps_data_across_restarts_and_stops_postgres_on_sigterm(
-    data_root: Path,
-) -> None:
-    data_dir, pg_port, http_port = data_root / "pgdata", free_port(), free_port()
-
-    first = _serve(data_dir, pg_port, http_port)
-    try:
-        _wait_healthy(first, http_port)
-        postgres = _postmaster_pid(data_dir)
-        with psycopg.connect(
-            host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk", autocommit=True
-        ) as c:
-            # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
-            assert c.execute("show max_connections").fetchone() == ("260",)
-            assert c.execute("show fsync").fetchone() == ("on",)  # the app's data is durable
-            c.execute(
-                "INSERT INTO system_state (key, state_value, updated_at) "
-                "VALUES ('last_processed_block', '41', now())"
-            )
-    finally:
-        first.send_signal(signal.SIGTERM)
-        output = first.communicate(timeout=20)[0]
-    assert first.returncode == 0, repr(output)
-    assert f"http://127.0.0.1:{http_port}" in output
-    assert str(data_dir) in output
-    assert _wait_gone(postgres, 10), "postgres still running after glisk serve exited"
-
-    second = _serve(data_dir, pg_port, http_port)
-    try:
-        _wait_healthy(second, http_port)
-        with psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk") as c:
-            assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.communicate(timeout=20)
-    assert second.returncode == 0
-
-
-def test_sigkill_of_serve_leaves_no_postgres_behind(data_root: Path) -> None:
-    data_dir, http_port = data_root / "pgdata", free_port()
-    process = _serve(data_dir, free_port(), http_port)
-    try:
-        _wait_healthy(process, http_port)
-        postgres = _postmaster_pid(data_dir)
-        assert _alive(postgres)
-    finally:
-        process.kill()
-        process.communicate(timeout=10)
-    assert _wait_gone(postgres, 15), "orphaned postgres after SIGKILL of glisk serve"
-
-
 def _main_in_process(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
 ) -> tuple[int, str, str]:
-    """glisk.cli.main in this process (the subprocess tests above cover the real entry point)."""
+    """glisk.cli.main in this process (the subprocess tests cover the real entry point)."""
     for name, value in _env(**env).items():
         monkeypatch.setenv(name, value)
     for name in ("DATABASE_URL", "APP_ENV"):
@@ -143,6 +94,65 @@ def _main_in_process(
         structlog.configure(**saved)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_sigkill(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One data directory, two runs: the first ends with SIGTERM (a clean exit), the second with
+    # SIGKILL (nothing runs in glisk serve then; the kernel's parent-death signal stops postgres).
+    data_dir, pg_port, http_port = data_root / "pgdata", free_port(), free_port()
+
+    first = _serve(data_dir, pg_port, http_port)
+    try:
+        _wait_healthy(first, http_port)
+        postgres = _postmaster_pid(data_dir)
+        secret = read_password(password_file(data_dir))
+        assert secret is not None
+        # `glisk db url` prints the full URL (for psql) while serve runs; nothing else gets in.
+        code, out, _ = _main_in_process(
+            monkeypatch,
+            capsys,
+            "db",
+            "url",
+            GLISK_PG_DATA=str(data_dir),
+            GLISK_PG_PORT=str(pg_port),
+        )
+        assert (code, out) == (0, f"postgresql://postgres:{secret}@127.0.0.1:{pg_port}/glisk\n")
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk")
+        with psycopg.connect(out.strip(), autocommit=True) as c:
+            # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
+            assert c.execute("show max_connections").fetchone() == ("260",)
+            assert c.execute("show fsync").fetchone() == ("on",)  # the app's data is durable
+            c.execute(
+                "INSERT INTO system_state (key, state_value, updated_at) "
+                "VALUES ('last_processed_block', '41', now())"
+            )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output = first.communicate(timeout=20)[0]
+    assert first.returncode == 0, repr(output)
+    assert f"http://127.0.0.1:{http_port}" in output
+    assert str(data_dir) in output
+    assert f"password in {password_file(data_dir)}" in output
+    assert f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_port}/glisk" in output
+    assert secret not in output
+    assert _wait_gone(postgres, 10), "postgres still running after glisk serve exited"
+
+    second = _serve(data_dir, pg_port, http_port)
+    try:
+        _wait_healthy(second, http_port)
+        assert read_password(password_file(data_dir)) == secret
+        with psycopg.connect(out.strip()) as c:
+            assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)
+        postgres = _postmaster_pid(data_dir)
+        assert _alive(postgres)
+    finally:
+        second.kill()
+        second.communicate(timeout=10)
+    assert second.returncode == -signal.SIGKILL
+    assert _wait_gone(postgres, 15), "orphaned postgres after SIGKILL of glisk serve"
 
 
 def test_db_commands_work_against_an_existing_server(
@@ -215,3 +225,23 @@ def test_a_failing_migration_is_one_line_naming_the_database(
     assert code == 1
     assert err.startswith("error: Migrations failed on postgresql+psycopg://")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_db_url_prints_the_libpq_form_of_database_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "postgresql+psycopg://glisk:s%40cret@db.example:5432/glisk?sslmode=require"
+    code, out, _ = _main_in_process(monkeypatch, capsys, "db", "url", DATABASE_URL=url)
+    assert (code, out) == (0, "postgresql://glisk:s%40cret@db.example:5432/glisk?sslmode=require\n")
+
+
+def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _main_in_process(
+        monkeypatch, capsys, "db", "url", GLISK_PG_DATA=str(data_root / "pgdata")
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: No embedded PostgreSQL password at {data_root}/pgdata.password")
+    assert "glisk serve" in err
+    assert not (data_root / "pgdata").exists(), "db url must start nothing"

@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from glisk.embedded_pg import free_port
+from glisk.embedded_pg import free_port, password_file, read_password
 from tests.conftest import Database
 from tests.pg import _libpq_kwargs
 
@@ -139,7 +139,11 @@ def test_serve_with_two_workers_runs_two_api_processes_and_sigterm_stops_them_an
         for _ in range(20):
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         with psycopg.connect(
-            host="127.0.0.1", port=_pg_port(data_dir), user="postgres", dbname="glisk"
+            host="127.0.0.1",
+            port=_pg_port(data_dir),
+            user="postgres",
+            dbname="glisk",
+            password=read_password(password_file(data_dir)),
         ) as conn:
             # Sized for both processes: 2 x (200 + 10) + 50.
             assert conn.execute("SHOW max_connections").fetchone() == ("470",)

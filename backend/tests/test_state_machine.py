@@ -202,6 +202,55 @@ def test_transition_arguments_are_validated_before_the_status_changes(
     assert token.status == status
 
 
+# Each status-changing method with an argument it refuses, the field it names, and the statuses
+# the method accepts (written out, not taken from TRANSITIONS).
+BAD_CALLS: list[tuple[str, Callable[[Token], None], str, set[TokenStatus]]] = [
+    ("mark_uploading", lambda t: t.mark_uploading(""), "image_path", {S.GENERATING}),
+    ("mark_ready", lambda t: t.mark_ready(""), "metadata_cid", {S.UPLOADING}),
+    ("mark_revealed", lambda t: t.mark_revealed("0xabc"), "tx_hash", {S.READY}),
+    (
+        "mark_failed",
+        lambda t: t.mark_failed("not a dict"),  # type: ignore[arg-type]
+        "error_dict",
+        {S.DETECTED, S.GENERATING, S.UPLOADING, S.READY},
+    ),
+    (
+        "record_generated_image",
+        lambda t: t.record_generated_image(""),
+        "image_path",
+        {S.GENERATING},
+    ),
+]
+
+
+@pytest.mark.parametrize("status", list(S), ids=str)
+@pytest.mark.parametrize(
+    ("call", "field", "accepted_in"),
+    [case[1:] for case in BAD_CALLS],
+    ids=[case[0] for case in BAD_CALLS],
+)
+def test_a_wrong_state_is_reported_before_a_bad_argument(
+    status: TokenStatus,
+    call: Callable[[Token], None],
+    field: str,
+    accepted_in: set[TokenStatus],
+) -> None:
+    token = _token(status)
+    before: dict[str, Any] = dict(token.__dict__)
+    if status in accepted_in:
+        with pytest.raises(FieldValidationError) as bad_argument:
+            call(token)
+        assert bad_argument.value.field == field
+    else:
+        with pytest.raises(InvalidStateTransition) as wrong_state:
+            call(token)
+        assert wrong_state.value.current == status
+        assert f"'{status}'" in str(wrong_state.value)
+    assert token.status == status
+    for name in ("image_path", "metadata_cid", "reveal_tx_hash", "error_data"):
+        assert getattr(token, name) == before.get(name)
+
+
 def test_transitions_record_their_data() -> None:
     token = _token(S.DETECTED)
     token.mark_generating()

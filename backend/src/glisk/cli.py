@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from glisk import migrations
 from glisk.core.config import BACKEND_DIR, ConfigError, Settings, load_settings
@@ -43,9 +44,7 @@ def _say(message: str) -> None:
 
 
 def _ensure_database(server: EmbeddedPostgres, name: str) -> None:
-    with psycopg.connect(
-        host="127.0.0.1", port=server.port, user="postgres", dbname="postgres", autocommit=True
-    ) as conn:
+    with psycopg.connect(server.conninfo(), autocommit=True) as conn:
         found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not found:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -76,23 +75,42 @@ def database(settings: Settings, *, api_processes: int = 1) -> Iterator[str]:
     if settings.database_url is not None:
         yield _reachable(settings.database_url, settings)
         return
-    data_dir = settings.glisk_pg_data or default_data_dir(BACKEND_DIR)
-    server = EmbeddedPostgres(
-        data_dir=data_dir,
-        port=settings.glisk_pg_port,
-        max_connections=settings.embedded_max_connections(api_processes=api_processes),
-        bindir=settings.glisk_pg_bindir,
-    )
+    server = _embedded_server(settings, api_processes=api_processes)
     try:
         server.start()
     except EmbeddedPostgresError as exc:
         raise CliError(str(exc)) from None
     try:
-        _say(f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {data_dir}")
+        _say(
+            f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {server.data_dir}, "
+            f"password in {server.password_file} (glisk db url prints the URL)"
+        )
         _ensure_database(server, EMBEDDED_DATABASE)
         yield _reachable(server.url_for(EMBEDDED_DATABASE), settings)
     finally:
         server.stop()
+
+
+def _embedded_server(settings: Settings, *, api_processes: int = 1) -> EmbeddedPostgres:
+    return EmbeddedPostgres(
+        data_dir=settings.glisk_pg_data or default_data_dir(BACKEND_DIR),
+        port=settings.glisk_pg_port,
+        max_connections=settings.embedded_max_connections(api_processes=api_processes),
+        bindir=settings.glisk_pg_bindir,
+    )
+
+
+def _url_for_tools(settings: Settings) -> str:
+    """The libpq URL (password included) of the database glisk uses, for psql and other tools.
+    Starts nothing: the embedded server's URL is read from its password file, and is valid
+    whenever that server runs. Raises CliError if it was never started."""
+    if settings.database_url is not None:
+        url = make_url(settings.database_url).set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
+    try:
+        return _embedded_server(settings).conninfo(EMBEDDED_DATABASE)
+    except EmbeddedPostgresError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _migrate(url: str, action: Callable[[], None]) -> None:
@@ -203,6 +221,9 @@ def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    if args.db_command == "url":
+        print(_url_for_tools(settings))
+        return
     with database(settings) as url:
         if args.db_command == "check":
             cmd_db_check(settings, url, args.warn_at)
@@ -268,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=80.0,
         help=f"percent of usable connections that exits {EXIT_NEAR_LIMIT} (default 80)",
+    )
+    db_commands.add_parser(
+        "url", help='print the database URL with its password (psql "$(glisk db url)")'
     )
     db.set_defaults(handler=cmd_db)
     return parser

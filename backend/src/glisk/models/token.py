@@ -144,28 +144,36 @@ class Token(Entity, table=True):
     checkpoint: dict[str, Any] | None = optional_jsonb_field()
 
     # -- state machine -------------------------------------------------------------------------
+    # Every mark_* (and record_generated_image) checks the transition before its argument: a token
+    # in the wrong state is the more basic mistake, and callers written against the upstream
+    # foundation expect InvalidStateTransition then, whatever the argument.
 
     def mark_generating(self) -> None:
         """detected -> generating."""
         self._transition(S.GENERATING)
 
     def mark_uploading(self, image_path: str) -> None:
-        """generating -> uploading; records where the generated image is."""
+        """generating -> uploading; records where the generated image is. Raises
+        InvalidStateTransition first, then FieldValidationError for a bad image_path."""
+        check_transition(self.status, S.UPLOADING)
         v.required_when("image_path", image_path, "marking a token uploading")
         path = v.text_length("image_path", image_path, 1, 2048)
         self._transition(S.UPLOADING)
         self.image_path = path
 
     def mark_ready(self, metadata_cid: str) -> None:
-        """uploading -> ready; stores metadata_cid (empty -> ValueError)."""
+        """uploading -> ready; stores metadata_cid. Raises InvalidStateTransition first, then
+        FieldValidationError (a ValueError) for an empty or too long metadata_cid."""
+        check_transition(self.status, S.READY)
         v.required_when("metadata_cid", metadata_cid, "marking a token ready")
         cid = v.text_length("metadata_cid", metadata_cid, 1, 255)
-        check_transition(self.status, S.READY)
         self.metadata_cid = cid
         self._transition(S.READY)
 
     def mark_revealed(self, tx_hash: str) -> None:
-        """ready -> revealed; stores the reveal tx hash (empty or malformed -> ValueError)."""
+        """ready -> revealed; stores the reveal tx hash. Raises InvalidStateTransition first, then
+        FieldValidationError (a ValueError) for an empty or malformed tx_hash."""
+        check_transition(self.status, S.REVEALED)
         v.required_when("tx_hash", tx_hash, "marking a token revealed")
         normalized = v.tx_hash("tx_hash", tx_hash)
         self._transition(S.REVEALED)
@@ -173,8 +181,8 @@ class Token(Entity, table=True):
 
     def record_generated_image(self, image_path: str) -> None:
         """Generation finished: store where the image is. Only while 'generating'; the status does
-        not change (the upload stage's claim takes the token to 'uploading')."""
-        v.required_when("image_path", image_path, "recording a generated image")
+        not change (the upload stage's claim takes the token to 'uploading'). Raises
+        InvalidStateTransition first, then FieldValidationError for a bad image_path."""
         if self.status != S.GENERATING:
             raise InvalidStateTransition(
                 self.status,
@@ -185,12 +193,16 @@ class Token(Entity, table=True):
                     "Token must be in 'generating' state."
                 ),
             )
+        v.required_when("image_path", image_path, "recording a generated image")
         self.image_path = v.text_length("image_path", image_path, 1, 2048)
 
     def mark_failed(self, error_dict: dict[str, Any]) -> None:
         """Any non-terminal state -> failed; stores error_dict as error_data, keeping the
         ``history`` of failures an operator retried (retry_from_failed) unless error_dict
-        brings its own. Retrying attempts is the workers' business, not the model's."""
+        brings its own. Retrying attempts is the workers' business, not the model's. Raises
+        InvalidStateTransition first (a revealed or failed token), then FieldValidationError
+        when error_dict is not a dict."""
+        check_transition(self.status, S.FAILED)
         if not isinstance(error_dict, dict):
             raise v.FieldValidationError("error_dict", "must be a dict", error_dict)
         history = (self.error_data or {}).get("history")
