@@ -16,16 +16,16 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import make_url
 
-from glisk import migrations
 from glisk.core.config import BACKEND_DIR, ConfigError, Settings, load_settings
-from glisk.core.database import masked_url
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
 from glisk.ops.command import add_parsers as add_ops_parsers
 from glisk.workers.command import add_parser as add_worker_parser
+
+# Alembic and SQLAlchemy are imported by the commands that use them (below, on use): `glisk
+# worker` and `glisk status` start faster without them.
 
 EMBEDDED_DATABASE = "glisk"
 EXIT_CONFIG = 2
@@ -37,6 +37,12 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_DATABASE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def masked_url(db_url: str) -> str:
+    from glisk.core.database import masked_url as mask
+
+    return mask(db_url)
 
 
 def _say(message: str) -> None:
@@ -105,6 +111,8 @@ def _url_for_tools(settings: Settings) -> str:
     Starts nothing: the embedded server's URL is read from its password file, and is valid
     whenever that server runs. Raises CliError if it was never started."""
     if settings.database_url is not None:
+        from sqlalchemy.engine import make_url
+
         url = make_url(settings.database_url).set(drivername="postgresql")
         return url.render_as_string(hide_password=False)
     try:
@@ -146,6 +154,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 def _serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
 
+    from glisk import migrations
     from glisk.app import create_app
 
     host = args.host or settings.host
@@ -221,6 +230,8 @@ def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk import migrations
+
     if args.db_command == "url":
         print(_url_for_tools(settings))
         return

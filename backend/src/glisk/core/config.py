@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import make_url
 
 # backend/src/glisk/core/config.py -> the repository root, which holds the one .env every
 # service shares.
@@ -213,6 +212,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "POSTGRES_PASSWORD is a placeholder; set a real secret when APP_ENV=production"
             )
+        from sqlalchemy.engine import make_url  # only here: worker start-up does without it
+
         url_password = make_url(self.database_url).password
         if url_password is None or str(url_password).lower() in PLACEHOLDER_SECRETS:
             raise ValueError(
