@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -393,8 +394,6 @@ async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
             sys.executable,
             "-m",
             "glisk.workers.noop",
-            "--database-url",
-            postgres_container.url,
             "--stages",
             "image",
             "--batch",
@@ -405,6 +404,7 @@ async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "DATABASE_URL": postgres_container.url},  # not in argv: ps shows it
     )
     try:
         for _ in range(200):  # until the batch is claimed

@@ -54,6 +54,9 @@ def configure_logging(app_env: AppEnv = "development", log_level: str = "INFO") 
     root.setLevel(level)
     # uvicorn's access log duplicates our request log line.
     logging.getLogger("uvicorn.access").disabled = True
+    # Alembic announces each of its plugins at INFO when it is first imported, which the commands
+    # now do on use, after this configuration: noise before every migration.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True

@@ -3,7 +3,7 @@
 For chaos tests, load tests and smoke tests of the coordination layer, not for production. The
 handlers are also what ``glisk worker STAGE --handler noop`` runs.
 
-``python -m glisk.workers.noop --database-url URL [--stages image,upload,reveal] [--sleep S]``
+``DATABASE_URL=... python -m glisk.workers.noop [--stages image,upload,reveal] [--sleep S]``
 prints its WorkerStats as one JSON line per stage on exit. SIGTERM drains like a real worker.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -81,7 +82,8 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
     parser = argparse.ArgumentParser(prog="python -m glisk.workers.noop")
-    parser.add_argument("--database-url", required=True)
+    # Default DATABASE_URL: a URL on the command line (with its password) is visible in `ps`.
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--stages", default="image,upload,reveal")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds each handler takes")
     parser.add_argument("--batch", type=int, default=None, help="image/upload batch size")
@@ -92,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-listen", action="store_true", help="poll only (no LISTEN)")
     parser.add_argument("--exit-when-idle", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
-    asyncio.run(_main(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("--database-url or DATABASE_URL is required")
+    asyncio.run(_main(args))
     return 0
 
 
