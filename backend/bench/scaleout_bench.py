@@ -9,6 +9,7 @@ server and PgBouncer client connections (sampled every 100 ms). Needs postgresql
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -139,7 +140,9 @@ def drain(
     logs = [base / f"worker-{i}.err" for i in range(processes)]
     began = time.monotonic()
     workers = [
-        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        subprocess.Popen(
+            command, env=env, stdout=log.with_suffix(".out").open("w"), stderr=log.open("w")
+        )
         for log in logs
     ]
     codes = []
@@ -154,6 +157,9 @@ def drain(
     sampler.join()
     errors = sum(log.read_text().count("worker.database_error") for log in logs)
     too_many = sum(log.read_text().count("too many clients") for log in logs)
+    # Each worker prints its WorkerStats: their sum shows no token was completed twice.
+    outputs = [log.with_suffix(".out").read_text().splitlines() for log in logs]
+    completed = sum(json.loads(line)["completed"] for lines in outputs for line in lines)
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE image_path IS NOT NULL), "
@@ -166,6 +172,7 @@ def drain(
         str(processes),
         f"{done:,} of {args.tokens:,}",
         str(claimed),
+        f"{completed:,}",
         f"{done / window:,.0f}" if window else "-",
         f"{wall:.1f}",
         str(sum(1 for c in codes if c)),
@@ -213,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         "processes",
         "tokens done",
         "left claimed",
+        "completed (workers' stats)",
         "tokens/s",
         "wall s",
         "failed exits",
