@@ -29,6 +29,11 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PGBOUNCER = "/usr/sbin/pgbouncer"
 OTHERS = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
 ACTIVITY = f"SELECT count(*) {OTHERS}"
+HEADERS = (
+    "path | processes | tokens done | left claimed | completed (workers' stats) | tokens/s | wall s"
+    " | failed exits | database_error lines | too many clients | peak server connections"
+    " | peak PgBouncer clients"
+)
 TERMINATE = f"SELECT pg_terminate_backend(pid) {OTHERS}"  # PgBouncer's idle server connections
 
 
@@ -120,23 +125,12 @@ def drain(
         "DB_POOLER": "transaction" if admin else "none",
         "GLISK_ENV_FILE": "/dev/null",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "glisk.workers.noop",
-        "--database-url",
-        url,
-        "--stages",
-        "image",
-        "--batch",
-        "10",
-        "--concurrency",
-        str(args.concurrency),
-        "--exit-when-idle",
-        "--no-listen",  # direct too: the same polling workers, 2 connections each
-        "--poll",
-        "0.2",
-    ]
+    # --no-listen direct too: the same polling workers, 2 connections each, on both paths.
+    flags = (
+        f"--stages image --batch 10 --concurrency {args.concurrency} --exit-when-idle --no-listen"
+    )
+    command = [sys.executable, "-m", "glisk.workers.noop", "--database-url", url, *flags.split()]
+    command += ["--poll", "0.2"]
     logs = [base / f"worker-{i}.err" for i in range(processes)]
     began = time.monotonic()
     workers = [
@@ -201,34 +195,12 @@ def run(args: argparse.Namespace) -> int:
             )
             rows = []
             for processes in args.processes:
-                for through in ("pgbouncer", "direct"):
-                    rows.append(
-                        drain(
-                            base,
-                            dsn,
-                            pooled if through == "pgbouncer" else direct,
-                            admin if through == "pgbouncer" else None,
-                            args,
-                            processes,
-                        )
-                    )
+                for target, console in ((pooled, admin), (direct, None)):
+                    rows.append(drain(base, dsn, target, console, args, processes))
                     print(" | ".join(rows[-1]), flush=True)
         finally:
             stop(base)
-    headers = [
-        "path",
-        "processes",
-        "tokens done",
-        "left claimed",
-        "completed (workers' stats)",
-        "tokens/s",
-        "wall s",
-        "failed exits",
-        "database_error lines",
-        "too many clients",
-        "peak server connections",
-        "peak PgBouncer clients",
-    ]
+    headers = HEADERS.split(" | ")
     print(markdown_table(headers, rows))
     print(f"concurrency {args.concurrency}, batch 10, {load_line()}")
     return 0
