@@ -180,7 +180,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                 pool.start()
                 try:
                     with Live(console=console, refresh_per_second=4) as live:
-                        next_kill = started + 2.0
+                        # The first kill as soon as workers hold tokens (a fast machine can
+                        # finish 200 tokens in a second or two), then one about every second.
+                        next_kill: float | None = None
                         while time.monotonic() - started < args.timeout:
                             status = collect(conn, exact=True)
                             done = status.statuses["revealed"] + status.statuses["failed"]
@@ -195,7 +197,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                             if done >= args.tokens:
                                 finished = True
                                 break
-                            if args.chaos and time.monotonic() >= next_kill:
+                            if next_kill is None and status.statuses["detected"] < args.tokens:
+                                next_kill = time.monotonic()
+                            if (
+                                args.chaos
+                                and next_kill is not None
+                                and time.monotonic() >= next_kill
+                            ):
                                 pool.kill_one(rng)
                                 next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
                             time.sleep(0.25)
