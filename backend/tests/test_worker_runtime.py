@@ -42,6 +42,22 @@ def _connect(uow_factory: UnitOfWorkFactory, **kwargs: Any) -> ConnectOptions:
     return connect_options_of(uow_factory, **kwargs)
 
 
+class _Gate:
+    """Handlers wait here until the test opens it; ``all_started`` is set once ``count`` are in."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.started: list[Claim] = []
+        self.all_started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def pass_(self, claim: Claim) -> None:
+        self.started.append(claim)
+        if len(self.started) == self.count:
+            self.all_started.set()
+        await self.go.wait()
+
+
 async def test_twenty_handlers_run_at_once_in_one_process_within_a_three_connection_budget(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
@@ -118,16 +134,10 @@ async def test_results_finishing_together_are_written_in_one_statement_and_a_los
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 3)
-    go = asyncio.Event()
-    started: list[Claim] = []
-
-    all_started = asyncio.Event()
+    gate = _Gate(3)
 
     async def handler(claim: Claim) -> str:
-        started.append(claim)
-        if len(started) == 3:
-            all_started.set()
-        await go.wait()
+        await gate.pass_(claim)
         return f"/img/{claim.token_id}.png"
 
     worker = Worker(
@@ -142,7 +152,7 @@ async def test_results_finishing_together_are_written_in_one_statement_and_a_los
 
     worker._writes_db.fetch = counting_fetch  # type: ignore[method-assign]
     task = asyncio.create_task(worker.run(exit_when_idle=True))
-    await asyncio.wait_for(all_started.wait(), 10)
+    await asyncio.wait_for(gate.all_started.wait(), 10)
     # The middle token's lease runs out and another worker takes it over.
     await expire_leases(uow_factory, ids[1])
     async with uow_factory() as uow:
@@ -150,7 +160,7 @@ async def test_results_finishing_together_are_written_in_one_statement_and_a_los
             await uow.leases.claim(IMAGE, "rescuer", batch=1, lease_seconds=60, max_attempts=3)
         ).claims
     assert rescue.token_uuid == ids[1]
-    go.set()
+    gate.go.set()
     stats = await asyncio.wait_for(task, 10)
 
     assert len([w for w in writes if "complete_image" in w]) == 1, writes
@@ -167,27 +177,21 @@ async def test_failures_finishing_together_are_written_in_one_statement_and_a_lo
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 3)
-    go = asyncio.Event()
-    started: list[Claim] = []
-
-    all_started = asyncio.Event()
+    gate = _Gate(3)
 
     async def handler(claim: Claim) -> str:
-        started.append(claim)
-        if len(started) == 3:
-            all_started.set()
-        await go.wait()
+        await gate.pass_(claim)
         raise PermanentError("refused")
 
     worker = Worker(
         IMAGE, handler, _connect(uow_factory), concurrency=3, batch=3, completion_window=0.2
     )
     task = asyncio.create_task(worker.run(exit_when_idle=True))
-    await asyncio.wait_for(all_started.wait(), 10)
+    await asyncio.wait_for(gate.all_started.wait(), 10)
     await expire_leases(uow_factory, ids[0])
     async with uow_factory() as uow:  # another worker takes it over
         await uow.leases.claim(IMAGE, "rescuer", batch=1, lease_seconds=60, max_attempts=3)
-    go.set()
+    gate.go.set()
     stats = await asyncio.wait_for(task, 10)
     assert (stats.failed, stats.refused) == (2, 1)
     statuses = {
