@@ -4,7 +4,7 @@
 #   bash backend/scripts/check_containers.sh
 #
 #   1. hadolint on backend/Dockerfile (every finding fails, style level included).
-#   2. shellcheck on backend/docker/entrypoint.sh and on this script.
+#   2. shellcheck on backend/docker/entrypoint.sh, scripts/check_wheel.sh and this script.
 #   3. docker-compose.yml, rendered with .env.example as the .env (exactly what
 #      `cp .env.example .env && docker compose up` sees):
 #        - `docker compose config` when the Compose v2 plugin is installed, else Debian's
@@ -94,6 +94,7 @@ printf '#!/bin/sh\nrm -rf $1/*\n' >"$WORK/canary.sh"
 must_fail "shellcheck on an unquoted expansion" shellcheck "$WORK/canary.sh"
 must_pass "shellcheck: docker/entrypoint.sh" shellcheck "$ENTRYPOINT"
 must_pass "shellcheck: scripts/check_containers.sh" shellcheck "$SELF"
+must_pass "shellcheck: scripts/check_wheel.sh" shellcheck "$BACKEND_DIR/scripts/check_wheel.sh"
 if [[ -x "$ENTRYPOINT" ]]; then
     ok "docker/entrypoint.sh is executable"
 else

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
-from glisk.core.config import BACKEND_DIR, ConfigError, Settings, load_settings
+from glisk.core.config import ConfigError, Settings, load_settings, project_dir
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
@@ -99,7 +99,7 @@ def database(settings: Settings, *, api_processes: int = 1) -> Iterator[str]:
 
 def _embedded_server(settings: Settings, *, api_processes: int = 1) -> EmbeddedPostgres:
     return EmbeddedPostgres(
-        data_dir=settings.glisk_pg_data or default_data_dir(BACKEND_DIR),
+        data_dir=settings.glisk_pg_data or default_data_dir(project_dir()),
         port=settings.glisk_pg_port,
         max_connections=settings.embedded_max_connections(api_processes=api_processes),
         bindir=settings.glisk_pg_bindir,

@@ -14,11 +14,30 @@ from typing import Annotated, Any, Literal, TypedDict
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# backend/src/glisk/core/config.py -> the repository root, which holds the one .env every
-# service shares.
+# In a source checkout (an editable install): backend/src/glisk/core/config.py -> backend/, and
+# the repository root, which holds the one .env every service shares. An installed wheel has no
+# such tree: see project_dir().
 BACKEND_DIR = Path(__file__).resolve().parents[3]
 REPO_ROOT = BACKEND_DIR.parent
 DEFAULT_ENV_FILE = REPO_ROOT / ".env"
+
+
+def in_source_checkout() -> bool:
+    """Whether this package runs from the repository's backend/src (not an installed wheel)."""
+    return (BACKEND_DIR / "pyproject.toml").is_file() and (BACKEND_DIR / "src" / "glisk").is_dir()
+
+
+def project_dir() -> Path:
+    """Where the embedded database keeps its data (``.glisk/pgdata`` below it): backend/ of the
+    source checkout, wherever the command runs; for an installed wheel, the current directory."""
+    return BACKEND_DIR if in_source_checkout() else Path.cwd()
+
+
+def default_env_file() -> Path:
+    """The ``.env`` read when GLISK_ENV_FILE is unset: the repository root's in a source
+    checkout, wherever the command runs; for an installed wheel, the current directory's."""
+    return DEFAULT_ENV_FILE if in_source_checkout() else Path.cwd() / ".env"
+
 
 # Values that mean "nobody chose a secret"; refused when APP_ENV=production.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "password", "postgres", "secret"})
@@ -92,7 +111,7 @@ class Settings(BaseSettings):
     """Every variable the services read; `.env.example` documents each one."""
 
     model_config = SettingsConfigDict(
-        env_file=DEFAULT_ENV_FILE,
+        env_file=None,  # load_settings() chooses it (default_env_file)
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
@@ -307,9 +326,9 @@ def _format(error: ValidationError) -> str:
 
 
 def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Read the environment (and ``env_file``, default the repository-root ``.env``; the
+    """Read the environment (and ``env_file``, default ``default_env_file()``; the
     ``GLISK_ENV_FILE`` variable overrides it). Raises ConfigError naming each bad variable."""
-    chosen = env_file or os.environ.get("GLISK_ENV_FILE") or DEFAULT_ENV_FILE
+    chosen = env_file or os.environ.get("GLISK_ENV_FILE") or default_env_file()
     try:
         return Settings(_env_file=chosen, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:

@@ -1,4 +1,8 @@
-"""Alembic, driven from Python against an explicit URL (the CLI and the test harness use this).
+"""The schema's Alembic migrations, shipped inside the package, and Alembic driven from Python.
+
+The scripts (``env.py``, ``versions/``) live in this package, so an installed wheel migrates as
+well as a source checkout: ``glisk db upgrade`` needs no ``alembic.ini``. ``backend/alembic.ini``
+points plain ``alembic`` (run from ``backend/``) at the same scripts, for ``alembic revision``.
 
 Synchronous on purpose: env.py runs its own event loop, so call these before the application's
 loop starts (or from a worker thread).
@@ -16,15 +20,18 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
-from glisk.core.config import BACKEND_DIR, normalize_database_url
+from glisk.core.config import normalize_database_url
 
-ALEMBIC_INI = BACKEND_DIR / "alembic.ini"
+SCRIPT_LOCATION = Path(__file__).resolve().parent
 
 
-def alembic_config(database_url: str, *, ini: Path = ALEMBIC_INI, quiet: bool = False) -> Config:
-    config = Config(str(ini), stdout=io.StringIO() if quiet else sys.stdout)
+def alembic_config(database_url: str, *, quiet: bool = False) -> Config:
+    """An Alembic configuration for this package's scripts against ``database_url``."""
+    config = Config(stdout=io.StringIO() if quiet else sys.stdout)
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("path_separator", "os")
     config.attributes["database_url"] = normalize_database_url(database_url)
-    # The CLI and the app configure logging themselves; alembic.ini's fileConfig would replace it.
+    # The CLI and the app configure logging themselves.
     config.attributes["configure_logger"] = False
     return config
 
@@ -49,4 +56,5 @@ def current_revision(database_url: str) -> str | None:
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config("postgresql://x/y")).get_current_head()
+    """The newest revision among the scripts (no database needed)."""
+    return ScriptDirectory(str(SCRIPT_LOCATION)).get_current_head()
