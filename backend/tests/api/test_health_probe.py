@@ -14,6 +14,7 @@ from glisk.api.health import DatabaseProbe
 from glisk.core.database import psycopg_connect_kwargs
 from glisk.testing import libpq_kwargs
 from tests.support.database import Database
+from tests.support.waiting import eventually
 
 
 class HoldingProxy:
@@ -77,14 +78,6 @@ def _kwargs(database: Database, **override: Any) -> dict[str, Any]:
     return {**psycopg_connect_kwargs(database.url, pooler=database.pooler), **override}
 
 
-async def _wait_for(condition: Any, seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 async def test_a_probe_arriving_while_a_select_is_in_flight_is_answered_by_the_next_one(
     postgres_container: Database,
 ) -> None:
@@ -95,7 +88,7 @@ async def test_a_probe_arriving_while_a_select_is_in_flight_is_answered_by_the_n
             await probe.check()  # the connection is open; one SELECT 1 sent
             proxy.hold()
             first = asyncio.create_task(probe.check(within=10))
-            await _wait_for(lambda: probe.sent == 2)  # first's SELECT 1 is on its way
+            await eventually(lambda: probe.sent == 2, 5, "the first probe's SELECT 1 sent")
             await asyncio.sleep(0.05)
             later = [asyncio.create_task(probe.check(within=10)) for _ in range(2)]
             await asyncio.sleep(0.05)
@@ -131,4 +124,6 @@ async def test_concurrent_probes_share_one_connection_which_aclose_closes(
         assert 1 <= probe.sent < 200  # shared: far fewer round trips than probes
     finally:
         await probe.aclose()
-    await _wait_for(lambda: _count_named(server, name) == 0)  # the server notices a moment later
+    await eventually(
+        lambda: _count_named(server, name) == 0, 5, "the connection gone"
+    )  # a moment later

@@ -16,6 +16,7 @@ from glisk.uow import UnitOfWorkFactory
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.processes import GLISK, glisk_env
+from tests.support.waiting import eventually
 
 
 def _worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -86,18 +87,15 @@ async def test_a_worker_process_drains_the_stage_and_exits_0_on_sigterm(
         env=glisk_env("WORKER_*", DATABASE_URL=postgres_container.url, WORKER_CONCURRENCY="8"),
     )
     try:
-        for _ in range(600):
+
+        async def stage_drained() -> bool:
             async with uow_factory() as uow:
-                left = (
-                    await uow.session.execute(
-                        text("SELECT count(*) FROM tokens_s0 WHERE image_path IS NULL")
-                    )
-                ).scalar_one()
-            if left == 0:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the worker did not take the stage's tokens")
+                left = await uow.session.execute(
+                    text("SELECT count(*) FROM tokens_s0 WHERE image_path IS NULL")
+                )
+                return left.scalar_one() == 0
+
+        await eventually(stage_drained, 30, "the worker took the stage's tokens", poll=0.05)
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.to_thread(process.communicate, timeout=20)
     finally:

@@ -28,6 +28,7 @@ from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
 from tests.support import factories
 from tests.support.factories import BASE_TIME, expire_leases, seed_tokens
+from tests.support.waiting import eventually
 
 S = TokenStatus
 IMAGE, UPLOAD, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.UPLOAD], STAGES[StageName.REVEAL]
@@ -333,15 +334,6 @@ async def test_deferrals_are_bounded_and_then_count_as_attempts(
     assert token.error_data["last_error"]["type"] == "RetryLater"
 
 
-async def _wait_until(predicate: Any, seconds: float, what: str) -> float:
-    started = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 @pytest.mark.listen
 async def test_an_idle_worker_wakes_on_notify_long_before_its_next_poll(
     uow_factory: UnitOfWorkFactory,
@@ -371,7 +363,7 @@ async def test_an_idle_worker_wakes_on_notify_long_before_its_next_poll(
             return n == 1
 
         # ... whose completion wakes the upload worker.
-        await _wait_until(ready, 10, "the token went through image and upload")
+        await eventually(ready, 10, "the token went through image and upload")
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -393,7 +385,7 @@ async def test_without_listen_an_idle_worker_finds_new_tokens_by_polling(
         return worker.stats.completed == 1
 
     try:
-        await _wait_until(done, 10, "polling found the token")
+        await eventually(done, 10, "polling found the token")
     finally:
         stop.set()
         await task
@@ -513,7 +505,7 @@ async def test_a_database_that_stops_answering_surfaces_within_the_timeout_and_t
         async def some_done() -> bool:
             return worker.stats.completed >= 5
 
-        await _wait_until(some_done, 20, "the worker got going")
+        await eventually(some_done, 20, "the worker got going")
         assert server.pid is not None
         pids = _server_pids(server.pid)
         for pid in pids:
@@ -524,7 +516,7 @@ async def test_a_database_that_stops_answering_surfaces_within_the_timeout_and_t
                 return worker.stats.db_errors >= 1
 
             # Bounded by the statement limit (1 s), plus a retry's pause and a refused connect.
-            elapsed = await _wait_until(noticed, 15, "the worker noticed the silent database")
+            elapsed = await eventually(noticed, 15, "the worker noticed the silent database")
             assert elapsed < 6
             assert not task.done()
         finally:
@@ -538,7 +530,7 @@ async def test_a_database_that_stops_answering_surfaces_within_the_timeout_and_t
                 ).fetchone()
             return row is not None and row[0] == 0
 
-        await _wait_until(all_done, 90, "the worker finished after the database came back")
+        await eventually(all_done, 90, "the worker finished after the database came back")
         stop.set()
         await asyncio.wait_for(task, 20)
     finally:

@@ -26,6 +26,7 @@ from glisk.workers.stages import STAGES, Stage, StageName
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.factories import expire_leases, seed_tokens
+from tests.support.waiting import eventually
 
 S = TokenStatus
 IMAGE, UPLOAD, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.UPLOAD], STAGES[StageName.REVEAL]
@@ -407,13 +408,12 @@ async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
         env={**os.environ, "DATABASE_URL": postgres_container.url},  # not in argv: ps shows it
     )
     try:
-        for _ in range(200):  # until the batch is claimed
+
+        async def batch_claimed() -> bool:
             async with uow_factory() as uow:
-                if await uow.leases.count_claimed() == 5:
-                    break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the worker never claimed its batch")
+                return await uow.leases.count_claimed() == 5
+
+        await eventually(batch_claimed, 10, "the worker claimed its batch", poll=0.05)
         worker.send_signal(signal.SIGTERM)
         out, err = await asyncio.to_thread(worker.communicate, timeout=10)
     finally:
