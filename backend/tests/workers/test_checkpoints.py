@@ -23,7 +23,7 @@ from glisk.workers import (
 )
 from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
-from tests.support.factories import expire_leases, seed_tokens
+from tests.support.factories import expire_leases, make_ready, seed_tokens
 
 S = TokenStatus
 IMAGE, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.REVEAL]
@@ -92,7 +92,7 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
         return "0x" + "1" * 64
 
     worker = Worker(REVEAL, reveal, connect_options_of(uow_factory), batch=3)
-    await _make_ready(uow_factory, ids)
+    await make_ready(uow_factory, ids)
     task = asyncio.create_task(worker.run(exit_when_idle=True))
     await asyncio.wait_for(started.wait(), 10)
     await expire_leases(uow_factory, ids[1])
@@ -104,17 +104,6 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
     assert (stats.completed, stats.refused, stats.failed) == (0, 3, 0)
     for token in ids:
         assert await _column(uow_factory, "checkpoint", token) is None
-
-
-async def _make_ready(uow_factory: UnitOfWorkFactory, ids: Sequence[uuid.UUID]) -> None:
-    async with uow_factory() as uow:
-        await uow.session.execute(
-            text(
-                "UPDATE tokens_s0 SET status = 'ready', metadata_cid = 'bafy', "
-                "image_path = '/img.png' WHERE id = ANY(:ids)"
-            ),
-            {"ids": list(ids)},
-        )
 
 
 class Chain:
@@ -205,7 +194,7 @@ async def test_a_batch_recorded_then_interrupted_is_rebroadcast_never_sent_anew(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 4)
-    await _make_ready(uow_factory, ids)
+    await make_ready(uow_factory, ids)
     chain = Chain()
     await _record_then_crash(uow_factory, chain, 4)
 
@@ -223,7 +212,7 @@ async def test_a_pending_reveal_that_can_never_be_mined_is_failed_and_its_tokens
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 2)
-    await _make_ready(uow_factory, ids)
+    await make_ready(uow_factory, ids)
     chain = Chain()
     await _record_then_crash(uow_factory, chain, 2)
     ((lost_hash, _),) = await _reveal_rows(uow_factory)
@@ -245,7 +234,7 @@ async def test_a_reveal_that_stays_unknown_is_waited_for_a_bounded_time_then_fai
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 1)
-    await _make_ready(uow_factory, ids)
+    await make_ready(uow_factory, ids)
     chain = Chain()
     chain.hold = True  # nothing is ever mined
     worker = _worker(uow_factory, Revealer(chain), max_deferrals=3)
@@ -262,7 +251,7 @@ async def test_a_batch_handler_may_return_one_result_per_token(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     ids = await seed_tokens(uow_factory, 3)
-    await _make_ready(uow_factory, ids)
+    await make_ready(uow_factory, ids)
 
     async def per_token(claims: Sequence[Claim]) -> dict[uuid.UUID, str]:
         results = {c.token_uuid: "0x" + f"{c.token_id:064x}" for c in claims}

@@ -542,19 +542,7 @@ async def test_fenced_writes_find_their_rows_by_claim_id_even_with_stale_statist
 ) -> None:
     # Statistics taken while nothing was 'generating'; then 20,000 tokens finish their image and
     # wait for the upload stage: the planner believes 'generating' is rare.
-    async with uow_factory() as uow:
-        author = await uow.authors.add(factories.author())
-        await uow.session.execute(
-            text(
-                "INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, "
-                "mint_timestamp, created_at) SELECT gen_random_uuid(), 200000 + g, :author, "
-                "'0x' || repeat('ab', 20), 'detected', timestamp '2025-01-01' + g * interval "
-                "'1 second', now() FROM generate_series(1, 20000) AS g"
-            ),
-            {"author": author.id},
-        )
-    async with uow_factory() as uow:
-        await uow.session.execute(text("ANALYZE tokens_s0"))
+    await factories.seed_in_bulk(uow_factory, 20000, first_token_id=200000)
     async with uow_factory() as uow:
         await uow.session.execute(
             text("UPDATE tokens_s0 SET status = 'generating', image_path = '/img.png'")

@@ -318,29 +318,17 @@ async def test_claim_statements_walk_their_partial_index_past_a_large_finished_h
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     # 20,000 revealed tokens and a backlog of 300 per stage, planner statistics up to date.
-    async with uow_factory() as uow:
-        author = await uow.authors.add(factories.author())
-        await uow.session.execute(
-            text(
-                """
-                INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status,
-                    mint_timestamp, image_path, metadata_cid, created_at)
-                SELECT gen_random_uuid(), 100000 + g, :author, '0x' || repeat('ab', 20),
-                    CAST(CASE WHEN g <= 20000 THEN 'revealed'
-                              WHEN g <= 20300 THEN 'detected'
-                              WHEN g <= 20600 THEN 'generating'
-                              ELSE 'ready' END AS token_status_enum),
-                    timestamp '2025-01-01' + g * interval '1 second',
-                    CASE WHEN g > 20300 THEN '/img.png' END,
-                    CASE WHEN g <= 20000 OR g > 20600 THEN 'bafy' END,
-                    now()
-                FROM generate_series(1, 20900) AS g
-                """
-            ),
-            {"author": author.id},
-        )
-    async with uow_factory() as uow:
-        await uow.session.execute(text("ANALYZE tokens_s0"))
+    await factories.seed_in_bulk(
+        uow_factory,
+        20900,
+        first_token_id=100000,
+        status="""CASE WHEN g <= 20000 THEN 'revealed'
+                       WHEN g <= 20300 THEN 'detected'
+                       WHEN g <= 20600 THEN 'generating'
+                       ELSE 'ready' END""",
+        image_path="CASE WHEN g > 20300 THEN '/img.png' END",
+        metadata_cid="CASE WHEN g <= 20000 OR g > 20600 THEN 'bafy' END",
+    )
     async with uow_factory() as uow:
         for name, stage in STAGES.items():
             # The real statement, as TokenLeaseRepository.claim sends it (sequential scans on).
