@@ -1,6 +1,6 @@
 """Property-based run of schemathesis against the app's own OpenAPI document.
 
-Every operation the app documents (plus the test-only typed route from test_api.py) gets
+Every operation the app documents (plus the test-only typed route of tests/support/api.py) gets
 generated requests, valid and invalid; whatever arrives, the app never answers 5xx, every
 response carries the security headers and a request id, and every error is the JSON envelope.
 Schemathesis drives the app over ASGI in its own event-loop thread and runs its real lifespan

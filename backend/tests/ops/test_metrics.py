@@ -65,7 +65,7 @@ async def test_api_metrics_parse_and_the_token_gauge_matches_the_table(
         assert got[("glisk_tokens", (("status", status),))] == table.get(status, 0), status
         assert cached[("glisk_tokens", (("status", status),))] == table.get(status, 0), status
     assert got[("glisk_tokens_revealed_estimated", ())] == 0
-    # The stage gauges: the seeded states of tests.test_ops (which checks them against SQL).
+    # The stage gauges: the states tests.support.seeding seeds (test_ops checks them against SQL).
     for stage, expected in EXPECTED_STAGES.items():
         for state in ("waiting", "in_flight", "expired", "backoff"):
             key = ("glisk_stage_tokens", (("stage", stage), ("state", state)))
