@@ -124,6 +124,5 @@ async def test_concurrent_probes_share_one_connection_which_aclose_closes(
         assert 1 <= probe.sent < 200  # shared: far fewer round trips than probes
     finally:
         await probe.aclose()
-    await eventually(
-        lambda: _count_named(server, name) == 0, 5, "the connection gone"
-    )  # a moment later
+    # The server notices a moment later.
+    await eventually(lambda: _count_named(server, name) == 0, 5, "the connection gone")
