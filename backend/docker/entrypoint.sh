@@ -1,5 +1,5 @@
 #!/bin/sh
-# Container entrypoint for the GLISK API (also runnable outside a container; tests/test_deploy.py
+# Container entrypoint for the GLISK API (also runnable outside a container; tests/deploy/test_deploy.py
 # does exactly that).
 #
 #   no arguments   apply migrations (`glisk db upgrade`), then exec uvicorn on HOST:PORT. `exec`

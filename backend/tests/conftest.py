@@ -5,26 +5,22 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from glisk import migrations
-from glisk.core.config import PoolerMode
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.timezone import enforce_utc
 from glisk.models import metadata
 from glisk.uow import UnitOfWorkFactory, create_uow_factory
-from tests.pg import STARTUP_LIMIT_SECONDS, pooler_for, provide_database
-
-
-@dataclass(frozen=True)
-class Database:
-    url: str  # what the tests connect to: through the pooler when one is configured
-    direct_url: str = ""  # the server itself (migrations)
-    pooler: PoolerMode = "none"  # pass to setup_db_session(pooler=...) for connections to url
+from tests.support.database import (
+    STARTUP_LIMIT_SECONDS,
+    Database,
+    pooler_for,
+    provide_database,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,7 +32,7 @@ def utc_timezone() -> None:
 @pytest.fixture(scope="session")
 def postgres_container() -> Iterator[Database]:
     """A real PostgreSQL with the migrations applied (``alembic upgrade head``), reached through
-    a pooler when GLISK_TEST_POOLER_URL is set (tests/pg.py)."""
+    a pooler when GLISK_TEST_POOLER_URL is set (tests/support/database.py)."""
     started = time.monotonic()
     with ExitStack() as stack:
         try:

@@ -1,0 +1,2 @@
+"""Tests of glisk.app and glisk.api: the HTTP shell, its database going away, generated requests,
+the /health probe."""

@@ -1,0 +1,205 @@
+"""`glisk serve` and `glisk db` as an operator runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import structlog
+
+from glisk.cli import main
+from glisk.embedded_pg import free_port, password_file, read_password, scratch_parent
+from glisk.testing import throwaway_database
+from tests.support.database import Database
+from tests.support.processes import (
+    alive,
+    owned_scratch_dir,
+    postmaster_pid,
+    serve_env,
+    start_serve,
+    wait_gone,
+    wait_serving,
+)
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Iterator[Path]:
+    # In RAM when there is room: this server's data is durable (fsync on), which on a busy disk
+    # costs seconds in initdb, every commit, and deleting the files afterwards.
+    base = owned_scratch_dir(tmp_path, "glisk-cli", scratch_parent())
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _main_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str, str]:
+    """glisk.cli.main in this process (the subprocess tests cover the real entry point)."""
+    for name, value in serve_env(**env).items():
+        monkeypatch.setenv(name, value)
+    for name in ("DATABASE_URL", "APP_ENV"):
+        if name not in env:
+            monkeypatch.delenv(name, raising=False)
+    # main() configures logging for the process; put back what the rest of the suite expects.
+    saved = structlog.get_config()
+    try:
+        code = main(list(argv))
+    finally:
+        structlog.configure(**saved)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_sigkill(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One data directory, two runs: the first ends with SIGTERM (a clean exit), the second with
+    # SIGKILL (nothing runs in glisk serve then; the kernel's parent-death signal stops postgres).
+    data_dir, pg_port, http_port = data_root / "pgdata", free_port(), free_port()
+
+    first = start_serve(data_dir, http_port, pg_port=pg_port)
+    try:
+        wait_serving(first, http_port, 15.0)
+        postgres = postmaster_pid(data_dir)
+        secret = read_password(password_file(data_dir))
+        assert secret is not None
+        # `glisk db url` prints the full URL (for psql) while serve runs; nothing else gets in.
+        code, out, _ = _main_in_process(
+            monkeypatch,
+            capsys,
+            "db",
+            "url",
+            GLISK_PG_DATA=str(data_dir),
+            GLISK_PG_PORT=str(pg_port),
+        )
+        assert (code, out) == (0, f"postgresql://postgres:{secret}@127.0.0.1:{pg_port}/glisk\n")
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk")
+        with psycopg.connect(out.strip(), autocommit=True) as c:
+            # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
+            assert c.execute("show max_connections").fetchone() == ("260",)
+            assert c.execute("show fsync").fetchone() == ("on",)  # the app's data is durable
+            c.execute(
+                "INSERT INTO system_state (key, state_value, updated_at) "
+                "VALUES ('last_processed_block', '41', now())"
+            )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output = first.communicate(timeout=20)[0]
+    assert first.returncode == 0, repr(output)
+    assert f"http://127.0.0.1:{http_port}" in output
+    assert str(data_dir) in output
+    assert f"password in {password_file(data_dir)}" in output
+    assert f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_port}/glisk" in output
+    assert secret not in output
+    assert not wait_gone([postgres], 10), "postgres still running after glisk serve exited"
+
+    second = start_serve(data_dir, http_port, pg_port=pg_port)
+    try:
+        wait_serving(second, http_port, 15.0)
+        assert read_password(password_file(data_dir)) == secret
+        with psycopg.connect(out.strip()) as c:
+            assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)
+        postgres = postmaster_pid(data_dir)
+        assert alive(postgres)
+    finally:
+        second.kill()
+        second.communicate(timeout=10)
+    assert second.returncode == -signal.SIGKILL
+    assert not wait_gone([postgres], 15), "orphaned postgres after SIGKILL of glisk serve"
+
+
+def test_db_commands_work_against_an_existing_server(
+    postgres_container: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with throwaway_database(postgres_container.url) as url:
+
+        def glisk(*args: str) -> tuple[int, str, str]:
+            return _main_in_process(monkeypatch, capsys, "db", *args, DATABASE_URL=url)
+
+        assert glisk("current")[1].startswith("base (empty)")
+        assert glisk("upgrade")[0] == 0
+        assert "(up to date)" in glisk("current")[1]
+        assert glisk("downgrade", "base")[0] == 0
+        assert glisk("current")[1].startswith("base (empty)")
+
+
+def test_db_commands_report_an_unreachable_database_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql+psycopg://glisk:hunter2@127.0.0.1:{free_port()}/glisk"
+    code, _, err = _main_in_process(monkeypatch, capsys, "db", "upgrade", DATABASE_URL=url)
+    assert code == 1
+    assert err.startswith(
+        "error: Cannot connect to the database at postgresql+psycopg://glisk:***@"
+    )
+    assert "hunter2" not in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"DB_POOL_SIZE": "lots"}, "DB_POOL_SIZE: Input should be a valid integer"),
+        (
+            {"DATABASE_URL": "mysql://x@y/z"},
+            "DATABASE_URL: must use the postgresql+psycopg:// scheme",
+        ),
+        ({"APP_ENV": "production"}, "DATABASE_URL is required when APP_ENV=production"),
+        ({"PORT": "70000"}, "PORT: Input should be less than or equal to 65535"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_message_naming_the_variable(
+    env: dict[str, str],
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _main_in_process(monkeypatch, capsys, "serve", **env)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_a_failing_migration_is_one_line_naming_the_database(
+    postgres_container: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _main_in_process(
+        monkeypatch,
+        capsys,
+        "db",
+        "downgrade",
+        "no_such_revision",
+        DATABASE_URL=postgres_container.url,
+    )
+    assert code == 1
+    assert err.startswith("error: Migrations failed on postgresql+psycopg://")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_db_url_prints_the_libpq_form_of_database_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "postgresql+psycopg://glisk:s%40cret@db.example:5432/glisk?sslmode=require"
+    code, out, _ = _main_in_process(monkeypatch, capsys, "db", "url", DATABASE_URL=url)
+    assert (code, out) == (0, "postgresql://glisk:s%40cret@db.example:5432/glisk?sslmode=require\n")
+
+
+def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _main_in_process(
+        monkeypatch, capsys, "db", "url", GLISK_PG_DATA=str(data_root / "pgdata")
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: No embedded PostgreSQL password at {data_root}/pgdata.password")
+    assert "glisk serve" in err
+    assert not (data_root / "pgdata").exists(), "db url must start nothing"

@@ -1,0 +1,1 @@
+"""Tests of glisk.core: configuration and settings, connections through a pooler."""

@@ -1,0 +1,1 @@
+"""Tests of glisk.embedded_pg: the embedded PostgreSQL launcher."""

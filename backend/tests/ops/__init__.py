@@ -1,0 +1,1 @@
+"""Tests of glisk.ops: `glisk status`, `glisk tokens`, Prometheus metrics, `glisk demo`."""

@@ -1,0 +1,2 @@
+"""Tests of glisk.repositories and glisk.uow: repositories, units of work, row locks across
+connections and processes, mint recording."""

@@ -1,0 +1,1 @@
+"""Tests of glisk.standins: the fake chain and the fake mint feed."""

@@ -1,0 +1,2 @@
+"""Tests of glisk.workers: leased claims, the worker runtime, checkpoints, `glisk worker`, worker
+processes killed at random."""

@@ -1,0 +1,264 @@
+"""Checkpoints and the reveal that is sent once: progress fenced like a completion, handed to the
+next holder after a rescue, and pending reveals reconciled before anything is sent anew."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import text
+
+from glisk.models import RevealStatus, TokenStatus
+from glisk.uow import UnitOfWorkFactory
+from glisk.workers import (
+    Claim,
+    PendingReveal,
+    RevealState,
+    Worker,
+    checkpoint,
+    record_reveal,
+)
+from glisk.workers.run import connect_options_of
+from glisk.workers.stages import STAGES, StageName
+from tests.support.factories import expire_leases, make_ready, seed_tokens
+
+S = TokenStatus
+IMAGE, REVEAL = STAGES[StageName.IMAGE], STAGES[StageName.REVEAL]
+
+
+async def _claim(uow_factory: UnitOfWorkFactory, holder: str, batch: int = 1) -> list[Claim]:
+    async with uow_factory() as uow:
+        return (
+            await uow.leases.claim(IMAGE, holder, batch=batch, lease_seconds=60, max_attempts=3)
+        ).claims
+
+
+async def _column(uow_factory: UnitOfWorkFactory, column: str, token: uuid.UUID) -> Any:
+    async with uow_factory() as uow:
+        return (
+            await uow.session.execute(
+                text(f"SELECT {column} FROM tokens_s0 WHERE id = :id"), {"id": token}
+            )
+        ).scalar_one()
+
+
+async def test_a_rescuer_receives_the_last_checkpoint_and_a_late_one_is_refused(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    (token,) = await seed_tokens(uow_factory, 1)
+    (old,) = await _claim(uow_factory, "old")
+    async with uow_factory() as uow:
+        assert await uow.leases.checkpoint([old], {"nonce": 7, "tx_hash": "0xabc"})
+    await expire_leases(uow_factory, token)
+    (new,) = await _claim(uow_factory, "rescuer")
+    assert new.checkpoint == {"nonce": 7, "tx_hash": "0xabc"}
+    async with uow_factory() as uow:
+        assert not await uow.leases.checkpoint([old], {"nonce": 8})  # the late holder
+    assert await _column(uow_factory, "checkpoint", token) == {"nonce": 7, "tx_hash": "0xabc"}
+
+
+async def test_a_checkpoint_is_kept_for_a_retry_and_cleared_by_completion_and_final_failure(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    retried, completed, failed = await seed_tokens(uow_factory, 3)
+    claims = {c.token_uuid: c for c in await _claim(uow_factory, "w", batch=3)}
+    async with uow_factory() as uow:
+        assert await uow.leases.checkpoint(list(claims.values()), {"step": "sent"})
+    async with uow_factory() as uow:
+        await uow.leases.fail(IMAGE, claims[retried], {"m": "timeout"}, max_attempts=3)
+        await uow.leases.complete(IMAGE, claims[completed], "/img.png")
+        await uow.leases.fail(IMAGE, claims[failed], {"m": "no"}, max_attempts=3, permanent=True)
+    assert await _column(uow_factory, "checkpoint", retried) == {"step": "sent"}
+    assert await _column(uow_factory, "checkpoint", completed) is None
+    assert await _column(uow_factory, "checkpoint", failed) is None
+
+
+async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_handler(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 3)
+    go = asyncio.Event()
+    effects: list[int] = []
+    started = asyncio.Event()
+
+    async def reveal(claims: Sequence[Claim]) -> str:
+        started.set()
+        await go.wait()
+        await checkpoint(claims, {"about_to": "send"})  # raises LeaseLost: one claim is gone
+        effects.append(len(claims))
+        return "0x" + "1" * 64
+
+    worker = Worker(REVEAL, reveal, connect_options_of(uow_factory), batch=3)
+    await make_ready(uow_factory, ids)
+    task = asyncio.create_task(worker.run(exit_when_idle=True))
+    await asyncio.wait_for(started.wait(), 10)
+    await expire_leases(uow_factory, ids[1])
+    async with uow_factory() as uow:  # another worker takes the lost one over
+        await uow.leases.claim(REVEAL, "rescuer", batch=3, lease_seconds=60, max_attempts=3)
+    go.set()
+    stats = await asyncio.wait_for(task, 10)
+    assert effects == [], "the handler went on to its effect after a refused checkpoint"
+    assert (stats.completed, stats.refused, stats.failed) == (0, 3, 0)
+    for token in ids:
+        assert await _column(uow_factory, "checkpoint", token) is None
+
+
+class Chain:
+    """An in-process chain for these focused tests: a signed transaction is its nonce and
+    payload; each nonce is mined at most once (the shared stand-in lives in glisk.standins)."""
+
+    def __init__(self) -> None:
+        self.mined: dict[int, str] = {}  # nonce -> tx hash
+        self.sent: list[str] = []
+        self.payloads: dict[str, list[int]] = {}
+        self.next_nonce = 0
+        self.hold = False  # received but not mined yet (a slow chain)
+
+    def sign(self, token_ids: list[int]) -> tuple[str, int]:
+        nonce = self.next_nonce
+        self.next_nonce += 1
+        tx_hash = "0x" + hashlib.sha256(f"{nonce}:{token_ids}".encode()).hexdigest()
+        self.payloads[tx_hash] = token_ids
+        return tx_hash, nonce
+
+    def send(self, tx_hash: str, nonce: int) -> None:
+        self.sent.append(tx_hash)
+        if not self.hold:
+            self.mined.setdefault(nonce, tx_hash)
+
+    def state(self, tx_hash: str, nonce: int) -> RevealState:
+        if self.mined.get(nonce) == tx_hash:
+            return "confirmed"
+        return "failed" if nonce in self.mined else "unknown"
+
+
+class Revealer:
+    """A reveal handler that records before it sends and can reconcile what it recorded."""
+
+    def __init__(self, chain: Chain, crash_after_record: bool = False) -> None:
+        self.chain = chain
+        self.crash_after_record = crash_after_record
+
+    async def __call__(self, claims: Sequence[Claim]) -> str:
+        tx_hash, nonce = self.chain.sign([c.token_id for c in claims])
+        await record_reveal(claims, tx_hash, {"nonce": nonce})
+        if self.crash_after_record:
+            raise RuntimeError("killed between record and send")
+        self.chain.send(tx_hash, nonce)
+        if self.chain.state(tx_hash, nonce) != "confirmed":  # a real one polls for the receipt
+            raise RuntimeError("not mined in time")
+        return tx_hash
+
+    async def reconcile(self, pending: PendingReveal) -> RevealState:
+        nonce = int(pending.data["nonce"])
+        self.chain.send(pending.tx_hash, nonce)  # rebroadcast the recorded transaction: safe
+        return self.chain.state(pending.tx_hash, nonce)
+
+
+async def _reveal_rows(uow_factory: UnitOfWorkFactory) -> list[tuple[str, str]]:
+    async with uow_factory() as uow:
+        return [
+            (r.tx_hash or "", str(r.status))
+            for r in await uow.reveal_txs.get_by_status(RevealStatus.PENDING)
+            + await uow.reveal_txs.get_by_status(RevealStatus.CONFIRMED)
+            + await uow.reveal_txs.get_by_status(RevealStatus.FAILED)
+        ]
+
+
+def _worker(uow_factory: UnitOfWorkFactory, handler: Any, **kwargs: Any) -> Worker:
+    options = {"backoff_base": 0.01, "poll_interval": 0.02, "batch": 10, **kwargs}
+    return Worker(REVEAL, handler, connect_options_of(uow_factory), **options)
+
+
+async def _record_then_crash(uow_factory: UnitOfWorkFactory, chain: Chain, count: int) -> None:
+    """A holder records its reveal and dies before sending (its attempt fails)."""
+    crashed = _worker(uow_factory, Revealer(chain, crash_after_record=True), backoff_base=600)
+    stop = asyncio.Event()
+
+    async def one_attempt() -> None:
+        while crashed.stats.failed < count:  # noqa: ASYNC110 - the worker's counter, no event
+            await asyncio.sleep(0.01)
+        stop.set()
+
+    await asyncio.wait_for(asyncio.gather(crashed.run(stop), one_attempt()), 10)
+    async with uow_factory() as uow:  # its backoff has passed
+        await uow.session.execute(text("UPDATE tokens_s0 SET not_before = NULL"))
+    assert chain.sent == []
+    assert [s for _, s in await _reveal_rows(uow_factory)] == ["pending"]
+
+
+async def test_a_batch_recorded_then_interrupted_is_rebroadcast_never_sent_anew(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 4)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    await _record_then_crash(uow_factory, chain, 4)
+
+    rescuer = _worker(uow_factory, Revealer(chain))
+    stats = await asyncio.wait_for(rescuer.run(exit_when_idle=True), 10)
+    assert stats.completed == 4
+    assert len(chain.mined) == 1 and len(set(chain.sent)) == 1, "a second transaction was built"
+    ((tx_hash, status),) = await _reveal_rows(uow_factory)
+    assert status == "confirmed" and tx_hash == chain.mined[0]
+    for token in ids:
+        assert await _column(uow_factory, "reveal_tx_hash", token) == tx_hash
+
+
+async def test_a_pending_reveal_that_can_never_be_mined_is_failed_and_its_tokens_sent_anew(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 2)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    await _record_then_crash(uow_factory, chain, 2)
+    ((lost_hash, _),) = await _reveal_rows(uow_factory)
+    chain.mined[0] = "0x" + "e" * 64  # its nonce went to another transaction
+
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain)).run(exit_when_idle=True), 10
+    )
+    assert stats.completed == 2
+    rows = dict(await _reveal_rows(uow_factory))
+    assert rows[lost_hash] == "failed"
+    (new_hash,) = [h for h, s in rows.items() if s == "confirmed"]
+    assert new_hash != lost_hash and chain.mined[1] == new_hash
+    for token in ids:
+        assert await _column(uow_factory, "reveal_tx_hash", token) == new_hash
+
+
+async def test_a_reveal_that_stays_unknown_is_waited_for_a_bounded_time_then_failed(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 1)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    chain.hold = True  # nothing is ever mined
+    worker = _worker(uow_factory, Revealer(chain), max_deferrals=3)
+    stats = await asyncio.wait_for(worker.run(exit_when_idle=True), 10)
+    # The first attempt sends and times out; then three checks find it still unknown; then done.
+    assert (stats.completed, stats.deferred, stats.failed) == (0, 3, 2)
+    assert len(set(chain.sent)) == 1, "a token whose transaction may still be mined was resent"
+    assert await _column(uow_factory, "status::text", ids[0]) == "failed"
+    error = await _column(uow_factory, "error_data", ids[0])
+    assert error["last_error"]["type"] == "RevealUnresolved"
+
+
+async def test_a_batch_handler_may_return_one_result_per_token(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 3)
+    await make_ready(uow_factory, ids)
+
+    async def per_token(claims: Sequence[Claim]) -> dict[uuid.UUID, str]:
+        results = {c.token_uuid: "0x" + f"{c.token_id:064x}" for c in claims}
+        results[claims[1].token_uuid] = "not a hash"  # refused alone
+        return results
+
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, per_token, max_attempts=1).run(exit_when_idle=True), 10
+    )
+    assert (stats.completed, stats.failed) == (2, 1)
