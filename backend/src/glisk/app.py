@@ -13,13 +13,14 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TextIO
 
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from glisk.api import health
-from glisk.api.errors import OperatorError, install_error_handlers
+from glisk.api.errors import install_error_handlers
 from glisk.api.middleware import (
     LifespanErrorMiddleware,
     RequestContextMiddleware,
@@ -29,18 +30,17 @@ from glisk.core.config import PoolerMode, Settings, load_settings
 from glisk.core.database import engine_of, masked_url, psycopg_connect_kwargs, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
+from glisk.errors import DatabaseUnavailableError, first_line
 from glisk.ops.metrics import install_api_metrics
 from glisk.uow import create_uow_factory
+
+__all__ = ["DatabaseUnavailableError", "create_app", "create_served_app", "verify_database"]
 
 log = structlog.get_logger("glisk.app")
 
 # Set by `glisk serve --workers N` for its API processes: the pid of the serving parent.
 SERVE_PARENT_ENV = "GLISK_SERVE_PARENT_PID"
 PR_SET_PDEATHSIG = 1
-
-
-class DatabaseUnavailableError(OperatorError):
-    """The database could not be reached at start-up. The message is one line for the operator."""
 
 
 async def verify_database(
@@ -66,8 +66,7 @@ async def verify_database(
     try:
         await check_database(engine, within=connect_timeout + 1)
     except Exception as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        detail = reason[0] if reason else type(exc).__name__
+        detail = first_line(exc)
         if isinstance(exc, TimeoutError):
             detail = f"no answer within {connect_timeout + 1:.0f} s"
         if pooler == "none" and "unsupported startup parameter: options" in detail:
@@ -80,10 +79,12 @@ async def verify_database(
         await engine.dispose()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, log_stream: TextIO | None = None) -> FastAPI:
+    """The API for ``settings`` (the environment and .env when None), logging to ``log_stream``
+    (standard error by default)."""
     enforce_utc()
     settings = settings or load_settings()
-    configure_logging(settings.app_env, settings.log_level)
+    configure_logging(settings.app_env, settings.log_level, stream=log_stream)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

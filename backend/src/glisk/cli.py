@@ -17,10 +17,11 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import sql
 
-from glisk.core.config import ConfigError, Settings, load_settings, project_dir
+from glisk.core.config import Settings, load_settings, project_dir
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
-from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+from glisk.embedded_pg import EmbeddedPostgres, default_data_dir
+from glisk.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, OperatorError, first_line
 from glisk.ops.command import add_parsers as add_ops_parsers
 from glisk.workers.command import add_parser as add_worker_parser
 
@@ -28,15 +29,12 @@ from glisk.workers.command import add_parser as add_worker_parser
 # worker` and `glisk status` start faster without them.
 
 EMBEDDED_DATABASE = "glisk"
-EXIT_CONFIG = 2
-EXIT_DATABASE = 1
+EXIT_DATABASE = EXIT_FAILURE
 EXIT_NEAR_LIMIT = 3  # `glisk db check`: connections near the server's limit
 
+# Every command failure is a glisk.errors.OperatorError: one line, and the exit code it carries.
 
-class CliError(Exception):
-    def __init__(self, message: str, exit_code: int = EXIT_DATABASE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["EXIT_CONFIG", "EXIT_DATABASE", "EXIT_NEAR_LIMIT", "database", "main"]
 
 
 def masked_url(db_url: str) -> str:
@@ -57,19 +55,17 @@ def _ensure_database(server: EmbeddedPostgres, name: str) -> None:
 
 
 def _reachable(url: str, settings: Settings) -> str:
-    from glisk.app import DatabaseUnavailableError, verify_database
+    """``url`` once it answered SELECT 1; DatabaseUnavailableError otherwise."""
+    from glisk.app import verify_database
 
-    try:
-        asyncio.run(
-            verify_database(
-                url,
-                settings.db_connect_timeout,
-                application_name="glisk-cli",
-                pooler=settings.db_pooler,
-            )
+    asyncio.run(
+        verify_database(
+            url,
+            settings.db_connect_timeout,
+            application_name="glisk-cli",
+            pooler=settings.db_pooler,
         )
-    except DatabaseUnavailableError as exc:
-        raise CliError(str(exc)) from None
+    )
     return url
 
 
@@ -77,15 +73,12 @@ def _reachable(url: str, settings: Settings) -> str:
 def database(settings: Settings, *, api_processes: int = 1) -> Iterator[str]:
     """Yield the URL of a database that answered SELECT 1: DATABASE_URL, or the embedded server
     started for the duration of the block (sized for ``api_processes`` API processes). Raises
-    CliError (one line) otherwise."""
+    an OperatorError (DatabaseUnavailableError, EmbeddedPostgresError: one line) otherwise."""
     if settings.database_url is not None:
         yield _reachable(settings.database_url, settings)
         return
     server = _embedded_server(settings, api_processes=api_processes)
-    try:
-        server.start()
-    except EmbeddedPostgresError as exc:
-        raise CliError(str(exc)) from None
+    server.start()
     try:
         _say(
             f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {server.data_dir}, "
@@ -109,26 +102,20 @@ def _embedded_server(settings: Settings, *, api_processes: int = 1) -> EmbeddedP
 def _url_for_tools(settings: Settings) -> str:
     """The libpq URL (password included) of the database glisk uses, for psql and other tools.
     Starts nothing: the embedded server's URL is read from its password file, and is valid
-    whenever that server runs. Raises CliError if it was never started."""
+    whenever that server runs. Raises EmbeddedPostgresError if it was never started."""
     if settings.database_url is not None:
         from sqlalchemy.engine import make_url
 
         url = make_url(settings.database_url).set(drivername="postgresql")
         return url.render_as_string(hide_password=False)
-    try:
-        return _embedded_server(settings).conninfo(EMBEDDED_DATABASE)
-    except EmbeddedPostgresError as exc:
-        raise CliError(str(exc)) from None
+    return _embedded_server(settings).conninfo(EMBEDDED_DATABASE)
 
 
 def _migrate(url: str, action: Callable[[], None]) -> None:
     try:
         action()
     except Exception as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise CliError(
-            f"Migrations failed on {masked_url(url)}: {first[0] if first else type(exc).__name__}"
-        ) from None
+        raise OperatorError(f"Migrations failed on {masked_url(url)}: {first_line(exc)}") from None
 
 
 class Terminated(Exception):
@@ -201,13 +188,14 @@ def _serve_processes(url: str, host: str, port: int, workers: int) -> None:
             else:
                 os.environ[name] = value
     if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
-        raise CliError("an API process failed to start (its log is above)")
+        raise OperatorError("an API process failed to start (its log is above)")
 
 
 def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
-    """Connections in use per application_name against what the server allows. Raises CliError
-    with EXIT_NEAR_LIMIT when they reach ``warn_at`` percent of the usable connections, or when
-    one API process's pool could exceed them (without a pooler, whose clients do not count)."""
+    """Connections in use per application_name against what the server allows. Raises an
+    OperatorError with EXIT_NEAR_LIMIT when they reach ``warn_at`` percent of the usable
+    connections, or when one API process's pool could exceed them (without a pooler, whose
+    clients do not count)."""
     from glisk.core.database import read_connection_usage
 
     try:
@@ -215,9 +203,8 @@ def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
             url, connect_timeout=settings.db_connect_timeout, pooler=settings.db_pooler
         )
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()
-        raise CliError(
-            f"Cannot read pg_stat_activity on {masked_url(url)}: {first[0] if first else exc!r}"
+        raise OperatorError(
+            f"Cannot read pg_stat_activity on {masked_url(url)}: {first_line(exc)}"
         ) from None
     api_pool = settings.db_pool_size + settings.db_max_overflow
     print("\n".join(usage.report(api_pool=api_pool)))
@@ -226,7 +213,7 @@ def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
     for problem in problems:
         _say(f"warning: {problem} (see backend/docs/deployment.md, connection budget)")
     if problems:
-        raise CliError("connections near the limit", EXIT_NEAR_LIMIT)
+        raise OperatorError("connections near the limit", EXIT_NEAR_LIMIT)
 
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
@@ -315,11 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as exc:
         _say(str(exc))
-        return EXIT_CONFIG
+        return exc.exit_code
     configure_logging(settings.app_env, settings.log_level)
     try:
         args.handler(settings, args)
-    except CliError as exc:
+    except OperatorError as exc:
         _say(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
@@ -328,8 +315,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: modules that raise CliError import
-    # it from glisk.cli, and only that class is caught there.
-    from glisk.cli import main as imported_main
-
-    sys.exit(imported_main())
+    sys.exit(main())

@@ -43,6 +43,8 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
+from glisk.errors import EmbeddedPostgresError
+
 PR_SET_PDEATHSIG = 1
 SUPERUSER = "postgres"
 
@@ -61,10 +63,6 @@ local   all   all                  scram-sha-256
 host    all   all   127.0.0.1/32   scram-sha-256
 host    all   all   ::1/128        scram-sha-256
 """
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server could not be found, initialised or started; the message says why."""
 
 
 def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from glisk.errors import DatabaseError, first_line
 from glisk.repositories import (
     AuthorRepository,
     ImageGenerationJobRepository,
@@ -88,8 +89,8 @@ class UnitOfWork:
                 if self.session.in_transaction():
                     await self.commit()
             elif exc is not self._failed_commit:
-                if isinstance(exc, SQLAlchemyError):
-                    log.error("uow.database_error", error=_describe(exc))
+                if isinstance(exc, SQLAlchemyError | DatabaseError):
+                    log.error("uow.database_error", error=first_line(exc))
                 await self.rollback(reason=type(exc).__name__)
         finally:
             self._failed_commit = None
@@ -103,7 +104,7 @@ class UnitOfWork:
         try:
             await self.session.commit()
         except SQLAlchemyError as exc:
-            log.error("uow.database_error", error=_describe(exc), during="commit")
+            log.error("uow.database_error", error=first_line(exc), during="commit")
             self._failed_commit = exc
             await self.rollback(reason="commit failed")
             raise
@@ -112,14 +113,6 @@ class UnitOfWork:
     async def rollback(self, reason: str = "explicit") -> None:
         await self.session.rollback()
         log.info("uow.rollback", reason=reason)
-
-
-def _describe(exc: SQLAlchemyError) -> str:
-    # The driver's first line names the problem (and constraint); the statement and parameters
-    # that SQLAlchemy appends may hold user data and are left out.
-    original = getattr(exc, "orig", None)
-    text = str(original if original is not None else exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 UnitOfWorkFactory = Callable[[], UnitOfWork]

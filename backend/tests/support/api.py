@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -57,13 +56,7 @@ def api_settings(database_url: str, **overrides: Any) -> Settings:
 def create_logged_app(settings: Settings) -> tuple[FastAPI, io.StringIO]:
     """``create_app`` with its log handler writing to a buffer instead of stderr."""
     buffer = io.StringIO()
-    real_stderr = sys.stderr
-    sys.stderr = buffer
-    try:
-        app = create_app(settings)
-    finally:
-        sys.stderr = real_stderr
-    return app, buffer
+    return create_app(settings, log_stream=buffer), buffer
 
 
 @contextmanager

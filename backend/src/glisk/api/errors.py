@@ -1,8 +1,8 @@
 """Every error leaves the API in one envelope: {"status": "error", "error": {code, message}}.
 
-Database errors are translated here and nowhere else: a constraint violation names its constraint
-(names are stable, see glisk.models.base.NAMING_CONVENTION) without echoing the statement or
-values.
+glisk's errors map to statuses here: a constraint violation (translated from the driver once, by
+the engine: glisk.core.db_errors) is a 409 naming its constraint (names are stable, see
+glisk.models.base.NAMING_CONVENTION) without echoing the statement or values.
 """
 
 from http import HTTPStatus
@@ -13,11 +13,18 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glisk.api.schemas import envelope
-from glisk.models import FieldValidationError, InvalidStateTransition
+from glisk.errors import (
+    ConstraintViolation,
+    FieldValidationError,
+    InvalidStateTransition,
+    MintConflict,
+    OperatorError,
+)
+
+__all__ = ["OperatorError", "install_error_handlers", "internal_error_response"]
 
 log = structlog.get_logger("glisk.api")
 
@@ -33,17 +40,6 @@ _CODES = {
     422: "VALIDATION_ERROR",
     429: "TOO_MANY_REQUESTS",
 }
-
-
-class OperatorError(RuntimeError):
-    """A failure whose message is complete for the operator: one line, naming the problem, with
-    secrets masked. It is reported as that line, without a traceback
-    (see glisk.api.middleware.LifespanErrorMiddleware)."""
-
-
-def constraint_name(exc: DBAPIError) -> str | None:
-    diag = getattr(getattr(exc, "orig", None), "diag", None)
-    return getattr(diag, "constraint_name", None)
 
 
 def internal_error_response() -> JSONResponse:
@@ -96,9 +92,13 @@ async def _invalid_transition(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=409, content=envelope("INVALID_STATE_TRANSITION", str(exc)))
 
 
-async def _integrity_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, IntegrityError)
-    name = constraint_name(exc)
+async def _mint_conflict(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=409, content=envelope("MINT_CONFLICT", str(exc)))
+
+
+async def _constraint_violation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ConstraintViolation)
+    name = exc.constraint
     log.info("api.constraint_violation", constraint=name)
     return JSONResponse(
         status_code=409,
@@ -115,4 +115,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(FieldValidationError, _field_validation_error)
     app.add_exception_handler(InvalidStateTransition, _invalid_transition)
-    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(MintConflict, _mint_conflict)
+    app.add_exception_handler(ConstraintViolation, _constraint_violation)

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from glisk.api.schemas import HealthDown, HealthOk, envelope
+from glisk.errors import first_line
 
 log = structlog.get_logger("glisk.health")
 router = APIRouter()
@@ -143,7 +144,7 @@ async def health(request: Request) -> JSONResponse:
         log.warning(
             "health.database_unreachable",
             error=type(exc).__name__,
-            detail=str(exc).splitlines()[0] if str(exc) else "",
+            detail=first_line(exc),
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return JSONResponse(

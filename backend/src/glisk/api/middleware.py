@@ -22,7 +22,8 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from glisk.api.errors import OperatorError, internal_error_response
+from glisk.api.errors import internal_error_response
+from glisk.errors import OperatorError
 
 log = structlog.get_logger("glisk.request")
 

@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal, TypedDict
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from glisk.errors import ConfigError
+
+__all__ = ["ConfigError", "Settings", "load_settings", "normalize_database_url"]
+
 # In a source checkout (an editable install): backend/src/glisk/core/config.py -> backend/, and
 # the repository root, which holds the one .env every service shares. An installed wheel has no
 # such tree: see project_dir().
@@ -83,10 +87,6 @@ class EngineOptions(TypedDict):
     connect_timeout: float
     application_name: str
     pooler: PoolerMode
-
-
-class ConfigError(ValueError):
-    """Invalid configuration. ``str(error)`` is meant to be shown to the operator as is."""
 
 
 def normalize_database_url(url: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from weakref import WeakKeyDictionary
 
 import psycopg
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from glisk.core import db_errors
 from glisk.core.config import PoolerMode, normalize_database_url
 
 UTC_OPTIONS = "-c timezone=UTC"
@@ -70,6 +71,15 @@ def _set_utc(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
+class EngineKeywords(TypedDict, total=False):
+    """create_db_engine's keyword options besides pool_size (each has its default there)."""
+
+    max_overflow: int
+    connect_timeout: float
+    application_name: str
+    pooler: PoolerMode
+
+
 def create_db_engine(
     db_url: str,
     *,
@@ -84,7 +94,8 @@ def create_db_engine(
     The pool opens connections lazily (nothing connects here) and pre-pings each checkout, so a
     database restart costs one failed ping, not a failed request. Every connection runs in UTC so
     ``now()`` agrees with the naive UTC columns. ``pooler`` says what DATABASE_URL points at
-    (DB_POOLER; see ``connect_args``).
+    (DB_POOLER; see ``connect_args``). Constraint violations raise glisk's named errors
+    (``glisk.core.db_errors``).
     """
     engine = create_async_engine(
         normalize_database_url(db_url),
@@ -98,6 +109,7 @@ def create_db_engine(
     )
     if pooler != "none":
         event.listen(engine.sync_engine, "connect", _set_utc)
+    db_errors.install(engine.sync_engine)
     _POOLERS[engine.sync_engine] = pooler
     return engine
 
@@ -113,29 +125,17 @@ def pooler_of(engine: AsyncEngine) -> PoolerMode:
 
 
 def setup_db_session(
-    db_url: str,
-    pool_size: int = 200,
-    *,
-    max_overflow: int = 10,
-    connect_timeout: float = 5.0,
-    application_name: str = "glisk",
-    pooler: PoolerMode = "none",
+    db_url: str, pool_size: int = 200, **options: Unpack[EngineKeywords]
 ) -> async_sessionmaker[AsyncSession]:
-    """The session factory every unit of work draws from (spec section 6).
+    """The session factory every unit of work draws from, on ``create_db_engine(db_url,
+    pool_size=pool_size, **options)``.
 
     ``expire_on_commit=False`` so entities returned from a unit of work stay readable after it
     commits. Dispose of the engine with ``await engine_of(factory).dispose()``.
     ``setup_db_session(url, **settings.engine_options("worker", concurrency=4))`` sizes and
     names the pool for a role.
     """
-    engine = create_db_engine(
-        db_url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        connect_timeout=connect_timeout,
-        application_name=application_name,
-        pooler=pooler,
-    )
+    engine = create_db_engine(db_url, pool_size=pool_size, **options)
     return async_sessionmaker(engine, expire_on_commit=False)
 
 

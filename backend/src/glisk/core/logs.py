@@ -2,20 +2,24 @@
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
 AppEnv = Literal["development", "production"]
 
 
-def configure_logging(app_env: AppEnv = "development", log_level: str = "INFO") -> None:
-    """Human-readable console lines in development, one JSON object per line in production.
+def configure_logging(
+    app_env: AppEnv = "development", log_level: str = "INFO", *, stream: TextIO | None = None
+) -> None:
+    """Human-readable console lines in development, one JSON object per line in production,
+    written to ``stream`` (standard error, as it is when called, by default).
 
     Standard-library loggers (uvicorn, alembic) are routed through the same renderer so an operator
     reads one format.
     """
     level = logging.getLevelNamesMapping()[log_level.upper()]
+    out: TextIO = sys.stderr if stream is None else stream
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -30,7 +34,7 @@ def configure_logging(app_env: AppEnv = "development", log_level: str = "INFO") 
         # Plain tracebacks: the default rich formatter shows local variables, which would print
         # connection parameters (passwords included) next to a failed connect.
         renderer = structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
 
     structlog.configure(
@@ -39,7 +43,7 @@ def configure_logging(app_env: AppEnv = "development", log_level: str = "INFO") 
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

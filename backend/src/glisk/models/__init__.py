@@ -1,9 +1,10 @@
 """The seven entities, their enums and rules.
 
 Entity names (``Token``, ``Author``, ...) and ``metadata`` load every entity module on first use,
-which registers every table on ``metadata``. The light names (the enums, FieldValidationError,
-InvalidStateTransition) and the submodules ``enums``, ``validation`` and ``transitions`` load
-without SQLModel: the worker runtime imports only those.
+which registers every table on ``metadata``. The light names (the enums; FieldValidationError,
+InvalidStateTransition and MintConflict, which live in glisk.errors) and the submodules
+``enums``, ``validation`` and ``transitions`` load without SQLModel: the worker runtime imports
+only those.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from glisk.errors import FieldValidationError, InvalidStateTransition, MintConflict
     from glisk.models.author import Author
     from glisk.models.base import metadata
     from glisk.models.enums import (
         ImageJobStatus,
         ImageService,
-        InvalidStateTransition,
         IPFSRecordType,
         IPFSUploadStatus,
         RevealStatus,
@@ -25,27 +26,27 @@ if TYPE_CHECKING:
     )
     from glisk.models.image_job import ImageGenerationJob
     from glisk.models.ipfs_record import IPFSUploadRecord
-    from glisk.models.mint_event import MintConflict, MintEvent, MintLog
+    from glisk.models.mint_event import MintEvent, MintLog
     from glisk.models.reveal_tx import RevealTransaction
     from glisk.models.system_state import SystemState
     from glisk.models.token import Token
-    from glisk.models.validation import FieldValidationError
 
+# Name -> module, for names that load without SQLModel (the errors live in glisk.errors).
 _LIGHT = {
-    "ImageJobStatus": "enums",
-    "ImageService": "enums",
-    "InvalidStateTransition": "enums",
-    "IPFSRecordType": "enums",
-    "IPFSUploadStatus": "enums",
-    "RevealStatus": "enums",
-    "TokenStatus": "enums",
-    "FieldValidationError": "validation",
+    "ImageJobStatus": "glisk.models.enums",
+    "ImageService": "glisk.models.enums",
+    "IPFSRecordType": "glisk.models.enums",
+    "IPFSUploadStatus": "glisk.models.enums",
+    "RevealStatus": "glisk.models.enums",
+    "TokenStatus": "glisk.models.enums",
+    "FieldValidationError": "glisk.errors",
+    "InvalidStateTransition": "glisk.errors",
+    "MintConflict": "glisk.errors",
 }
 _ENTITIES = {
     "Author": "author",
     "ImageGenerationJob": "image_job",
     "IPFSUploadRecord": "ipfs_record",
-    "MintConflict": "mint_event",
     "MintEvent": "mint_event",
     "MintLog": "mint_event",
     "RevealTransaction": "reveal_tx",
@@ -78,7 +79,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LIGHT:
-        value = getattr(importlib.import_module(f"glisk.models.{_LIGHT[name]}"), name)
+        value = getattr(importlib.import_module(_LIGHT[name]), name)
     elif name in _ENTITIES:
         # Any entity (or the metadata) brings all of them: foreign keys between tables resolve
         # by name on the shared metadata.

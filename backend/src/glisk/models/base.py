@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from sqlalchemy import event, inspect
-from sqlalchemy.orm import Mapper
+from sqlalchemy import MetaData, event, inspect
+from sqlalchemy.orm import Mapper, registry
 from sqlmodel import SQLModel
 
 # Stable, readable names for every index and constraint, so migrations and error translation can
@@ -15,12 +15,13 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-SQLModel.metadata.naming_convention = NAMING_CONVENTION
-metadata = SQLModel.metadata
 
 
-class Entity(SQLModel):
-    """Base of the table models: makes SQLAlchemy ``@validates`` normalisation stick.
+class Entity(SQLModel, registry=registry(metadata=MetaData(naming_convention=NAMING_CONVENTION))):
+    """Base of the table models, with a registry (and metadata) of their own: the naming
+    convention applies to GLISK's tables only, never to SQLModel's shared default metadata.
+
+    It also makes SQLAlchemy ``@validates`` normalisation stick.
 
     SQLModel's ``__setattr__`` hands the value to SQLAlchemy (which runs the validator) and then
     writes the *raw* value into ``__dict__`` for pydantic, undoing any normalisation (e.g. a tx hash
@@ -54,3 +55,6 @@ def _check_row(_mapper: Mapper[Any], _connection: Any, target: Any) -> None:
 # completed") are checked here, at flush, once the whole row is known. Only GLISK's entities.
 event.listen(Entity, "before_insert", _check_row, propagate=True)
 event.listen(Entity, "before_update", _check_row, propagate=True)
+
+
+metadata = Entity.metadata

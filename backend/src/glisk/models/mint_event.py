@@ -169,34 +169,3 @@ class MintLog:
                     "block_timestamp", "must be an ISO 8601 timestamp", stamp
                 ) from None
         return cls(**fields)
-
-
-class MintConflict(Exception):
-    """A mint log claims token ids that another log (or another writer) already minted.
-
-    Nothing of the refused log was written. ``token_ids`` are the contested ids of the refused log
-    ``log`` (tx_hash, log_index); ``other`` is the recorded log that holds them, or None when the
-    tokens exist without a recorded mint log (a backfill) or when the other writer's transaction
-    committed in the same instant (then this transaction is aborted: leave the unit of work).
-    """
-
-    def __init__(
-        self,
-        log: tuple[str, int],
-        token_ids: list[int],
-        other: tuple[str, int] | None,
-        detail: str = "",
-    ) -> None:
-        self.log = log
-        self.token_ids = token_ids
-        self.other = other
-        held_by = f"the log {other[0]}#{other[1]}" if other else "tokens without a mint log"
-        message = (
-            f"mint log {log[0]}#{log[1]} claims token ids {_shorten(token_ids)} already minted "
-            f"by {held_by}"
-        )
-        super().__init__(f"{message}; {detail}" if detail else message)
-
-
-def _shorten(ids: list[int]) -> str:
-    return str(ids) if len(ids) <= 10 else f"[{ids[0]}, {ids[1]}, ..., {ids[-1]}] ({len(ids)})"

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import UUID as PGUUID
 from sqlalchemy.orm import validates
 from sqlmodel import Field
 
+from glisk.errors import InvalidStateTransition
 from glisk.models import validation as v
 from glisk.models._columns import (
     created_at_field,
@@ -22,7 +23,7 @@ from glisk.models._columns import (
     timestamp_column,
 )
 from glisk.models.base import Entity
-from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.models.enums import TokenStatus
 from glisk.models.transitions import (
     RETRY_TARGETS,
     TERMINAL,

@@ -7,7 +7,8 @@ status.
 
 from __future__ import annotations
 
-from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.errors import InvalidStateTransition
+from glisk.models.enums import TokenStatus
 
 S = TokenStatus
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from glisk.errors import FieldValidationError
+
 WALLET_PATTERN = r"^0x[a-fA-F0-9]{40}$"
 TX_HASH_PATTERN = r"^0x[a-fA-F0-9]{64}$"
 # Stored form: transaction hashes carry no checksum, so they are kept lowercase and the unique
@@ -23,16 +25,6 @@ _TX_HASH = re.compile(TX_HASH_PATTERN)
 _STATE_KEY = re.compile(STATE_KEY_PATTERN)
 
 E = TypeVar("E", bound=StrEnum)
-
-
-class FieldValidationError(ValueError):
-    def __init__(self, field: str, rule: str, value: Any = None) -> None:
-        self.field = field
-        self.rule = rule
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{field}: {rule} (got {shown})")
 
 
 def wallet(field: str, value: Any) -> str:

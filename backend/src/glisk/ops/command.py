@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from glisk.errors import ConfigError, FieldValidationError, OperatorError, first_line
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -61,10 +63,11 @@ def add_parsers(commands: Any) -> None:
 
 @contextmanager
 def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    """A psycopg connection to the configured (or embedded) database; CliError if unusable."""
+    """A psycopg connection to the configured (or embedded) database; OperatorError if
+    unusable."""
     import psycopg
 
-    from glisk.cli import CliError, database
+    from glisk.cli import database
     from glisk.workers.connection import libpq_url
 
     with database(settings) as url:
@@ -76,7 +79,7 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
                 application_name="glisk-ops",
             )
         except psycopg.Error as exc:
-            raise CliError(f"database unreachable: {str(exc).strip().splitlines()[0]}") from None
+            raise OperatorError(f"database unreachable: {first_line(exc)}") from None
         with conn:
             try:
                 yield conn
@@ -85,7 +88,7 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
                 psycopg.errors.UndefinedTable,
                 psycopg.errors.UndefinedObject,
             ) as exc:
-                raise CliError(
+                raise OperatorError(
                     f"the database is not migrated ({exc.diag.message_primary}): "
                     "run 'glisk db upgrade'"
                 ) from None
@@ -114,16 +117,14 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
-    from glisk.cli import EXIT_CONFIG, CliError
-    from glisk.models.validation import FieldValidationError
     from glisk.ops.tokens import RetryFilter, retry_failed
 
     try:
         selection = RetryFilter.parse(
             ids=args.ids, reason=args.reason, stage=args.stage, since=args.since
         )
-    except FieldValidationError as exc:
-        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    except FieldValidationError as exc:  # a bad option
+        raise ConfigError(str(exc)) from None
     with _connection(settings) as conn:
         outcome = retry_failed(conn, selection, dry_run=args.dry_run)
     verb = "would move" if args.dry_run else "moved"
@@ -137,15 +138,14 @@ def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
     by_target = ", ".join(f"{n} to {t}" for t, n in sorted(outcome.by_target().items()))
     print(f"{len(outcome.moved)} token(s) {verb}{': ' + by_target if by_target else ''}")
     if outcome.refused:
-        raise CliError(f"{len(outcome.refused)} selected token(s) refused (see above)")
+        raise OperatorError(f"{len(outcome.refused)} selected token(s) refused (see above)")
 
 
 def cmd_tokens_show(settings: Settings, args: argparse.Namespace) -> None:
-    from glisk.cli import CliError
     from glisk.ops.tokens import show_token
 
     with _connection(settings) as conn:
         shown = show_token(conn, args.token_id)
     if shown is None:
-        raise CliError(f"token_id {args.token_id}: no such token")
+        raise OperatorError(f"token_id {args.token_id}: no such token")
     print(json.dumps(shown, indent=2, default=str))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from glisk.errors import ConfigError, OperatorError
+
 if TYPE_CHECKING:
     from glisk.core.config import Settings
 
@@ -120,14 +122,12 @@ class Pool:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
-    from glisk.cli import EXIT_CONFIG, CliError
-
     if not 1 <= args.tokens <= 100_000:
-        raise CliError("--tokens: must be 1 to 100000", exit_code=EXIT_CONFIG)
+        raise ConfigError("--tokens: must be 1 to 100000")
     if not 1 <= args.workers <= 8:
-        raise CliError("--workers: must be 1 to 8", exit_code=EXIT_CONFIG)
+        raise ConfigError("--workers: must be 1 to 8")
     if not _run(settings, args):
-        raise CliError("the demo's verification failed (see the table above)")
+        raise OperatorError("the demo's verification failed (see the table above)")
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> bool:

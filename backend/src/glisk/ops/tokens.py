@@ -16,8 +16,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from glisk.errors import InvalidStateTransition
 from glisk.models import validation as v
-from glisk.models.enums import InvalidStateTransition, TokenStatus
+from glisk.models.enums import TokenStatus
 from glisk.models.token import RETRY_TARGETS, Token
 
 NOW = "(now() AT TIME ZONE 'utc')"

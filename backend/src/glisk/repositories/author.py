@@ -26,7 +26,7 @@ class AuthorRepository:
         return result.scalar_one_or_none()
 
     async def add(self, author: Author) -> Author:
-        """Flushes, so a duplicate wallet raises IntegrityError here, not at commit."""
+        """Flushes, so a duplicate wallet raises UniqueViolation here, not at commit."""
         self.session.add(author)
         await self.session.flush()
         return author

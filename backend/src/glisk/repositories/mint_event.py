@@ -4,11 +4,11 @@ from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 from sqlalchemy import exists, select, text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from glisk.core.timezone import utcnow
+from glisk.errors import UniqueViolation
 from glisk.models import MintConflict, MintEvent, MintLog
 from glisk.models import validation as v
 from glisk.models.author import PROMPT_MAX, PROMPT_MIN
@@ -178,8 +178,8 @@ class MintEventRepository:
             )
             try:
                 row = (await self.session.execute(_RECORD, params)).one()
-            except IntegrityError as exc:
-                if _constraint(exc) != "uq_tokens_s0_token_id":
+            except UniqueViolation as exc:
+                if exc.constraint != "uq_tokens_s0_token_id":
                     raise
                 raise MintConflict(
                     log.key, ids, None, "another writer committed them at the same moment"
@@ -222,7 +222,7 @@ class MintEventRepository:
         return None if row is None else (row.tx_hash, row.log_index)
 
     async def add(self, event: MintEvent) -> MintEvent:
-        """Flushes: a duplicate (tx_hash, log_index) raises IntegrityError here. Writes the event
+        """Flushes: a duplicate (tx_hash, log_index) raises UniqueViolation here. Writes the event
         row only; ``record_mint`` records a log with its author and tokens."""
         self.session.add(event)
         await self.session.flush()
@@ -253,8 +253,3 @@ class MintEventRepository:
             .order_by(col(MintEvent.block_number), col(MintEvent.log_index))
         )
         return list(result.scalars())
-
-
-def _constraint(exc: IntegrityError) -> str | None:
-    diag = getattr(getattr(exc, "orig", None), "diag", None)
-    return getattr(diag, "constraint_name", None)

@@ -29,10 +29,11 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from glisk.errors import GliskError
 from glisk.standins.tx import SignedTx
 
 
-class ChainError(Exception):
+class ChainError(GliskError):
     """Anything that went wrong talking to the chain."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
+from glisk.errors import GliskError
 from glisk.standins.chain_client import (
     ChainClient,
     NonceTooLow,
@@ -24,7 +25,7 @@ from glisk.workers.claims import Claim
 from glisk.workers.reveal import PendingReveal, RevealState
 
 
-class RevealNotConfirmed(Exception):
+class RevealNotConfirmed(GliskError):
     """The transaction was sent but not confirmed in time (or reverted): a failed attempt; the
     next claim reconciles it."""
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from glisk.errors import GliskError
+
 # GliskNFT.revealTokens takes any number of ids; the backend reveals in batches of at most 50.
 MAX_REVEAL_BATCH = 50
 DEFAULT_GAS_PRICE = 1_000_000_000  # 1 gwei, in wei
@@ -23,7 +25,7 @@ REPLACEMENT_BUMP_PERCENT = 10
 _ADDRESS = re.compile(r"^0x[a-fA-F0-9]{40}$")
 
 
-class InvalidTransaction(ValueError):
+class InvalidTransaction(GliskError, ValueError):
     """Raw bytes that do not decode to a reveal transaction, or fields out of range."""
 
 

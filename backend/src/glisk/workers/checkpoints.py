@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from glisk.errors import LeaseLost
 from glisk.workers import queries
 from glisk.workers.claims import Claim
-from glisk.workers.errors import LeaseLost
 
 Write = Callable[[str, dict[str, Any]], Awaitable[Sequence[tuple[Any, ...]]]]
 

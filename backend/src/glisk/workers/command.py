@@ -16,15 +16,13 @@ import importlib
 import inspect
 from typing import TYPE_CHECKING, Any, cast
 
+from glisk.errors import ConfigError, FieldValidationError, HandlerError, OperatorError, first_line
+
 if TYPE_CHECKING:
     from glisk.core.config import Settings
     from glisk.workers.worker import Handler
 
 NOOP = "noop"
-
-
-class HandlerError(Exception):
-    """The handler path cannot be used; the message says why, in one line."""
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -82,15 +80,12 @@ def load_handler(path: str, stage: str) -> Handler:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> None:
-    """Entry point from ``glisk.cli``; raises glisk.cli.CliError for exits 1 and 2."""
-    from glisk.cli import EXIT_CONFIG, CliError
+    """Entry point from ``glisk.cli``; raises OperatorErrors: HandlerError or another
+    ConfigError (exit 2), an unreachable or unmigrated database (exit 1)."""
     from glisk.workers.worker import hold_stop_signals
 
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
-    try:
-        handler = load_handler(args.handler_path, args.stage)
-    except HandlerError as exc:
-        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    handler = load_handler(args.handler_path, args.stage)
     if settings.database_url is not None:
         _serve(settings, args, handler, settings.database_url)
         return
@@ -104,8 +99,6 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: str) -> None:
-    from glisk.cli import EXIT_CONFIG, CliError
-    from glisk.models.validation import FieldValidationError
     from glisk.workers.connection import ConnectOptions
     from glisk.workers.worker import Worker
 
@@ -131,8 +124,8 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
         handler = metrics.wrap(handler)
     try:
         worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
-    except FieldValidationError as exc:
-        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    except FieldValidationError as exc:  # an option out of range: a configuration error
+        raise ConfigError(str(exc)) from None
     if metrics is not None and port is not None:
         metrics.attach(worker)
         metrics.serve(port)
@@ -142,7 +135,6 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
 async def _run(worker: Any, connect: Any) -> None:
     import structlog
 
-    from glisk.cli import CliError
     from glisk.workers.connection import DATABASE_ERRORS
     from glisk.workers.worker import install_stop_signals
 
@@ -158,11 +150,9 @@ async def _run(worker: Any, connect: Any) -> None:
         finally:
             await conn.close()
     except DATABASE_ERRORS as exc:
-        first = str(exc).strip().splitlines()
-        reason = first[0] if first else type(exc).__name__
-        raise CliError(f"database unreachable: {reason}") from None
+        raise OperatorError(f"database unreachable: {first_line(exc)}") from None
     if found is None:
-        raise CliError("the database is not migrated for this worker: run 'glisk db upgrade'")
+        raise OperatorError("the database is not migrated for this worker: run 'glisk db upgrade'")
     stop = asyncio.Event()
     install_stop_signals(stop)
     log = structlog.get_logger("glisk.worker")

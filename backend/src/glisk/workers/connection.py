@@ -10,6 +10,9 @@ server, a dropped network path) would otherwise block a worker forever: TCP keep
 dead peer host, but a server process that is alive yet silent is only caught by a client-side
 time limit. On expiry the connection is closed on the spot (its state is unknown: the statement
 may or may not have run) and ``DatabaseTimeout`` is raised; the next call connects again.
+
+Driver errors are translated here, once: a statement that breaks a constraint raises glisk's
+``ConstraintViolation`` (``UniqueViolation``, ``CheckViolation``, ...) naming the constraint.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 
 import psycopg
 
-from glisk.workers.errors import DatabaseTimeout
+from glisk.errors import DatabaseError, DatabaseTimeout, translate
 
-# psycopg's own errors and a closed socket: what a retry may cure.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, DatabaseTimeout, OSError)
+# psycopg's own errors, glisk's translations of them (a timeout, a constraint violation) and a
+# closed socket: every way a database call fails. Callers that retry treat a ConstraintViolation
+# apart (the same statement would fail the same way).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, DatabaseError, OSError)
 
 
 def libpq_url(url: str) -> str:
@@ -110,8 +115,9 @@ class Link:
             return await self.fetch_locked(query, params)
 
     async def fetch_locked(self, query: str, params: dict[str, Any]) -> Sequence[tuple[Any, ...]]:
-        """Run one statement (the caller holds ``lock``) and return its rows. Raises psycopg
-        errors, or DatabaseTimeout after ``options.timeout`` seconds (the connection is closed)."""
+        """Run one statement (the caller holds ``lock``) and return its rows. Raises a
+        ConstraintViolation for a broken constraint, other psycopg errors as they are, or
+        DatabaseTimeout after ``options.timeout`` seconds (the connection is closed)."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = await self.options.connect()
@@ -130,9 +136,12 @@ class Link:
             )
         try:
             return task.result()
-        except psycopg.Error:
+        except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self._conn = None
+            violation = translate(exc)
+            if violation is not None:
+                raise violation from exc
             raise
 
     def _abandon(self, conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:

@@ -22,15 +22,14 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import psycopg
 import structlog
 
+from glisk.errors import ConstraintViolation, LeaseLost, PermanentError, RetryLater, first_line
 from glisk.models import validation as v
 from glisk.workers import queries
 from glisk.workers.checkpoints import HandlerScope, current_scope
 from glisk.workers.claims import Claim, claim_batch
 from glisk.workers.connection import DATABASE_ERRORS, ConnectOptions, Link
-from glisk.workers.errors import LeaseLost, PermanentError, RetryLater
 from glisk.workers.listener import Listener
 from glisk.workers.reveal import PendingReveal, Reconciler, pending_reveal_of
 from glisk.workers.stages import Stage, StageName, resolve_stage
@@ -470,7 +469,7 @@ class Worker:
         for attempt in range(1, DB_RETRIES + 1):
             try:
                 return list(await self._writes_db.fetch(query, params))
-            except psycopg.IntegrityError:
+            except ConstraintViolation:
                 raise  # the same statement would fail the same way
             except DATABASE_ERRORS as exc:
                 self._db_error(step, exc, attempt=attempt)
@@ -481,11 +480,10 @@ class Worker:
 
     def _db_error(self, step: str, exc: BaseException, **fields: Any) -> None:
         self.stats.db_errors += 1
-        message = str(exc).strip().splitlines()
         self._log.error(
             "worker.database_error",
             step=step,
-            error={"type": type(exc).__name__, "message": message[0] if message else ""},
+            error={"type": type(exc).__name__, "message": first_line(exc)},
             **fields,
         )
 
@@ -516,7 +514,7 @@ class Worker:
         }
         try:
             rows = await self._write("complete", queries.complete(self.stage), params)
-        except psycopg.IntegrityError as exc:
+        except ConstraintViolation as exc:
             if len(results) > 1:  # find the one the database refuses; complete the others
                 for one in results:
                     await self._complete([one])
