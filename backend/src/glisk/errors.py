@@ -9,17 +9,23 @@
     ├── FieldValidationError     a value breaks a model rule; names the field and the rule
     ├── InvalidStateTransition   the token state machine refused a status change
     ├── MintConflict             a mint log claims token ids another log already minted
-    ├── DatabaseError            the database refused or failed; the driver's first line
+    ├── DatabaseError            the database refused or failed; the driver's first line, sqlstate
     │   ├── ConstraintViolation  names the constraint (and table, column)
     │   │   ├── UniqueViolation, ForeignKeyViolation, CheckViolation, NotNullViolation
     │   └── DatabaseTimeout      a worker's statement did not answer within its bound
     ├── PermanentError, RetryLater   what a stage handler raises to steer its token
     ├── LeaseLost                a checkpoint was refused: the claim is no longer held
-    └── ChainError ...           the stand-in chain client (glisk.standins.chain_client)
+    └── ChainError, InvalidTransaction, RevealNotConfirmed   the stand-ins (glisk.standins)
 
 Driver errors are translated once, where glisk meets the driver: SQLAlchemy engines made by
-``glisk.core.database`` raise ``ConstraintViolation``s (``glisk.core.db_errors``), so a worker or
-an event handler catches ``UniqueViolation`` and reads ``.constraint``; HTTP maps them to 409.
+``glisk.core.database`` (``glisk.core.db_errors``) and the worker runtime's connections
+(``glisk.workers.connection``) raise these instead of SQLAlchemy's or psycopg's errors, so a
+worker or an event handler catches ``UniqueViolation`` and reads ``.constraint``; HTTP maps a
+ConstraintViolation to 409. At start-up, commands report an unreachable database as a
+DatabaseUnavailableError (an OperatorError: one line, exit 1).
+
+Arguments that break a rule raise FieldValidationError, which is also a ValueError; misuse of
+an API (a unit of work outside ``async with``) raises RuntimeError, as Python code does.
 
 This module imports nothing heavier than the standard library, so the worker runtime can use it
 without loading SQLAlchemy.
@@ -159,9 +165,36 @@ def _shorten(ids: list[int]) -> str:
 # --- the database ------------------------------------------------------------------------------
 
 
+# SQLSTATE classes and codes that a retry may cure: 08 connection exception, 53 insufficient
+# resources (too many connections, out of memory or disk), 57 operator intervention (shutdown,
+# cancel, statement timeout), 40001 serialization failure, 40P01 deadlock.
+_TRANSIENT_CLASSES = ("08", "53", "57")
+_TRANSIENT_STATES = frozenset({"40001", "40P01"})
+
+
 class DatabaseError(GliskError):
     """The database refused a statement or did not answer. The message is the driver's first
-    line: it names the problem (and constraint) without the statement or its parameters."""
+    line: it names the problem (and constraint) without the statement or its parameters.
+    ``sqlstate`` is the server's SQLSTATE code, None when no server answered (a lost connection,
+    a refused connect)."""
+
+    sqlstate: str | None = None
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        # Exception.__init__, not super(): the SQLAlchemy-compatible subclasses have
+        # SQLAlchemy's DBAPIError later in their MRO, whose __init__ takes other arguments.
+        Exception.__init__(self, message)
+        if sqlstate is not None:
+            self.sqlstate = sqlstate
+
+    @property
+    def transient(self) -> bool:
+        """Whether the same call may succeed later unchanged: the connection was lost or refused,
+        the server is shutting down or full, the statement was cancelled or timed out, or it lost
+        a deadlock or a serialization conflict. False for a statement the database will refuse
+        again (a constraint, bad data, a missing table)."""
+        state = self.sqlstate
+        return state is None or state.startswith(_TRANSIENT_CLASSES) or state in _TRANSIENT_STATES
 
     def __str__(self) -> str:
         # Set explicitly: subclasses that are also SQLAlchemy errors (glisk.core.db_errors)
@@ -172,9 +205,9 @@ class DatabaseError(GliskError):
 class ConstraintViolation(DatabaseError):
     """A write broke a constraint; nothing of the statement was written. ``constraint`` is the
     constraint's stable name (glisk.models.base.NAMING_CONVENTION), ``table`` and ``column``
-    where the server names them, ``sqlstate`` the SQLSTATE code."""
+    where the server names them."""
 
-    sqlstate: str = "23000"
+    sqlstate: str | None = "23000"
 
     def __init__(
         self,
@@ -185,14 +218,10 @@ class ConstraintViolation(DatabaseError):
         column: str | None = None,
         sqlstate: str | None = None,
     ) -> None:
-        # Exception.__init__, not super(): the SQLAlchemy-compatible subclasses have
-        # SQLAlchemy's DBAPIError later in their MRO, whose __init__ takes other arguments.
-        Exception.__init__(self, message)
+        DatabaseError.__init__(self, message, sqlstate=sqlstate)
         self.constraint = constraint
         self.table = table
         self.column = column
-        if sqlstate is not None:
-            self.sqlstate = sqlstate
 
 
 class UniqueViolation(ConstraintViolation):
@@ -222,35 +251,35 @@ class NotNullViolation(ConstraintViolation):
 VIOLATIONS: dict[str, type[ConstraintViolation]] = {
     kind.sqlstate: kind
     for kind in (UniqueViolation, ForeignKeyViolation, CheckViolation, NotNullViolation)
+    if kind.sqlstate is not None
 }
 
 
-def violation_kind(driver_error: BaseException) -> type[ConstraintViolation] | None:
-    """The ConstraintViolation class for a driver (psycopg) error, or None when it is not a
-    constraint violation (SQLSTATE class 23)."""
+def error_kind(driver_error: BaseException) -> type[DatabaseError]:
+    """The glisk class for a driver (psycopg) error: a ConstraintViolation for SQLSTATE class 23
+    (the named one where there is one), DatabaseError for anything else."""
     sqlstate = getattr(driver_error, "sqlstate", None)
-    if not isinstance(sqlstate, str) or not sqlstate.startswith("23"):
-        return None
-    return VIOLATIONS.get(sqlstate, ConstraintViolation)
+    if isinstance(sqlstate, str) and sqlstate.startswith("23"):
+        return VIOLATIONS.get(sqlstate, ConstraintViolation)
+    return DatabaseError
 
 
-def violation_fields(driver_error: BaseException) -> dict[str, Any]:
-    """The keyword arguments of a ConstraintViolation, read from a driver error's diagnostics."""
-    diag = getattr(driver_error, "diag", None)
-    return {
-        "constraint": getattr(diag, "constraint_name", None),
-        "table": getattr(diag, "table_name", None),
-        "column": getattr(diag, "column_name", None),
-        "sqlstate": getattr(driver_error, "sqlstate", None),
-    }
+def error_fields(driver_error: BaseException) -> dict[str, Any]:
+    """The keyword arguments of ``error_kind(driver_error)``, read from the driver's
+    diagnostics: the SQLSTATE, and for a constraint violation the constraint, table, column."""
+    fields: dict[str, Any] = {"sqlstate": getattr(driver_error, "sqlstate", None)}
+    if issubclass(error_kind(driver_error), ConstraintViolation):
+        diag = getattr(driver_error, "diag", None)
+        fields["constraint"] = getattr(diag, "constraint_name", None)
+        fields["table"] = getattr(diag, "table_name", None)
+        fields["column"] = getattr(diag, "column_name", None)
+    return fields
 
 
-def translate(driver_error: BaseException) -> ConstraintViolation | None:
-    """The named error for a driver error that broke a constraint, else None."""
-    kind = violation_kind(driver_error)
-    if kind is None:
-        return None
-    return kind(first_line(driver_error), **violation_fields(driver_error))
+def translate(driver_error: BaseException) -> DatabaseError:
+    """The named glisk error for a driver (psycopg) error. Raise it ``from`` the driver error,
+    which stays reachable as ``__cause__``."""
+    return error_kind(driver_error)(first_line(driver_error), **error_fields(driver_error))
 
 
 class DatabaseTimeout(DatabaseError):
@@ -276,7 +305,7 @@ class RetryLater(GliskError):
 
     def __init__(self, seconds: float, reason: str = "") -> None:
         if not seconds >= 0:
-            raise ValueError(f"seconds: must be >= 0 (got {seconds!r})")
+            raise FieldValidationError("seconds", "must be >= 0", seconds)
         super().__init__(reason or f"retry in {seconds:g} s")
         self.seconds = float(seconds)
 

@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from glisk.uow import UnitOfWorkFactory
 from tests.support.api import (
     ALLOWED_ORIGIN,
+    DUPLICATED_WALLET,
     INTERNAL_MARKER,
     add_probe_routes,
     api_settings,
@@ -122,6 +124,35 @@ async def test_unexpected_exception_gives_500_envelope_without_internals(api: Ap
     requests = [line for line in lines if line["event"] == "request"]
     assert [line["status_code"] for line in requests] == [500]
     assert errors[0]["request_id"] == requests[0]["request_id"] == response.headers["x-request-id"]
+
+
+async def test_a_duplicate_is_a_409_naming_the_constraint_and_the_request_writes_nothing(
+    api: Api, uow_factory: UnitOfWorkFactory
+) -> None:
+    response = await api.client.post("/probe/duplicate-wallet")
+
+    assert response.status_code == 409
+    assert response.json()["error"] == {
+        "code": "CONSTRAINT_VIOLATION",
+        "message": "The change violates the constraint 'uq_authors_wallet_address_lower'",
+        "details": [{"constraint": "uq_authors_wallet_address_lower"}],
+    }
+    assert DUPLICATED_WALLET[2:] not in response.text.lower()
+    async with uow_factory() as uow:  # the first author went with the request's transaction
+        assert await uow.authors.get_by_wallet(DUPLICATED_WALLET) is None
+
+
+async def test_a_database_failure_mid_request_is_the_generic_500_and_the_next_is_served(
+    api: Api,
+) -> None:
+    for path in ("/probe/division-by-zero", "/probe/connection-dies"):
+        response = await api.client.get(path)
+
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "INTERNAL_SERVER_ERROR"
+        for leak in ("division", "terminat", "pg_backend_pid"):
+            assert leak not in response.text
+    assert (await api.client.get("/health")).status_code == 200
 
 
 async def test_request_validation_error_keeps_fastapi_detail_inside_the_envelope(

@@ -13,14 +13,18 @@ from typing import Annotated, Any
 import httpx
 import structlog
 from fastapi import FastAPI, HTTPException, Query
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from glisk.app import create_app
 from glisk.core.config import Settings
+from glisk.core.dependencies import UowDep
+from tests.support import factories
 
 ALLOWED_ORIGIN = "http://localhost:3000"
 SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY"}
 INTERNAL_MARKER = "kaboom-internal-detail-7f3a"
+DUPLICATED_WALLET = "0x" + "ab" * 20  # written twice by /probe/duplicate-wallet
 
 
 def with_password(url: str, password: str | None = None) -> tuple[str, str]:
@@ -91,7 +95,9 @@ def assert_security_headers(response: httpx.Response) -> None:
 
 
 def add_probe_routes(app: FastAPI) -> None:
-    """Test-only routes: a typed query parameter (validation) and an unexpected exception."""
+    """Test-only routes: a typed query parameter (validation), an unexpected exception, and
+    database failures through the request's unit of work (a duplicate, a statement the database
+    refuses, a connection that dies)."""
 
     @app.get("/probe/items", summary="Test-only route with a typed, bounded query parameter")
     async def probe_items(limit: Annotated[int, Query(ge=1, le=100)]) -> dict[str, int]:
@@ -104,3 +110,16 @@ def add_probe_routes(app: FastAPI) -> None:
     @app.get("/probe/boom", include_in_schema=False)
     async def probe_boom() -> None:
         raise RuntimeError(f"{INTERNAL_MARKER}: internal state nobody should see")
+
+    @app.post("/probe/duplicate-wallet", include_in_schema=False)
+    async def probe_duplicate_wallet(uow: UowDep) -> None:
+        await uow.authors.add(factories.author(wallet_address=DUPLICATED_WALLET))
+        await uow.authors.add(factories.author(wallet_address="0x" + DUPLICATED_WALLET[2:].upper()))
+
+    @app.get("/probe/division-by-zero", include_in_schema=False)
+    async def probe_division_by_zero(uow: UowDep) -> None:
+        await uow.session.execute(text("SELECT 1 / 0"))
+
+    @app.get("/probe/connection-dies", include_in_schema=False)
+    async def probe_connection_dies(uow: UowDep) -> None:
+        await uow.session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))

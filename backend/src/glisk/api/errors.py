@@ -2,7 +2,9 @@
 
 glisk's errors map to statuses here: a constraint violation (translated from the driver once, by
 the engine: glisk.core.db_errors) is a 409 naming its constraint (names are stable, see
-glisk.models.base.NAMING_CONVENTION) without echoing the statement or values.
+glisk.models.base.NAMING_CONVENTION) without echoing the statement or values; a field that
+breaks its rule is a 422 naming both. Any other database failure is the generic 500 (the operator
+reads the error in the log; the client never sees the driver's words).
 """
 
 from http import HTTPStatus

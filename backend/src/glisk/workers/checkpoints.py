@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from glisk.errors import LeaseLost
+from glisk.errors import FieldValidationError, LeaseLost
 from glisk.workers import queries
 from glisk.workers.claims import Claim
 
@@ -48,7 +48,7 @@ def _scope() -> HandlerScope:
 def _claim_ids(claims: Claim | Sequence[Claim]) -> list[UUID]:
     chosen = [claims] if isinstance(claims, Claim) else list(claims)
     if not chosen:
-        raise ValueError("claims: must name at least one claim")
+        raise FieldValidationError("claims", "must name at least one claim", chosen)
     return sorted({c.claim_id for c in chosen})
 
 

@@ -11,8 +11,9 @@ dead peer host, but a server process that is alive yet silent is only caught by 
 time limit. On expiry the connection is closed on the spot (its state is unknown: the statement
 may or may not have run) and ``DatabaseTimeout`` is raised; the next call connects again.
 
-Driver errors are translated here, once: a statement that breaks a constraint raises glisk's
-``ConstraintViolation`` (``UniqueViolation``, ``CheckViolation``, ...) naming the constraint.
+Driver errors are translated here, once: a failed statement raises a ``glisk.errors`` error
+(``UniqueViolation``, ``CheckViolation``, ... naming the constraint; ``DatabaseError`` with its
+SQLSTATE for the rest), raised from the psycopg error.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import psycopg
 
 from glisk.errors import DatabaseError, DatabaseTimeout, translate
 
-# psycopg's own errors, glisk's translations of them (a timeout, a constraint violation) and a
-# closed socket: every way a database call fails. Callers that retry treat a ConstraintViolation
-# apart (the same statement would fail the same way).
+# glisk's translations of driver errors (a timeout, a constraint violation, a lost connection),
+# psycopg's own (the listener's notification stream) and a closed socket: every way a database
+# call fails. Callers that retry treat a ConstraintViolation apart (the same statement
+# would fail the same way).
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error, DatabaseError, OSError)
 
 
@@ -85,12 +87,14 @@ class ConnectOptions:
         }
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
-        """A new autocommit connection, or DatabaseTimeout / psycopg.OperationalError."""
+        """A new autocommit connection; DatabaseTimeout, or DatabaseError when refused."""
         try:
             return await asyncio.wait_for(
                 psycopg.AsyncConnection.connect(libpq_url(self.url), **self.connect_kwargs()),
                 self.connect_timeout + 1,
             )
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
         except TimeoutError:
             raise DatabaseTimeout(
                 f"no connection within {self.connect_timeout:g} s (the database does not answer)"
@@ -116,8 +120,8 @@ class Link:
 
     async def fetch_locked(self, query: str, params: dict[str, Any]) -> Sequence[tuple[Any, ...]]:
         """Run one statement (the caller holds ``lock``) and return its rows. Raises a
-        ConstraintViolation for a broken constraint, other psycopg errors as they are, or
-        DatabaseTimeout after ``options.timeout`` seconds (the connection is closed)."""
+        ConstraintViolation for a broken constraint, a DatabaseError for any other driver error,
+        or DatabaseTimeout after ``options.timeout`` seconds (the connection is closed)."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = await self.options.connect()
@@ -139,10 +143,7 @@ class Link:
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self._conn = None
-            violation = translate(exc)
-            if violation is not None:
-                raise violation from exc
-            raise
+            raise translate(exc) from exc
 
     def _abandon(self, conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
         # Close the socket first: cancelling a query in flight would make psycopg send a cancel
