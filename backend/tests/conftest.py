@@ -25,7 +25,7 @@ from tests.support.database import (
 
 @pytest.fixture(scope="session", autouse=True)
 def utc_timezone() -> None:
-    """Every test runs with TZ=UTC, whatever the machine's zone (SC-007)."""
+    """Every test runs with TZ=UTC, whatever the machine's zone: timestamps are naive UTC."""
     enforce_utc()
 
 

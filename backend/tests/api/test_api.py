@@ -1,4 +1,4 @@
-"""The HTTP shell (spec section 7) against a real, migrated PostgreSQL.
+"""The HTTP shell (/health, the error envelope, middleware) against a real, migrated PostgreSQL.
 
 One app per module, its lifespan run for real (engine, session factory, SELECT 1 at start-up),
 requests over httpx's ASGI transport. The database URL carries a password (the test server

@@ -61,7 +61,7 @@ def test_environment_variables_override_the_file(
     assert load_settings(env_file).db_pool_size == 7
 
 
-def test_defaults_match_the_specification() -> None:
+def test_defaults_are_the_ones_the_readme_documents() -> None:
     s = load_settings(os.devnull)
     assert (s.db_pool_size, s.app_env, s.log_level, s.host, s.port) == (
         200,

@@ -1,4 +1,4 @@
-"""Every legal and illegal token status change (SC-006), in memory and through the database."""
+"""Every legal and illegal token status change, in memory and through the database."""
 
 from __future__ import annotations
 

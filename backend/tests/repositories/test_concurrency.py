@@ -1,4 +1,4 @@
-"""SC-005: concurrent workers never receive the same token (FOR UPDATE SKIP LOCKED), on real
+"""Concurrent workers never receive the same token (FOR UPDATE SKIP LOCKED), on real
 connections and in separate OS processes; a dead transaction gives its tokens back."""
 
 from __future__ import annotations

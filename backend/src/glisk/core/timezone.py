@@ -1,6 +1,6 @@
 """UTC everywhere: the process clock, and naive UTC timestamps for the database.
 
-Columns are naive ``TIMESTAMP`` holding UTC (spec section 3); ``utcnow()`` is the only way the
+Columns are naive ``TIMESTAMP`` holding UTC (docs/schema.md); ``utcnow()`` is the only way the
 application produces one, so local time can never reach the database.
 """
 
