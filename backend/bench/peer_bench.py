@@ -1,207 +1,175 @@
-"""Side by side with a peer: the same number of no-op jobs drained through pgqueuer (psycopg
-driver) and tokens through the image stage of the glisk worker runtime, on one PostgreSQL server,
-interleaved. Method notes: docs/benchmarks.md.
+"""Side by side with a peer: the same number of no-op jobs drained by pgqueuer (psycopg driver)
+and tokens by the image stage of the glisk worker runtime, on one PostgreSQL server, interleaved;
+with ``--statements``, the statements and transactions each sends per job.
 
-    cd backend && uv run python -m bench.peer_bench                 # ~3 min
-    cd backend && uv run python -m bench.peer_bench --statements    # + statements per token
+    cd backend && uv run python -m bench.peer_bench --statements
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
-import sys
-from collections.abc import Sequence
+import time
 from typing import Any
 
 import psycopg
+from pgqueuer import PgQueuer, Queries
+from pgqueuer.models import Job
+from pgqueuer.types import QueueExecutionMode
 
-from bench._common import Cell, load_line, markdown_table, run_processes, workdir
-from bench.claim_bench import SEED, reset, server_line
-from bench.claim_workers import drain
-from bench.http_bench import start_database
-from glisk.workers.connection import libpq_url
+from bench.harness import (
+    Cell,
+    Ready,
+    database,
+    query,
+    reset,
+    run_processes,
+    say,
+    seed,
+    server_line,
+    table,
+)
+from glisk.core.logs import configure_logging
+from glisk.workers.claims import Claim
+from glisk.workers.connection import ConnectOptions, libpq_url
+from glisk.workers.noop import handlers
+from glisk.workers.stages import StageName
+from glisk.workers.worker import Worker
 
 SYSTEMS = ("pgqueuer", "runtime")
-PGQ_TABLES = ("pgqueuer", "pgqueuer_log", "pgqueuer_statistics")
+COMMITS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+STATEMENTS = """SELECT calls, total_exec_time, query FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND query NOT LIKE '%%pg_stat_%%' ORDER BY calls DESC"""
 
 
-async def _pgqueuer(dsn: str, action: str, jobs: int = 0) -> Any:
-    from pgqueuer import Queries
+async def drain_async(system: str, url: str, ready: Ready) -> tuple[int, float]:
+    """Drain the queue; the clock stops at the last handler call (pgqueuer's drain mode idles
+    about 4 s more before ``run()`` returns, which is not throughput)."""
+    done, last, noop = 0, 0.0, handlers()[StageName.IMAGE]
 
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        q = Queries.from_psycopg_connection(conn)
+    async def handler(job: Job | Claim) -> Any:
+        nonlocal done, last
+        done, last = done + 1, time.monotonic()
+        return await noop(job) if isinstance(job, Claim) else None  # type: ignore[arg-type]
+
+    if system == "runtime":
+        worker = Worker(StageName.IMAGE, handler, ConnectOptions(url), batch=10)
+        ready()
+        return (await worker.run(exit_when_idle=True)).completed, last
+    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+        pgq = PgQueuer.from_psycopg_connection(conn)
+        pgq.entrypoint("noop")(handler)
+        ready()
+        await pgq.run(batch_size=10, mode=QueueExecutionMode.drain)
+    return done, last
+
+
+def drain(system: str, url: str, ready: Ready) -> tuple[int, float]:
+    configure_logging("production", "WARNING")
+    return asyncio.run(drain_async(system, url, ready))
+
+
+async def pgqueuer(url: str, action: str, jobs: int = 0) -> int:
+    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+        queries = Queries.from_psycopg_connection(conn)
         if action == "install":
-            await q.install()
+            await queries.install()
         elif action == "fill":
-            await q.clear_queue()
-            await q.clear_queue_log()
-            await q.clear_statistics_log()
-            await q.enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
-        else:
-            return sum(s.count for s in await q.queue_size())
-    return None
+            await queries.clear_queue()
+            await queries.clear_queue_log()
+            await queries.clear_statistics_log()
+            await queries.enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
+        return sum(s.count for s in await queries.queue_size())
 
 
-def prepare(system: str, dsn: str, jobs: int) -> None:
+def prepare(system: str, url: str, jobs: int) -> None:
+    """Fill the queue (or reset the tokens), VACUUM ANALYZE, CHECKPOINT."""
     if system == "runtime":
-        reset(dsn)
-        return
-    asyncio.run(_pgqueuer(dsn, "fill", jobs))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in PGQ_TABLES:
-            conn.execute(f"VACUUM ANALYZE {table}")  # type: ignore[arg-type]
-        conn.execute("CHECKPOINT")
-
-
-def check(system: str, dsn: str, cell: Cell, jobs: int) -> None:
-    """A drain must have moved every job exactly once and left nothing behind."""
-    if system == "runtime":
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE image_path IS NULL OR claim_id IS NOT NULL) "
-                "FROM tokens_s0"
-            ).fetchone()
-        left = row[0] if row else -1
+        reset(url)
     else:
-        left = asyncio.run(_pgqueuer(dsn, "size"))
+        asyncio.run(pgqueuer(url, "fill", jobs))
+        query(url, "VACUUM ANALYZE pgqueuer, pgqueuer_log, pgqueuer_statistics", "CHECKPOINT")
+
+
+def check(system: str, url: str, cell: Cell, jobs: int) -> None:
+    """Every job handled exactly once, none left behind."""
+    left = asyncio.run(pgqueuer(url, "size"))
+    if system == "runtime":
+        sql = "SELECT count(*) FROM tokens_s0 WHERE image_path IS NULL OR claim_id IS NOT NULL"
+        left = query(url, sql)[0][0]
     if left or cell.moved != jobs:
         raise RuntimeError(f"{system}: moved {cell.moved} of {jobs}, {left} left behind")
 
 
-def statements(context: Any, dsn: str, url: str, args: argparse.Namespace) -> str:
-    """One drain per system with pg_stat_statements on: statements and transactions per job."""
-    rows = []
+def statements(url: str, jobs: int) -> list[list[object]]:
+    """One drain per system with pg_stat_statements on: statements, transactions per job."""
+    rows: list[list[object]] = []
     for system in SYSTEMS:
-        prepare(system, dsn, args.jobs)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_stat_statements_reset()")
-            before = conn.execute(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-            ).fetchone()
-        cell = run_processes(context, drain, [(system, url, args.batch)])
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            after = conn.execute(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-            ).fetchone()
-            found = conn.execute(
-                "SELECT calls, total_exec_time, query FROM pg_stat_statements "
-                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND query NOT LIKE '%pg_stat_%' ORDER BY calls DESC"
-            ).fetchall()
-        assert before is not None
-        assert after is not None
+        prepare(system, url, jobs)
+        ((before,),) = query(url, "SELECT pg_stat_statements_reset()", COMMITS)
+        cell = run_processes(drain, [(system, url)])
+        ((after,),), found = query(url, COMMITS), query(url, STATEMENTS)
+        check(system, url, cell, jobs)
         per = 1 / cell.moved
-        rows.append(
-            [
-                system,
-                "all statements",
-                f"{sum(r[0] for r in found) * per:.3f}",
-                f"{sum(r[1] for r in found) * per * 1000:.1f}",
-            ]
-        )
-        rows.append(
-            [system, "transactions (pg_stat_database)", f"{(after[0] - before[0]) * per:.3f}", ""]
-        )
-        for calls, ms, query in found[: args.top]:
-            text = " ".join(line.split("--")[0] for line in query.split("\n")).split()
-            rows.append(
-                [system, f"`{' '.join(text)[:90]}`", f"{calls * per:.3f}", f"{ms * per * 1000:.1f}"]
-            )
-    return markdown_table(["system", "statement", "per job", "server µs per job"], rows, "llrr")
+        total = (sum(r[0] for r in found), sum(r[1] for r in found), "all statements")
+        for calls, ms, text in [total, *found[:8]]:
+            shown = " ".join(" ".join(line.split("--")[0] for line in text.splitlines()).split())
+            rows.append([system, shown[:90], f"{calls * per:.3f}", f"{ms * per * 1000:.1f}"])
+        rows.append([system, "transactions (xact_commit)", f"{(after - before) * per:.3f}", ""])
+    return rows
 
 
-def run(args: argparse.Namespace) -> int:
-    processes = [int(n) for n in args.processes.split(",")]
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bench.claim_workers", "pgqueuer"])
-    with workdir("glisk-peer-bench-") as tmp:
-        server, url = start_database(tmp, max_connections=100)
-        try:
-            dsn = libpq_url(url)
-            if args.statements:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
-                server.stop()
-                server.start()
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("CREATE EXTENSION pg_stat_statements")
-            asyncio.run(_pgqueuer(dsn, "install"))
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(SEED.format(count=int(args.jobs)))  # type: ignore[arg-type]
-                logged = conn.execute(
-                    "SELECT string_agg(relname || '=' || relpersistence::text, ' ') "
-                    "FROM pg_class WHERE relname IN ('tokens_s0', 'pgqueuer', 'pgqueuer_log')"
-                ).fetchone()
-            print(
-                f"{server_line(dsn)}; tables {logged[0] if logged else '?'} (p = logged); "
-                f"{args.jobs} jobs, batch {args.batch}; {load_line()}",
-                flush=True,
-            )
-            cells: dict[tuple[str, int], list[Cell]] = {}
-            for rep in range(args.repeat):
-                for n in processes:
-                    order = SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]
-                    for system in order:
-                        prepare(system, dsn, args.jobs)
-                        cell = run_processes(context, drain, [(system, url, args.batch)] * n)
-                        check(system, dsn, cell, args.jobs)
-                        cells.setdefault((system, n), []).append(cell)
-                        print(f"  rep {rep + 1} {system} x{n}: {cell.rate:,.0f}/s", flush=True)
-            rows = []
-            for n in processes:
-                pgq, ours = (statistics.median(c.rate for c in cells[(s, n)]) for s in SYSTEMS)
-                cpu = [statistics.median(c.cpu_ms for c in cells[(s, n)]) for s in SYSTEMS]
-                rates = [[c.rate for c in cells[(s, n)]] for s in SYSTEMS]
-                spread = [f"{min(r):,.0f}-{max(r):,.0f}" for r in rates]
-                rows.append(
-                    [
-                        str(n),
-                        f"{pgq:,.0f}",
-                        spread[0],
-                        f"{ours:,.0f}",
-                        spread[1],
-                        f"{ours / pgq:.2f}",
-                        f"{cpu[0]:.3f}",
-                        f"{cpu[1]:.3f}",
-                    ]
-                )
-            print()
-            print(
-                markdown_table(
-                    [
-                        "processes",
-                        "pgqueuer jobs/s",
-                        "(min-max)",
-                        "runtime tokens/s",
-                        "(min-max)",
-                        "runtime / pgqueuer",
-                        "pgqueuer CPU ms/job",
-                        "runtime CPU ms/token",
-                    ],
-                    rows,
-                )
-            )
-            print(f"\nmedian of {args.repeat}; {load_line()}")
-            if args.statements:
-                print(f"\n{statements(context, dsn, url, args)}")
-        finally:
-            server.stop()
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.peer_bench")
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--processes", default="1,4,8")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--statements", action="store_true", help="pg_stat_statements per job")
-    parser.add_argument("--top", type=int, default=8, help="statements listed per system")
-    return run(parser.parse_args(argv))
+    args = parser.parse_args()
+    processes = [int(n) for n in args.processes.split(",")]
+    cells: dict[tuple[str, int], list[Cell]] = {}
+    with database() as (server, url):
+        if args.statements:  # the extension must be loaded at server start
+            query(url, "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            server.stop()
+            server.start()
+            query(url, "CREATE EXTENSION pg_stat_statements")
+        asyncio.run(pgqueuer(url, "install"))
+        seed(url, args.jobs)
+        ((logged,),) = query(
+            url,
+            "SELECT string_agg(relname || '=' || relpersistence::text, ' ') FROM pg_class "
+            "WHERE relname IN ('tokens_s0', 'pgqueuer', 'pgqueuer_log')",
+        )
+        say(f"{server_line(url)}; tables {logged} (p = logged)")
+        for rep in range(args.repeat):
+            for n in processes:
+                for system in SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]:
+                    prepare(system, url, args.jobs)
+                    cell = run_processes(drain, [(system, url)] * n)
+                    check(system, url, cell, args.jobs)
+                    cells.setdefault((system, n), []).append(cell)
+                    say(f"  rep {rep + 1} {system} x{n}: {cell.rate:,.0f}/s")
+        rows = []
+        for n in processes:
+            by_system = [cells[(s, n)] for s in SYSTEMS]
+            rates = [[c.rate for c in cs] for cs in by_system]
+            pgq, ours = (statistics.median(r) for r in rates)
+            spread = [f"{min(r):,.0f}-{max(r):,.0f}" for r in rates]
+            cpu = [f"{statistics.median(c.cpu_ms for c in cs):.3f}" for cs in by_system]
+            ratio = f"{ours / pgq:.2f}"
+            rows.append([n, f"{pgq:,.0f}", spread[0], f"{ours:,.0f}", spread[1], ratio, *cpu])
+        print(f"{args.jobs:,} jobs, batch 10, median of {args.repeat}\n")
+        headers = ["processes", "pgqueuer jobs/s", "(min-max)", "runtime tokens/s", "(min-max)"]
+        headers += ["runtime / pgqueuer", "pgqueuer CPU ms/job", "runtime CPU ms/token"]
+        print(table(headers, rows))
+        if args.statements:
+            print("\nStatements per job, one drain each, 1 process\n")
+            headers = ["system", "statement", "per job", "server µs per job"]
+            print(table(headers, statements(url, args.jobs)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

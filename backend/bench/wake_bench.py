@@ -1,8 +1,7 @@
 """The delay from a token becoming claimable to its claim, with and without LISTEN: one idle worker
-(poll interval 1 s), tokens inserted one at a time at random intervals. Method notes:
-docs/benchmarks.md.
+(poll interval 1 s), tokens inserted one at a time at random intervals.
 
-    cd backend && uv run python -m bench.wake_bench     # ~1 min
+    cd backend && uv run python -m bench.wake_bench
 """
 
 from __future__ import annotations
@@ -11,120 +10,72 @@ import argparse
 import asyncio
 import random
 import statistics
-import sys
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import psycopg
 
-from bench._common import load_line, markdown_table, percentile, workdir
-from bench.claim_bench import server_line
-from bench.http_bench import start_database
+from bench.harness import AUTHOR, database, percentile, say, seed, server_line, table
 from glisk.core.logs import configure_logging
-from glisk.core.timezone import enforce_utc
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions, libpq_url
 from glisk.workers.stages import StageName
 from glisk.workers.worker import Worker
 
 LEASE = 60.0
-AUTHOR = "00000000-0000-0000-0000-000000000001"
-INSERT = """
-INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp, created_at)
-VALUES (gen_random_uuid(), %(token_id)s, %(author)s, '0x' || repeat('cd', 20), 'detected',
-        now() AT TIME ZONE 'utc', now() AT TIME ZONE 'utc')
-RETURNING created_at
-"""
+INSERT = """INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp,
+    created_at) VALUES (gen_random_uuid(), %s, %s, '0x' || repeat('cd', 20), 'detected',
+    now() AT TIME ZONE 'utc', now() AT TIME ZONE 'utc') RETURNING created_at"""
 
 
-async def delays(
-    url: str, listen: bool, tokens: int, first: int, rng: random.Random
-) -> list[float]:
-    """Seconds from each insert's now() to its claim's now(), both the database clock."""
+async def delays(url: str, listen: bool, token_ids: range, rng: random.Random) -> list[float]:
+    """Seconds from each insert's now() to its claim's now() (the lease start): both the
+    database clock."""
     claimed: dict[int, datetime] = {}
     inserted: dict[int, datetime] = {}
     all_claimed = asyncio.Event()
 
     async def handler(claim: Claim) -> str:
         claimed[claim.token_id] = claim.lease_expires_at - timedelta(seconds=LEASE)
-        if len(claimed) == tokens:
+        if len(claimed) == len(token_ids):
             all_claimed.set()
         return f"/images/{claim.token_id}.png"
 
-    worker = Worker(
-        StageName.IMAGE,
-        handler,
-        ConnectOptions(url),
-        batch=10,
-        lease_seconds=LEASE,
-        poll_interval=1.0,
-        listen=listen,
-    )
+    options = {"batch": 10, "lease_seconds": LEASE, "poll_interval": 1.0, "listen": listen}
+    worker = Worker(StageName.IMAGE, handler, ConnectOptions(url), **options)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
     if worker.listener is not None:
         await asyncio.wait_for(worker.listener.listening.wait(), 10)
     await asyncio.sleep(1.5)  # the worker has found nothing and sleeps: it is idle
     async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
-        for token_id in range(first, first + tokens):
+        for token_id in token_ids:
             await asyncio.sleep(rng.uniform(0.05, 0.5))
-            cursor = await conn.execute(INSERT, {"token_id": token_id, "author": AUTHOR})
-            row = await cursor.fetchone()
-            assert row is not None
-            inserted[token_id] = row[0]
+            row = await (await conn.execute(INSERT, (token_id, AUTHOR))).fetchone()
+            inserted[token_id] = row[0]  # type: ignore[index]
     await asyncio.wait_for(all_claimed.wait(), 10)
     stop.set()
-    stats = await running
-    if stats.completed != tokens:
-        raise RuntimeError(f"{stats.completed} of {tokens} tokens completed")
-    return [(claimed[t] - inserted[t]).total_seconds() for t in inserted]
+    if (completed := (await running).completed) != len(token_ids):
+        raise RuntimeError(f"{completed} of {len(token_ids)} tokens completed")
+    return [(claimed[t] - inserted[t]).total_seconds() for t in token_ids]
 
 
-async def run(url: str, args: argparse.Namespace) -> list[list[str]]:
-    rng = random.Random(args.seed)
-    rows = []
-    for n, listen in enumerate((True, False)):
-        found = await delays(url, listen, args.tokens, 1 + n * args.tokens, rng)
-        ms = [1000 * d for d in found]
-        rows.append(
-            [
-                "LISTEN + poll every 1 s" if listen else "poll every 1 s (listen=False)",
-                str(len(ms)),
-                f"{percentile(ms, 50):.1f}",
-                f"{percentile(ms, 99):.1f}",
-                f"{statistics.fmean(ms):.1f}",
-                f"{max(ms):.1f}",
-            ]
-        )
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.wake_bench")
     parser.add_argument("--tokens", type=int, default=100, help="per mode")
-    parser.add_argument("--seed", type=int, default=12)
-    args = parser.parse_args(argv)
-    enforce_utc()
+    args = parser.parse_args()
     configure_logging("production", "WARNING")
-    with workdir("glisk-wake-bench-") as tmp:
-        server, url = start_database(tmp, max_connections=20)
-        try:
-            with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-                conn.execute(
-                    "INSERT INTO authors (id, wallet_address, prompt_text, created_at) VALUES "
-                    f"('{AUTHOR}', '0x' || repeat('ab', 20), 'a bench prompt', now())"
-                )
-            print(f"{server_line(libpq_url(url))}; {load_line()}", flush=True)
-            rows = asyncio.run(run(url, args))
-        finally:
-            server.stop()
-    print()
-    print("Delay from insert to claim, ms (database clock: the claim's now() - the insert's)")
-    print()
-    print(markdown_table(["worker", "tokens", "p50", "p99", "mean", "max"], rows))
-    print(f"\n{load_line()}")
-    return 0
+    rng, rows, n = random.Random(12), [], args.tokens
+    with database(20) as (_, url):
+        seed(url)
+        say(server_line(url))
+        for first, listen in ((1, True), (1 + n, False)):
+            ms = [1000 * d for d in asyncio.run(delays(url, listen, range(first, first + n), rng))]
+            mode = "LISTEN + poll every 1 s" if listen else "poll every 1 s (listen=False)"
+            stats = [percentile(ms, 50), percentile(ms, 99), statistics.fmean(ms), max(ms)]
+            rows.append([mode, len(ms), *(f"{x:,.1f}" for x in stats)])
+    print("Delay from insert to claim, ms (database clock: the claim's now() - the insert's)\n")
+    print(table(["worker", "tokens", "p50", "p99", "mean", "max"], rows))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
