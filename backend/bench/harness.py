@@ -50,10 +50,12 @@ def database(
 
 def query(url: str, *statements: str, params: Any = None) -> list[tuple[Any, ...]]:
     """Run ``statements`` on a new autocommit connection; the rows of the last one."""
+    rows: list[tuple[Any, ...]] = []
     with connect(url) as conn:
         for statement in statements:
             cursor = conn.execute(statement, params)  # type: ignore[arg-type]
-        return cursor.fetchall() if cursor.description else []
+            rows = cursor.fetchall() if cursor.description else []
+    return rows
 
 
 def seed(url: str, tokens: int = 0) -> None:
