@@ -23,12 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glisk.embedded_pg import EmbeddedPostgres, free_port, service_user
+from glisk.embedded_pg import EmbeddedPostgres, free_port
 from glisk.testing import connect, scratch_database
 
 AUTHOR = "00000000-0000-0000-0000-000000000001"
 READY_TIMEOUT = 120.0
 HTTP = "http://127.0.0.1"  # the only host a benchmark sends requests to
+PYCACHE = str(Path(tempfile.gettempdir()) / "glisk-bench-pycache")
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    """A fresh directory on disk, removed afterwards, that the unprivileged account the embedded
+    server runs as (when we are root) may traverse."""
+    base = Path(tempfile.mkdtemp(prefix="glisk-bench-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager
@@ -37,15 +50,10 @@ def database(
 ) -> Iterator[tuple[EmbeddedPostgres, str]]:
     """A private PostgreSQL with ``glisk serve``'s durable settings (fsync and synchronous_commit
     on, data on disk), and the URL of a migrated scratch database on it."""
-    base = Path(tempfile.mkdtemp(prefix="glisk-bench-"))
-    if service_user() is not None:
-        base.chmod(0o755)  # as root the server runs as an unprivileged user that must reach it
-    server = EmbeddedPostgres(base / "data", free_port(), max_connections, bindir=bindir)
-    try:
+    with workdir() as base:
+        server = EmbeddedPostgres(base / "data", free_port(), max_connections, bindir=bindir)
         with server, scratch_database(server.url) as url:
             yield server, url
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def query(url: str, *statements: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -223,9 +231,16 @@ def stop_server(server: Server) -> float:
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    """This environment without a developer's .env, DATABASE_URL or APP_ENV, then ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "APP_ENV")}
-    return env | {"GLISK_ENV_FILE": os.devnull, "LOG_LEVEL": "WARNING"} | extra
+    """This environment for a glisk child process: no developer's .env, DATABASE_URL or APP_ENV,
+    logs at WARNING, bytecode cached in PYCACHE whatever PYTHONDONTWRITEBYTECODE says; then
+    ``extra``."""
+    drop = ("DATABASE_URL", "APP_ENV", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return (
+        env
+        | {"GLISK_ENV_FILE": os.devnull, "LOG_LEVEL": "WARNING", "PYTHONPYCACHEPREFIX": PYCACHE}
+        | extra
+    )
 
 
 # --- output -----------------------------------------------------------------------------------

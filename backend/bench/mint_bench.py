@@ -1,26 +1,29 @@
-"""Mint logs/s through record_mint (new; ``again``: redelivered) next to the raw INSERT of the same
-rows, 1 and 8 processes, a transaction per log; the gap query at 1M tokens next to an anti-join.
-Embedded PostgreSQL, durable: cd backend && uv run python -m bench.mint_bench [SECONDS] (~1 min)"""
+"""Mint logs per second recorded through ``record_mint`` (new, and redelivered: ``again``) next to
+the raw INSERT of the same rows, by 1 and 8 processes, a transaction per log; and the gap query at
+1,000,000 tokens next to a generate_series anti-join.
+
+    cd backend && uv run python -m bench.mint_bench [SECONDS_PER_CELL]
+"""
+
+from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, LiteralString
 
 import psycopg
 from sqlalchemy import text
 
-from bench.http_bench import start_database
+from bench.harness import Ready, database, query, run_processes, say, server_line, table
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.models import MintLog
 from glisk.standins.mint_feed import MintFeed
 from glisk.uow import create_uow_factory
+from glisk.workers.connection import libpq_url
 
-RAW: list[LiteralString] = [
+# The ceiling: the mint_events row and its tokens, nothing checked.
+RAW = (
     """INSERT INTO mint_events (id, tx_hash, log_index, block_number, block_timestamp, token_id,
     quantity, detected_at) VALUES (gen_random_uuid(), %(tx_hash)s, %(log_index)s,
     %(block_number)s, %(block_timestamp)s, %(start_token_id)s, %(quantity)s, now())""",
@@ -28,23 +31,23 @@ RAW: list[LiteralString] = [
     SELECT gen_random_uuid(), n, (SELECT id FROM authors WHERE lower(wallet_address) =
     lower(%(author)s)), %(minter)s, %(block_timestamp)s, now()
     FROM generate_series(%(start_token_id)s, %(start_token_id)s + %(quantity)s - 1) AS n""",
-]
+)
 AUTHORS = """INSERT INTO authors (id, wallet_address, prompt_text, created_at)
-SELECT gen_random_uuid(), w, 'a bench prompt', now() FROM unnest(%(wallets)s::text[]) AS w"""
-SEED_GAPS = """TRUNCATE mint_events, tokens_s0 CASCADE; INSERT INTO tokens_s0 (id, token_id,
-author_id, minter_address, mint_timestamp) SELECT gen_random_uuid(), n, (SELECT id FROM authors
-LIMIT 1), rpad('0x', 42, 'ab'), now() FROM generate_series(1, 1000000) AS n WHERE n % 10000 > 0"""
-HEADER = "| processes | raw INSERT | record_mint | record/raw | again |\n|---:|---:|---:|---:|---:|"
-ROW = "| {} | {raw:,.0f} | {record:,.0f} | {ratio:.2f} | {again:,.0f} |"
-GAP = """SELECT n FROM generate_series(1, 1000000) AS n
-WHERE NOT EXISTS (SELECT FROM tokens_s0 WHERE token_id = n) LIMIT 1000"""
+SELECT gen_random_uuid(), w, 'a bench prompt', now() FROM unnest(%s::text[]) AS w"""
+GAPS = """INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, mint_timestamp)
+SELECT gen_random_uuid(), n, (SELECT id FROM authors LIMIT 1), rpad('0x', 42, 'ab'), now()
+FROM generate_series(1, 1000000) AS n WHERE n % 10000 > 0"""
+ANTI_JOIN = text("""SELECT n FROM generate_series(1, 1000000) AS n
+WHERE NOT EXISTS (SELECT FROM tokens_s0 WHERE token_id = n) LIMIT 1000""")
 
 
-async def _record(url: str, logs: list[MintLog], until: float, path: str) -> int:
-    configure_logging("production", "WARNING")
+async def record(url: str, logs: list[MintLog], seconds: float, again: bool, ready: Ready) -> int:
     factory, done = setup_db_session(url, pool_size=1), 0
     uow_factory = create_uow_factory(factory)
-    while logs and time.time() < until and (path == "again" or done < len(logs)):
+    async with uow_factory() as uow:  # the pool's connection opens before the clock
+        await uow.session.execute(text("SELECT 1"))
+    until = ready() + seconds
+    while time.monotonic() < until and (again or done < len(logs)):
         async with uow_factory() as uow:
             await uow.mint_events.record_mint(logs[done % len(logs)])
         done += 1
@@ -52,67 +55,69 @@ async def _record(url: str, logs: list[MintLog], until: float, path: str) -> int
     return done
 
 
-def worker(path: str, url: str, logs: list[dict[str, Any]], start: float, seconds: float) -> int:
-    time.sleep(max(0.0, start - time.time()))
-    until = time.time() + seconds  # from its own start: a late process still works `seconds`
+def worker(path: str, url: str, logs: list[MintLog], seconds: float, ready: Ready) -> int:
+    configure_logging("production", "WARNING")
     if path != "raw":
-        return asyncio.run(_record(url, [MintLog.from_json(r) for r in logs], until, path))
+        return asyncio.run(record(url, logs, seconds, path == "again", ready))
     done = 0
-    with psycopg.connect(url.replace("+psycopg", "")) as conn:
-        while time.time() < until and done < len(logs):
+    with psycopg.connect(libpq_url(url)) as conn:
+        until = ready() + seconds
+        while time.monotonic() < until and done < len(logs):
             with conn.transaction():
                 for statement in RAW:
-                    conn.execute(statement, vars(MintLog.from_json(logs[done])))
+                    conn.execute(statement, vars(logs[done]))
             done += 1
     return done
 
 
-async def _gaps(url: str) -> None:
+async def gap_queries(url: str) -> list[list[object]]:
+    """Each query 5 times on a warm connection: the median ms."""
     factory = setup_db_session(url, pool_size=1)
+    rows: list[list[object]] = []
     async with create_uow_factory(factory)() as uow:
-        for name, query in (
-            ("missing_token_ids", lambda: uow.tokens.missing_token_ids(10**6)),
-            ("generate_series anti-join", lambda: uow.session.execute(text(GAP))),
+        for name, call in (
+            ("`tokens.missing_token_ids(1_000_000)`", lambda: uow.tokens.missing_token_ids(10**6)),
+            ("`generate_series` anti-join (`NOT EXISTS`)", lambda: uow.session.execute(ANTI_JOIN)),
         ):
             times = []
             for _ in range(5):
                 started = time.perf_counter()
-                assert len(list(await query())) == 100
-                times.append(time.perf_counter() - started)
-            print(f"| {name} | {sorted(times)[2] * 1000:.0f} |")  # the median
+                if len(list(await call())) != 100:
+                    raise RuntimeError(f"{name} did not find the 100 missing ids")
+                times.append((time.perf_counter() - started) * 1000)
+            rows.append([name, f"{sorted(times)[2]:,.0f}"])
     await engine_of(factory).dispose()
+    return rows
 
 
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    feed = MintFeed.generate(tokens=150_000, seed=1, authors=50)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bench.http_bench", "glisk.uow", "glisk.standins.mint_feed"])
-    with tempfile.TemporaryDirectory(prefix="glisk-mint-bench-") as tmp:
-        server, url = start_database(Path(tmp), max_connections=50)
-        admin = psycopg.connect(url.replace("+psycopg", ""), autocommit=True)
-        try:
-            admin.execute(AUTHORS, {"wallets": sorted({g.author.lower() for g in feed.logs})})
-            print(HEADER)
-            for n in (1, 8):
-                slices = [[g.to_json() for g in feed.logs[i::n]] for i in range(n)]
-                rates: dict[str, float] = {}
-                for path in ("raw", "record", "again"):  # again: redeliver what record recorded
-                    if path != "again":
-                        admin.execute("TRUNCATE mint_events, tokens_s0 CASCADE")
-                    t0 = time.time() + 1.0  # all forked by then (once the forkserver runs)
-                    with context.Pool(n) as pool:
-                        counts = pool.starmap(worker, [(path, url, s, t0, seconds) for s in slices])
-                    rates[path] = sum(counts) / seconds
-                    slices = [s[:count] for s, count in zip(slices, counts, strict=True)]
-                print(ROW.format(n, ratio=rates["record"] / rates["raw"], **rates), flush=True)
-            admin.execute(SEED_GAPS)
-            admin.execute("VACUUM ANALYZE tokens_s0")
-            print("\n| gap query: 1,000,000 ids, 100 missing | median of 5, ms |\n|---|---:|")
-            asyncio.run(_gaps(url))
-        finally:
-            admin.close()
-            server.stop()
+    configure_logging("production", "WARNING")
+    logs = MintFeed.generate(tokens=150_000, seed=1, authors=50).logs
+    rows = []
+    with database(50) as (_, url):
+        query(url, AUTHORS, params=(sorted({log.author.lower() for log in logs}),))
+        say(server_line(url))
+        for n in (1, 8):
+            slices, rates = [list(logs[i::n]) for i in range(n)], {}
+            for path in ("raw", "record", "again"):
+                if path == "again":  # redeliveries of what record recorded
+                    done = set(query(url, "SELECT tx_hash, log_index FROM mint_events"))
+                    slices = [[g for g in s if (g.tx_hash, g.log_index) in done] for s in slices]
+                else:
+                    query(url, "TRUNCATE mint_events, tokens_s0 CASCADE")
+                jobs = [(path, url, part, seconds) for part in slices]
+                rates[path] = run_processes(worker, jobs).rate
+            shown = [f"{rates[path]:,.0f}" for path in ("raw", "record", "again")]
+            rows.append([n, *shown[:2], f"{rates['record'] / rates['raw']:.2f}", shown[2]])
+        query(url, "TRUNCATE mint_events, tokens_s0 CASCADE", GAPS, "VACUUM ANALYZE tokens_s0")
+        gaps = asyncio.run(gap_queries(url))
+    print(f"Mint logs per second, {seconds:g} s per cell\n")
+    print(table(["processes", "raw INSERT", "record_mint", "record/raw", "again"], rows))
+    print(
+        "\n"
+        + table(["gap query: 1,000,000 token ids, 100 missing, vacuumed", "ms, median of 5"], gaps)
+    )
 
 
 if __name__ == "__main__":

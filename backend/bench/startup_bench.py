@@ -1,429 +1,139 @@
-"""Start-up costs: the embedded PostgreSQL, the migrations, ``glisk serve``, the test suite.
+"""Start-up costs: importing a worker (with and without bytecode caches), the embedded PostgreSQL,
+the migrations, ``glisk serve`` until its first 200 from /health, and the test suite.
 
-    cd backend && uv run python -m bench.startup_bench                 # ~2 min with the suite
-    cd backend && uv run python -m bench.startup_bench --skip-suite    # ~40 s
-
-Each step runs ``--repeat`` times (default 3) and is reported as median, min and max:
-
-- embedded PostgreSQL cold start: ``EmbeddedPostgres.start()`` on a fresh data directory, i.e.
-  initdb plus the server's start until a login succeeds; with the durable settings ``glisk
-  serve`` uses (fsync on) and with the test harness's (fsync off, initdb --no-sync). Then its
-  stop (fast shutdown, which writes a checkpoint) and a warm start on the same directory;
-- ``alembic upgrade head`` on an empty database (a fresh CREATE DATABASE each time), both
-  in-process (glisk.migrations.upgrade, what ``glisk serve`` runs) and as the ``alembic`` command
-  in a new process (spec SC-002, < 5 s);
-- ``glisk serve`` as a subprocess until the first 200 from GET /health: on a fresh data directory
-  (cold: initdb, CREATE DATABASE, migrations) and again on the same directory (warm); then the
-  time from SIGTERM to its exit (which stops its PostgreSQL);
-- importing a worker (``python -X importtime``), with and without bytecode caches;
-- once, the full test suite (``uv run pytest -q -p no:cacheprovider``) wall time (spec SC-003,
-  < 60 s), unless ``--skip-suite``.
-
-Everything listens on 127.0.0.1 only. One untimed start first brings the PostgreSQL binaries into
-the page cache (and, as root, into the cached copy the service user can execute), so "cold" means
-a new data directory, not a cold machine.
+    cd backend && uv run python -m bench.startup_bench [--skip-suite] [--imports-only]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import shutil
-import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
-from bench._common import Spread, load_line, markdown_table, workdir
+from bench.harness import database, quiet_env, say, start_server, stop_server, table, workdir
 from glisk import migrations
-from glisk.core.config import BACKEND_DIR
 from glisk.embedded_pg import EmbeddedPostgres, free_port
-
-HOST = "127.0.0.1"
-SERVE_LIMIT_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Row:
-    step: str
-    spread: Spread
-    target: str = "-"
-
-
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --- embedded PostgreSQL ----------------------------------------------------------------------
-
-
-def postgres_rows(base: Path, repeat: int) -> list[Row]:
-    warm_up = EmbeddedPostgres(data_dir=base / "warm-up" / "data", port=free_port(), ephemeral=True)
-    (base / "warm-up").mkdir(mode=0o755)
-    try:
-        warm_up.start()
-    finally:
-        warm_up.stop()
-    variants = {"fsync on": False, "fsync off": True}
-    cold: dict[str, list[float]] = {label: [] for label in variants}
-    stop: dict[str, list[float]] = {label: [] for label in variants}
-    warm: dict[str, list[float]] = {label: [] for label in variants}
-    for i in range(repeat):
-        for label, ephemeral in variants.items():  # interleaved, so drift hits both alike
-            parent = base / f"pg-{label.replace(' ', '-')}-{i}"
-            parent.mkdir(mode=0o755)
-            data_dir = parent / "data"
-            server = EmbeddedPostgres(data_dir=data_dir, port=free_port(), ephemeral=ephemeral)
-            try:
-                cold[label].append(timed(server.start))
-                stop[label].append(timed(server.stop))
-                server = EmbeddedPostgres(data_dir=data_dir, port=free_port(), ephemeral=ephemeral)
-                warm[label].append(timed(server.start))
-            finally:
-                server.stop()
-            shutil.rmtree(parent, ignore_errors=True)
-    say("embedded PostgreSQL: done")
-    rows: list[Row] = []
-    for label in variants:
-        rows += [
-            Row(
-                f"embedded PostgreSQL cold start, {label} (initdb + start)",
-                Spread(tuple(cold[label])),
-            ),
-            Row(f"embedded PostgreSQL stop, {label} (fast shutdown)", Spread(tuple(stop[label]))),
-            Row(
-                f"embedded PostgreSQL warm start, {label} (existing data)",
-                Spread(tuple(warm[label])),
-            ),
-        ]
-    return rows
-
-
-# --- migrations -------------------------------------------------------------------------------
-
-
-def migration_rows(base: Path, repeat: int) -> list[Row]:
-    parent = base / "pg-migrations"
-    parent.mkdir(mode=0o755)
-    server = EmbeddedPostgres(data_dir=parent / "data", port=free_port())
-    alembic = Path(sys.executable).parent / "alembic"
-    in_process, new_process = [], []
-    try:
-        server.start()
-        with psycopg.connect(server.conninfo(), autocommit=True) as conn:
-            for i in range(2 * repeat):
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"bench_{i}")))
-        for i in range(repeat):
-            url = server.url_for(f"bench_{i}")
-            in_process.append(timed(lambda url=url: migrations.upgrade(url)))
-            assert migrations.current_revision(url) == migrations.head_revision()
-        for i in range(repeat, 2 * repeat):
-            url = server.url_for(f"bench_{i}")
-            env = {k: v for k, v in os.environ.items() if k != "APP_ENV"}
-            env.update(DATABASE_URL=url, GLISK_ENV_FILE=os.devnull)
-            started = time.perf_counter()
-            result = subprocess.run(
-                [str(alembic), "upgrade", "head"],
-                cwd=BACKEND_DIR,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            new_process.append(time.perf_counter() - started)
-            if result.returncode != 0:
-                raise RuntimeError(f"alembic upgrade head failed:\n{result.stderr[-2000:]}")
-            assert migrations.current_revision(url) == migrations.head_revision()
-    finally:
-        server.stop()
-    say("migrations: done")
-    return [
-        Row(
-            "alembic upgrade head, empty database, in process (glisk.migrations.upgrade)",
-            Spread(tuple(in_process)),
-            "< 5 s (SC-002)",
-        ),
-        Row(
-            "`alembic upgrade head`, empty database, new process",
-            Spread(tuple(new_process)),
-            "< 5 s (SC-002)",
-        ),
-    ]
-
-
-# --- glisk serve ------------------------------------------------------------------------------
-
-
-class Serve:
-    """``python -m glisk.cli serve`` on 127.0.0.1 with the embedded PostgreSQL in ``data_dir``."""
-
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "APP_ENV")}
-        env.update(
-            GLISK_ENV_FILE=os.devnull,  # a developer's own .env must not leak in
-            LOG_LEVEL="WARNING",
-            GLISK_PG_DATA=str(data_dir),
-            GLISK_PG_PORT=str(free_port()),
-        )
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "glisk.cli", "serve", "--host", HOST, "--port", str(self.port)],
-            cwd=BACKEND_DIR,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def wait_healthy(self) -> float:
-        url = f"http://{HOST}:{self.port}/health"
-        while time.perf_counter() - self.started < SERVE_LIMIT_SECONDS:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"glisk serve exited with code {self.process.returncode}:\n"
-                    + self.log_path.read_text(errors="replace")[-2000:]
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return time.perf_counter() - self.started
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"glisk serve did not answer /health within {SERVE_LIMIT_SECONDS:.0f} s")
-
-    def stop(self) -> float:
-        """SIGTERM, then the time until the process (which stops its PostgreSQL) has exited."""
-        started = time.perf_counter()
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(10)
-            return time.perf_counter() - started
-        finally:
-            self._log.close()
-
-
-def serve_rows(base: Path, repeat: int) -> list[Row]:
-    cold, warm, stops = [], [], []
-    for i in range(repeat):
-        parent = base / f"serve-{i}"
-        parent.mkdir(mode=0o755)
-        for times in (cold, warm):
-            serve = Serve(parent / "pgdata", parent / f"serve-{len(times)}.log")
-            try:
-                times.append(serve.wait_healthy())
-            finally:
-                stops.append(serve.stop())
-            if serve.process.returncode != 0:
-                raise RuntimeError(
-                    f"glisk serve exited with {serve.process.returncode} after SIGTERM:\n"
-                    + serve.log_path.read_text(errors="replace")[-2000:]
-                )
-        shutil.rmtree(parent, ignore_errors=True)
-    say("glisk serve: done")
-    return [
-        Row(
-            "`glisk serve` to first 200 /health, fresh data dir (initdb, create db, migrate)",
-            Spread(tuple(cold)),
-        ),
-        Row("`glisk serve` to first 200 /health, existing data dir", Spread(tuple(warm))),
-        Row("`glisk serve` SIGTERM to exit (stops its PostgreSQL)", Spread(tuple(stops))),
-    ]
-
-
-# --- importing a worker ------------------------------------------------------------------------
+from glisk.testing import throwaway_database
 
 # The web application is the reference: a worker process should import less.
 IMPORTED = ("glisk.workers.worker", "glisk.workers.noop", "glisk.workers.command", "glisk.app")
+SUITE = ["uv", "run", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
-def _importtime(module: str, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
-    """``python -X importtime -c 'import module'``: the module's cumulative import ms, the
-    process's wall ms, and self ms per top-level package."""
+def timed(action: Callable[..., object], *args: object, **kwargs: object) -> float:
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
-        cwd=BACKEND_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    wall = 1000 * (time.perf_counter() - started)
-    total, packages = 0.0, {}
-    for line in result.stderr.splitlines():
-        fields = line.removeprefix("import time:").split("|")
-        if len(fields) != 3 or not fields[0].strip().isdigit():
-            continue
-        name = fields[2].strip()
-        top = name.split(".")[0]
-        packages[top] = packages.get(top, 0.0) + int(fields[0]) / 1000
-        if name == module:
-            total = int(fields[1]) / 1000
+    action(*args, **kwargs)
+    return time.perf_counter() - started
+
+
+def importtime(module: str, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
+    """``python -X importtime -c 'import M'``: M's cumulative import ms, the process's wall ms,
+    and the self ms of each top-level package."""
+    command = [sys.executable, "-X", "importtime", "-c", f"import {module}"]
+    started = time.perf_counter()
+    lines = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stderr
+    wall, total, packages = 1000 * (time.perf_counter() - started), 0.0, defaultdict(float)
+    for fields in (line.removeprefix("import time:").split("|") for line in lines.splitlines()):
+        if len(fields) == 3 and fields[0].strip().isdigit():
+            name = fields[2].strip()
+            packages[name.split(".")[0]] += int(fields[0]) / 1000
+            total = int(fields[1]) / 1000 if name == module else total
     return total, wall, packages
 
 
-def import_rows(base: Path, repeat: int) -> list[list[str]]:
-    """Each module with bytecode caches (in a PYTHONPYCACHEPREFIX written by an untimed first
-    import) and without (PYTHONDONTWRITEBYTECODE=1 and an empty PYTHONPYCACHEPREFIX: nothing is
-    read or written, the standard library included). The caller's own PYTHON* cache settings
-    are replaced, so both cases are what they say."""
-    rows = []
-    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE",)}
-    warm = dict(plain, PYTHONPYCACHEPREFIX=str(base / "pycache-warm"))
+def imports(warm: dict[str, str], repeat: int) -> list[list[object]]:
+    """With caches: ``warm``, whose PYTHONPYCACHEPREFIX an untimed first import filled. Without:
+    nothing read or written (PYTHONDONTWRITEBYTECODE=1, an empty PYTHONPYCACHEPREFIX)."""
+    rows: list[list[object]] = []
     for module in IMPORTED:
-        if importlib.util.find_spec(module) is None:
-            say(f"imports: {module} does not exist here, skipped")
-            continue
-        _importtime(module, warm)  # writes the caches
+        importtime(module, warm)
         for cached in (True, False):
             runs = []
-            for i in range(repeat):
-                env = warm
-                if not cached:
-                    prefix = base / f"pycache-{module}-{i}"
-                    prefix.mkdir()
-                    env = dict(plain, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(prefix))
-                runs.append(_importtime(module, env))
-            runs.sort(key=lambda r: r[0])
+            for _ in range(repeat):
+                empty = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": tempfile.mkdtemp()}
+                runs.append(importtime(module, warm if cached else warm | empty))
+                shutil.rmtree(empty["PYTHONPYCACHEPREFIX"])
+            runs.sort(key=lambda run: run[0])
             total, wall, packages = runs[len(runs) // 2]
-            top = sorted(packages.items(), key=lambda kv: -kv[1])[:6]
-            rows.append(
-                [
-                    f"`{module}`",
-                    "yes" if cached else "no",
-                    f"{total:.0f} ({runs[0][0]:.0f}-{runs[-1][0]:.0f})",
-                    f"{wall:.0f}",
-                    ", ".join(f"{name} {ms:.0f}" for name, ms in top),
-                ]
-            )
-    say("imports: done")
+            top = sorted(packages.items(), key=lambda item: -item[1])[:6]
+            spread = f"{total:.0f} ({runs[0][0]:.0f}-{runs[-1][0]:.0f})"
+            top_ms = ", ".join(f"{name} {ms:.0f}" for name, ms in top)
+            rows.append([f"`{module}`", "yes" if cached else "no", spread, f"{wall:.0f}", top_ms])
     return rows
 
 
-# --- the test suite ---------------------------------------------------------------------------
+def startup(base: Path, warm: dict[str, str], repeat: int) -> dict[str, list[float]]:
+    """Each step ``repeat`` times, interleaved so that drift hits every step alike, after an
+    untimed round (the PostgreSQL binaries in the page cache, the bytecode caches written)."""
+    times: dict[str, list[float]] = defaultdict(list)
+    alembic = [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"]
+    serve = [sys.executable, "-m", "glisk.cli", "serve", "--host", "127.0.0.1", "--port"]
+    with database() as (server, _):
+        for i in range(-1, repeat):
+            record = times if i >= 0 else defaultdict(list)
+            for label, ephemeral in (("fsync on", False), ("fsync off", True)):
+                data = base / f"pg-{i}-{ephemeral}" / "data"
+                pg = EmbeddedPostgres(data, free_port(), ephemeral=ephemeral)
+                record[f"embedded PostgreSQL cold start, {label}"].append(timed(pg.start))
+                record[f"embedded PostgreSQL fast stop, {label}"].append(timed(pg.stop))
+                pg = EmbeddedPostgres(data, free_port(), ephemeral=ephemeral)
+                record[f"embedded PostgreSQL warm start, {label}"].append(timed(pg.start))
+                pg.stop()
+            with throwaway_database(server.url) as url:
+                step = "alembic upgrade head, empty database, in process"
+                record[step].append(timed(migrations.upgrade, url))
+            with throwaway_database(server.url) as url:
+                run = {"env": warm | {"DATABASE_URL": url}, "capture_output": True, "check": True}
+                step = "`alembic upgrade head`, empty database, new process"
+                record[step].append(timed(subprocess.run, alembic, **run))
+            for label in ("fresh data dir", "existing data"):
+                port, data = free_port(), str(base / f"serve-{i}" / "pgdata")
+                env = warm | {"GLISK_PG_DATA": data, "GLISK_PG_PORT": str(free_port())}
+                process, seconds = start_server([*serve, str(port)], env, port, base / "log")
+                record[f"`glisk serve` to the first 200 from /health, {label}"].append(seconds)
+                record["`glisk serve` SIGTERM to exit (it stops its PostgreSQL)"].append(
+                    stop_server(process)
+                )
+                if process.returncode:
+                    raise RuntimeError(f"glisk serve exited with {process.returncode} on SIGTERM")
+    return times
 
 
-def suite_row(base: Path) -> tuple[Row, str, str]:
-    uv = shutil.which("uv")
-    pytest_args = ["pytest", "-q", "-p", "no:cacheprovider"]
-    command = [uv, "run", *pytest_args] if uv else [sys.executable, "-m", *pytest_args]
-    log_path = base / "pytest.log"
-    shown = "uv run " + " ".join(pytest_args) if uv else "python -m " + " ".join(pytest_args)
-    say(f"test suite: {shown}")
-    with open(log_path, "wb") as log:
-        started = time.perf_counter()
-        result = subprocess.run(
-            command,
-            cwd=BACKEND_DIR,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            timeout=900,
-            check=False,
-        )
-        seconds = time.perf_counter() - started
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    summary = lines[-1] if lines else "(no output)"
-    row = Row(f"full test suite (`{shown}`), 1 run", Spread((seconds,)), "< 60 s (SC-003)")
-    return row, summary, f"exit code {result.returncode}"
-
-
-# --- main -------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.startup_bench",
-        description="Start-up times: embedded PostgreSQL, migrations, glisk serve, the test suite.",
-    )
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions per step (default 3)")
-    parser.add_argument("--skip-suite", action="store_true", help="do not run the test suite")
-    parser.add_argument("--imports-only", action="store_true", help="only the import times")
-    args = parser.parse_args(argv)
-
-    started = time.monotonic()
-    load_before = load_line()
-    say(load_before)
-    suite: tuple[Row, str, str] | None = None
-    with workdir("glisk-startup-") as base:
-        imports = import_rows(base, args.repeat)
-        print(
-            f"Importing a worker, ms (`python -X importtime -c 'import M'`: M's cumulative import "
-            f"time, median (min-max) of {args.repeat}; the process's wall time; self time per "
-            "top-level package, largest first):\n"
-        )
-        print(
-            markdown_table(
-                ["module", "bytecode caches", "import ms", "process ms", "top contributors, ms"],
-                imports,
-                "llrrl",
-            )
-        )
-        print(flush=True)
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.startup_bench")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per step")
+    parser.add_argument("--skip-suite", action="store_true", help="not the test suite")
+    parser.add_argument("--imports-only", action="store_true")
+    args = parser.parse_args()
+    with workdir() as base:
+        warm = quiet_env()
+        rows = imports(warm, args.repeat)
+        print(f"Importing a module, ms: import (median, min-max of {args.repeat}), the process's")
+        print("wall time, self time of the largest top-level packages\n")
+        print(table(["module", "bytecode caches", "import ms", "process ms", "top, ms"], rows))
         if args.imports_only:
-            return 0
-        rows = postgres_rows(base, args.repeat)
-        rows += migration_rows(base, args.repeat)
-        rows += serve_rows(base, args.repeat)
-        if not args.skip_suite:
-            suite = suite_row(base)
-            rows.append(suite[0])
-
-    print()
-    print(
-        f"Start-up, seconds (median, min, max of {args.repeat} runs; the test suite once). "
-        f"Before: {load_before}."
-    )
-    print()
-    print(
-        markdown_table(
-            ["step", "median s", "min s", "max s", "target"],
-            [
-                [
-                    row.step,
-                    f"{row.spread.median:.2f}",
-                    f"{row.spread.low:.2f}",
-                    f"{row.spread.high:.2f}",
-                    row.target,
-                ]
-                for row in rows
-            ],
-            "lrrrl",
-        )
-    )
-    if suite is not None:
-        print()
-        print(f"Test suite: {suite[1]} ({suite[2]}).")
-    print()
-    print(f"Total time {time.monotonic() - started:.0f} s; {load_line()} at the end.")
-    return 0
+            return
+        times = startup(base, warm, args.repeat)
+    summary = ""
+    if not args.skip_suite:
+        say(f"test suite: {' '.join(SUITE)}")
+        started = time.perf_counter()
+        suite = subprocess.run(SUITE, capture_output=True, text=True, check=False)
+        times[f"full test suite, `{' '.join(SUITE)}`, once"].append(time.perf_counter() - started)
+        summary = f"\nTest suite: {suite.stdout.strip().splitlines()[-1]} (exit {suite.returncode})"
+    rows = [
+        [step, *(f"{f(t):.2f}" for f in (statistics.median, min, max))] for step, t in times.items()
+    ]
+    print(f"\nStart-up, seconds: median, min, max of {args.repeat}\n")
+    print(table(["step", "median", "min", "max"], rows) + summary)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
