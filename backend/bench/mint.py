@@ -1,15 +1,12 @@
 """Mint logs per second recorded through ``record_mint`` (new, and redelivered: ``again``) next to
 the raw INSERT of the same rows, by 1 and 8 processes, a transaction per log; and the gap query at
-1,000,000 tokens next to a generate_series anti-join.
-
-    cd backend && uv run python -m bench.mint_bench [SECONDS_PER_CELL]
-"""
+1,000,000 tokens next to a generate_series anti-join."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
+from argparse import Namespace
 
 import psycopg
 from sqlalchemy import text
@@ -90,8 +87,8 @@ async def gap_queries(url: str) -> list[list[object]]:
     return rows
 
 
-def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+def mint(args: Namespace) -> None:
+    seconds = args.seconds
     configure_logging("production", "WARNING")
     logs = MintFeed.generate(tokens=150_000, seed=1, authors=50).logs
     rows = []
@@ -118,7 +115,3 @@ def main() -> None:
         "\n"
         + table(["gap query: 1,000,000 token ids, 100 missing, vacuumed", "ms, median of 5"], gaps)
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,9 @@
-"""Scale-out: N no-op worker processes (``python -m glisk.workers.noop``, image stage) drain seeded
-tokens through PgBouncer (transaction mode) and directly, against Debian's PostgreSQL 15 at
-``max_connections=100``: drain rate, exactly-once, database errors, peak connections. Needs the
-postgresql-15 and pgbouncer packages; the figures are in docs/deployment.md.
-
-    cd backend && uv run python -m bench.scaleout_bench
-"""
+"""Scale-out: N no-op worker processes (``python -m glisk.workers.noop``) drain tokens through
+PgBouncer (transaction mode) and directly, against Debian's PostgreSQL 15 at max_connections=100:
+drain rate, exactly-once, database errors, peak connections (figures: docs/deployment.md)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -16,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import psycopg
@@ -95,7 +91,7 @@ class Sampler(threading.Thread):
             admin.close()
 
 
-def drain(url: str, target: str, console: str | None, args: argparse.Namespace, n: int) -> list:
+def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -> list:
     """One row: reset, start the workers at once, wait (at most 600 s), check."""
     reset(url)
     query(url, f"SELECT pg_terminate_backend(pid) {OTHERS}")  # PgBouncer's idle connections
@@ -149,11 +145,7 @@ def drain(url: str, target: str, console: str | None, args: argparse.Namespace, 
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.scaleout_bench")
-    parser.add_argument("--tokens", type=int, default=100_000)
-    parser.add_argument("--processes", type=int, nargs="+", default=[32, 64])
-    args = parser.parse_args()
+def scaleout(args: Namespace) -> None:
     with database(100, bindir=PG15) as (server, url):
         base = Path(server.data_dir).parent / "pgbouncer"
         port = pgbouncer(base, server.port, server.password)
@@ -164,7 +156,7 @@ def main() -> None:
             console = libpq_url(pooled.set(database="pgbouncer").render_as_string(False))
             say(f"{server_line(url)}; PgBouncer, transaction mode, pool {POOL_SIZE}, at most 60")
             rows = []
-            for processes in args.processes:
+            for processes in map(int, args.processes.split(",")):
                 for target, admin in ((pooled.render_as_string(False), console), (url, None)):
                     rows.append(drain(url, target, admin, args, processes))
                     say(" | ".join(map(str, rows[-1])))
@@ -174,7 +166,3 @@ def main() -> None:
     headers += ["tokens/s", "wall s", "failed exits", "database_error lines", "too many clients"]
     print(table([*headers, "peak server connections", "peak PgBouncer clients"], rows))
     print("concurrency 8, batch 10")
-
-
-if __name__ == "__main__":
-    main()

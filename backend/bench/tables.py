@@ -1,18 +1,17 @@
-"""Repository latency against table size (10k, 100k, 1M tokens, most of them revealed): each call
-through a unit of work, client side, next to a unit of work sending ``SELECT 1``; and the
-database's own time, rows read and plan for the worker queries and the claims.
-
-    cd backend && uv run python -m bench.latency_bench
-"""
+"""Latency against table size (10k, 100k, 1M tokens, most of them revealed): each repository
+call through a unit of work, next to a unit of work sending ``SELECT 1``; the database's own time,
+rows read and plan of the worker queries and the claims; and ``glisk status``."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import random
 import statistics
+import subprocess
+import sys
 import time
+from argparse import Namespace
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,15 +20,16 @@ from uuid import UUID
 import psycopg
 from sqlalchemy import event, text
 
-from bench.harness import database, percentile, query, say, server_line, table
+from bench.harness import database, percentile, query, quiet_env, say, server_line, table
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
+from glisk.ops.status import FAILED_BY_REASON, STAGE_NAMES, STATUS_COUNTS, collect, stage_counts
 from glisk.testing import connect
 from glisk.uow import UnitOfWork, create_uow_factory
 from glisk.workers.connection import libpq_url
 from glisk.workers.stages import STAGES, StageName
 
-BATCH = 10
+BATCH, WARMUP, EXPLAIN_RUNS = 10, 20, 15
 # One row per token_id g, status by g % 100: 0 detected; 1 generating (half with an image, one in
 # ten of those leased, some of them uploading); 2 ready; 3 failed; the rest revealed. Values are
 # deterministic, so Python can name existing ids and transaction hashes.
@@ -142,7 +142,7 @@ Sent = tuple[str, Any]  # a statement and its parameters
 
 
 async def client_side(
-    url: str, size: int, args: argparse.Namespace
+    url: str, size: int, args: Namespace
 ) -> tuple[dict[str, list[float]], dict[str, Sent]]:
     """Client ms per operation, and the statement (with parameters) each EXPLAINed one sent.
     Rolled-back calls get a pool of their own: psycopg forgets a connection's prepared
@@ -156,7 +156,7 @@ async def client_side(
     factories = create_uow_factory(steady), create_uow_factory(rolled)
     rng, samples = random.Random(size), {op.name: list[float]() for op in OPERATIONS}
     statements: dict[str, Sent] = {}
-    for i in range(args.warmup + args.iterations):
+    for i in range(WARMUP + args.iterations):
         for op in OPERATIONS:  # round-robin: a neighbour's burst hits every operation alike
             argument, started = op.argument(rng, size), time.perf_counter()
             async with factories[op.rollback]() as uow:
@@ -219,37 +219,67 @@ def explain(url: str, sql: str, params: Any, runs: int) -> tuple[float, int, lis
     return exec_ms, rows_read(last), outline(last), same
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.latency_bench")
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="tokens, ascending")
-    parser.add_argument("--iterations", type=int, default=300, help="measured calls per cell")
-    parser.add_argument("--warmup", type=int, default=20, help="unmeasured calls first")
-    parser.add_argument("--vacuum-every", type=int, default=50, help="rounds; 0: never")
-    parser.add_argument("--explain-runs", type=int, default=15)
-    args = parser.parse_args()
+def timed(call: Callable[[], object], iterations: int) -> list[float]:
+    """ms of ``iterations`` calls, after an untimed one (plans cached, pages in memory)."""
+    call()
+    times = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def spread(ms: list[float]) -> str:
+    return f"{percentile(ms, 50):.2f} / {percentile(ms, 99):.2f}"
+
+
+def status(url: str, iterations: int, plans: bool) -> list[str]:
+    """``glisk status``'s read (every statement the command sends, one REPEATABLE READ
+    transaction) with the revealed total estimated and counted, next to a ``SELECT 1``; with
+    ``plans``, what each statement reads."""
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        statements = [(f"stage {name}", stage_counts(name)) for name in STAGE_NAMES]
+        statements += [("status counts", STATUS_COUNTS), ("failed by reason", FAILED_BY_REASON)]
+        for name, sql in statements if plans else ():
+            plan = conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}".encode()).fetchall()
+            reads = [r[0].strip() for r in plan if "Scan" in r[0] or "Execution" in r[0]]
+            say(f"{name}: " + " | ".join(reads))
+        reads = (
+            lambda: conn.execute("SELECT 1"),
+            lambda: collect(conn),
+            lambda: collect(conn, exact=True),
+        )
+        return [spread(timed(read, iterations)) for read in reads]
+
+
+def tables(args: Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
-    if min(sizes) < 5000:  # every worker query and claim must find 10 tokens
-        parser.error("--sizes: at least 5,000 each")
+    if min(sizes) < 5000:
+        raise SystemExit("--sizes: 5,000 at least (each worker query and claim must find 10)")
     configure_logging("development", "WARNING")
-    client, server = {}, {}
+    client, server, reads = {}, {}, {}
     with database(50) as (_, url):
         say(server_line(url))
         query(url, *SEED_ONCE, params={"author": AUTHOR})
-        for previous, size in zip([0, *sizes], sizes, strict=False):
+        for previous, size in zip([0, *sizes], sizes, strict=False):  # grown in place
             started = time.perf_counter()
             query(url, *SEED, params={"author": AUTHOR, "lo": previous + 1, "hi": size})
             query(url, "VACUUM (ANALYZE) tokens_s0", "VACUUM (ANALYZE) mint_events", "CHECKPOINT")
             counts = query(url, "SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1")
             say(f"{size:,} tokens in {time.perf_counter() - started:.0f} s: {dict(counts)}")
             client[size], sent = asyncio.run(client_side(url, size, args))
-            server[size] = {name: explain(url, *s, args.explain_runs) for name, s in sent.items()}
+            server[size] = {name: explain(url, *s, EXPLAIN_RUNS) for name, s in sent.items()}
+            reads[size] = status(url, args.iterations, plans=size == sizes[-1])
+        command = [sys.executable, "-m", "glisk.cli", "status", "--json"]
+        run = {"env": quiet_env(DATABASE_URL=url), "check": True, "capture_output": True}
+        process = statistics.median(timed(lambda: subprocess.run(command, **run), 5))
     rows = []
     for op in OPERATIONS:
         row: list[object] = [op.name, f"< {op.target_ms:g}" if op.target_ms else "-"]
-        for size in sizes:
-            p50, p99 = (percentile(client[size][op.name], p) for p in (50, 99))
-            mark = "-" if op.target_ms is None else "pass" if p99 < op.target_ms else "OVER"
-            row += [f"{p50:.2f} / {p99:.2f}", mark]
+        for ms in (client[size][op.name] for size in sizes):
+            over = op.target_ms and ("pass" if percentile(ms, 99) < op.target_ms else "OVER")
+            row += [spread(ms), over or "-"]
         rows.append(row)
     print(f"Client side, p50 / p99 ms of {args.iterations} calls; mark: p99 against the target\n")
     print(table(["operation", "target ms", *(x for s in sizes for x in (f"{s:,}", ""))], rows))
@@ -259,12 +289,14 @@ def main() -> None:
         rows.append(
             [name, *(f"{c[0]:.3f} / {c[1]} / {'same' if c[3] else 'OTHER'}" for c in cells)]
         )
-    print(f"\nDatabase side: execution ms (median of {args.explain_runs} EXPLAIN ANALYZE) / rows")
-    print("read / generic plan same as this one\n")
+    print(f"\nDatabase side: execution ms (median of {EXPLAIN_RUNS} EXPLAIN ANALYZE) / rows read")
+    print("/ the generic plan the same as this one\n")
     print(table(["query", *(f"{s:,}" for s in sizes)], rows))
     for name, (_, _, plan, _) in server[sizes[-1]].items():
         print(f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n" + "\n".join(plan) + "\n```")
-
-
-if __name__ == "__main__":
-    main()
+    names = ["`SELECT 1` round trip (baseline)", "status read", "status read, `--exact`"]
+    rows = [[name, *(reads[size][i] for size in sizes)] for i, name in enumerate(names)]
+    rows.append(["`glisk status --json` as a process, median of 5", *["-"] * (len(sizes) - 1)])
+    rows[-1].append(f"{process:.0f}")
+    print(f"\n`glisk status`, p50 / p99 ms of {args.iterations} reads on a warm connection\n")
+    print(table(["operation", *(f"{s:,}" for s in sizes)], rows))
