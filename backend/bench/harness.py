@@ -17,14 +17,18 @@ import threading
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
+
+from glisk.core.database import engine_of, setup_db_session
 from glisk.embedded_pg import EmbeddedPostgres, free_port
 from glisk.testing import connect, scratch_database
+from glisk.uow import UnitOfWork, create_uow_factory
 
 AUTHOR = "00000000-0000-0000-0000-000000000001"
 HTTP = "http://127.0.0.1"  # the only host a benchmark sends requests to
@@ -33,25 +37,17 @@ Ready = Callable[[], float]
 
 
 @contextmanager
-def workdir() -> Iterator[Path]:
-    """A fresh directory on disk, removed afterwards, that the unprivileged account the embedded
-    server runs as (when we are root) may traverse."""
-    base = Path(tempfile.mkdtemp(prefix="glisk-bench-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@contextmanager
 def database(connections: int = 100, bindir: Path | None = None) -> Iterator[tuple[Any, str]]:
     """A private PostgreSQL with ``glisk serve``'s durable settings (fsync and synchronous_commit
-    on, data on disk), and the URL of a migrated scratch database on it."""
-    with workdir() as base:
+    on, data on disk) in a fresh directory, and the URL of a migrated scratch database on it."""
+    base = Path(tempfile.mkdtemp(prefix="glisk-bench-"))
+    base.chmod(0o755)  # as root, the server runs as an unprivileged account that must reach it
+    try:
         server = EmbeddedPostgres(base / "data", free_port(), connections, bindir=bindir)
         with server, scratch_database(server.url) as url:
             yield server, url
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def query(url: str, *statements: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -91,9 +87,11 @@ def reset(url: str) -> None:
 
 
 def server_line(url: str) -> str:
-    settings = ("server_version", "fsync", "synchronous_commit", "max_connections")
-    (row,) = query(url, "SELECT " + ", ".join(f"current_setting('{s}')" for s in settings))
-    return "PostgreSQL " + ", ".join(f"{s}={v}" for s, v in zip(settings, row, strict=True))
+    settings = ("fsync", "synchronous_commit", "max_connections")
+    (row,) = query(
+        url, f"SELECT {', '.join(f'current_setting({s!r})' for s in settings)}, version()"
+    )
+    return ", ".join(f"{s}={v}" for s, v in zip(settings, row, strict=False)) + f"; {row[-1]}"
 
 
 # --- processes started together ---------------------------------------------------------------
@@ -118,7 +116,6 @@ class Cell:
 
     @property
     def cpu_ms(self) -> float:
-        """CPU per item moved, ms."""
         return 1000 * sum(self.cpu) / sum(self.moved)
 
 
@@ -167,15 +164,44 @@ def run_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -
     return Cell(*zip(*outcomes, strict=True))
 
 
-# --- servers ----------------------------------------------------------------------------------
+def until(seconds: float, ready: Ready, step: Callable[[int], int]) -> int:
+    """Call ``step(moved so far)`` from the common start on, for ``seconds`` or until a step
+    moves nothing; what the steps moved."""
+    done, end = 0, ready() + seconds
+    while time.monotonic() < end and (moved := step(done)):
+        done += moved
+    return done
+
+
+async def until_async(
+    url: str, seconds: float, ready: Ready, step: Callable[[UnitOfWork, int], Awaitable[int]]
+) -> int:
+    """``until`` for ``step(uow, moved so far)``, each step in a unit of work of its own (one
+    pooled connection, opened before the clock starts)."""
+    factory = setup_db_session(url, pool_size=1, max_overflow=0)
+    uow_factory, done = create_uow_factory(factory), 0
+    async with uow_factory() as uow:
+        await uow.session.execute(text("SELECT 1"))
+    end = ready() + seconds
+    while time.monotonic() < end:
+        async with uow_factory() as uow:
+            moved = await step(uow, done)
+        if not moved:
+            break
+        done += moved
+    await engine_of(factory).dispose()
+    return done
+
+
+# --- servers and output -----------------------------------------------------------------------
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
     """This environment for a glisk child process: no developer's .env, DATABASE_URL or APP_ENV,
     logs at WARNING, bytecode cached in PYCACHE whatever PYTHONDONTWRITEBYTECODE says; then
     ``extra``."""
-    drop = ("DATABASE_URL", "APP_ENV", "PYTHONDONTWRITEBYTECODE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "APP_ENV")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return (
         env
         | {"GLISK_ENV_FILE": os.devnull, "LOG_LEVEL": "WARNING", "PYTHONPYCACHEPREFIX": PYCACHE}
@@ -183,12 +209,9 @@ def quiet_env(**extra: str) -> dict[str, str]:
     )
 
 
-Server = subprocess.Popen[bytes]
-
-
 def start_server(
     command: list[str], env: dict[str, str], port: int, log: Path
-) -> tuple[Server, float]:
+) -> tuple[Any, float]:
     """Start ``command``, a server on 127.0.0.1:``port``; the seconds until GET /health answered
     200. Raises with the end of ``log`` if it exits first or takes over a minute."""
     started = time.perf_counter()
@@ -203,7 +226,7 @@ def start_server(
     raise RuntimeError(f"{' '.join(command)} did not serve:\n{log.read_text()[-2000:]}")
 
 
-def stop_server(server: Server) -> float:
+def stop_server(server: subprocess.Popen[bytes]) -> float:
     """SIGTERM; the seconds until the server exited (killed after 30 s)."""
     started = time.perf_counter()
     server.send_signal(signal.SIGTERM)
@@ -213,9 +236,6 @@ def stop_server(server: Server) -> float:
         server.kill()
         server.wait()
     return time.perf_counter() - started
-
-
-# --- output -----------------------------------------------------------------------------------
 
 
 def percentile(values: Sequence[float], percent: float) -> float:

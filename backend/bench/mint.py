@@ -11,12 +11,22 @@ from argparse import Namespace
 import psycopg
 from sqlalchemy import text
 
-from bench.harness import Ready, database, query, run_processes, say, server_line, table
+from bench.harness import (
+    Ready,
+    database,
+    query,
+    run_processes,
+    say,
+    server_line,
+    table,
+    until,
+    until_async,
+)
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.models import MintLog
 from glisk.standins.mint_feed import MintFeed
-from glisk.uow import create_uow_factory
+from glisk.uow import UnitOfWork, create_uow_factory
 from glisk.workers.connection import libpq_url
 
 # The ceiling: the mint_events row and its tokens, nothing checked.
@@ -38,33 +48,30 @@ ANTI_JOIN = text("""SELECT n FROM generate_series(1, 1000000) AS n
 WHERE NOT EXISTS (SELECT FROM tokens_s0 WHERE token_id = n) LIMIT 1000""")
 
 
-async def record(url: str, logs: list[MintLog], seconds: float, again: bool, ready: Ready) -> int:
-    factory, done = setup_db_session(url, pool_size=1), 0
-    uow_factory = create_uow_factory(factory)
-    async with uow_factory() as uow:  # the pool's connection opens before the clock
-        await uow.session.execute(text("SELECT 1"))
-    until = ready() + seconds
-    while time.monotonic() < until and (again or done < len(logs)):
-        async with uow_factory() as uow:
-            await uow.mint_events.record_mint(logs[done % len(logs)])
-        done += 1
-    await engine_of(factory).dispose()
-    return done
-
-
 def worker(path: str, url: str, logs: list[MintLog], seconds: float, ready: Ready) -> int:
+    """One process of a cell: ``raw`` INSERTs, ``record`` (each log once) or ``again`` (the logs
+    over and over) through record_mint; the logs it recorded."""
     configure_logging("production", "WARNING")
+
+    async def record(uow: UnitOfWork, done: int) -> int:
+        if path == "record" and done == len(logs):
+            return 0
+        await uow.mint_events.record_mint(logs[done % len(logs)])
+        return 1
+
     if path != "raw":
-        return asyncio.run(record(url, logs, seconds, path == "again", ready))
-    done = 0
+        return asyncio.run(until_async(url, seconds, ready, record))
     with psycopg.connect(libpq_url(url)) as conn:
-        until = ready() + seconds
-        while time.monotonic() < until and done < len(logs):
+
+        def insert(done: int) -> int:
+            if done == len(logs):
+                return 0
             with conn.transaction():
                 for statement in RAW:
                     conn.execute(statement, vars(logs[done]))
-            done += 1
-    return done
+            return 1
+
+        return until(seconds, ready, insert)
 
 
 async def gap_queries(url: str) -> list[list[object]]:
@@ -89,7 +96,7 @@ async def gap_queries(url: str) -> list[list[object]]:
 
 def mint(args: Namespace) -> None:
     seconds = args.seconds
-    configure_logging("production", "WARNING")
+    configure_logging("production", "WARNING")  # the gap queries' units of work log at INFO
     logs = MintFeed.generate(tokens=150_000, seed=1, authors=50).logs
     rows = []
     with database(50) as (_, url):

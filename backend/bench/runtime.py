@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 from pgqueuer import PgQueuer, Queries
 from pgqueuer.types import QueueExecutionMode
-from sqlalchemy import text
 
 from bench.harness import (
     AUTHOR,
@@ -29,10 +28,11 @@ from bench.harness import (
     seed,
     server_line,
     table,
+    until,
+    until_async,
 )
-from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
-from glisk.uow import create_uow_factory
+from glisk.uow import UnitOfWork
 from glisk.workers import queries
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions, libpq_url
@@ -44,7 +44,7 @@ IMAGE, NOOP = STAGES[StageName.IMAGE], handlers()[StageName.IMAGE]
 PATHS = ("spec", "raw_spec", "leased", "raw", "stage", "loop", "loop_c64")
 CEILINGS = {"spec": "raw_spec", "leased": "raw", "loop": "stage", "loop_c64": "stage"}
 CLAIM = {"holder": "bench", "lease_seconds": 600, "max_attempts": 3}
-# The spec path's two statements (get_pending_for_generation, the flush of mark_generating),
+# The spec path's two statements (get_pending_for_generation, the flush of mark_generating)
 # written out: its ceiling is the same SQL without the ORM.
 LOCK_OLDEST = (
     "SELECT id FROM tokens_s0 WHERE status = 'detected' AND claimed_by IS NULL "
@@ -53,63 +53,46 @@ LOCK_OLDEST = (
 MARK = "UPDATE tokens_s0 SET status = 'generating' WHERE id = ANY(%(ids)s)"
 
 
-async def unit_of_work(path: str, url: str, batch: int, seconds: float, ready: Ready) -> int:
-    """``spec``: get_pending_for_generation + mark_generating; ``leased``: uow.leases.claim."""
-    factory = setup_db_session(url, pool_size=1, max_overflow=0)
-    uow_factory, done = create_uow_factory(factory), 0
-    async with uow_factory() as uow:  # the pool's connection opens before the clock
-        await uow.session.execute(text("SELECT 1"))
-    until = ready() + seconds
-    while time.monotonic() < until:
-        async with uow_factory() as uow:  # commits
-            if path == "leased":
-                done += len((await uow.leases.claim(IMAGE, batch=batch, **CLAIM)).claims)
-                continue
-            for token in await uow.tokens.get_pending_for_generation(batch):
-                token.mark_generating()
-                done += 1
-    await engine_of(factory).dispose()
-    return done
+def timed(path: str, url: str, batch: int, seconds: float, ready: Ready) -> int:
+    """One process of a ``claim`` cell: ``path`` for ``seconds``; the tokens it moved."""
+    configure_logging("production", "WARNING")  # a log line per commit would be the benchmark
 
+    async def spec(uow: UnitOfWork, _: int) -> int:
+        tokens = await uow.tokens.get_pending_for_generation(batch)
+        for token in tokens:
+            token.mark_generating()
+        return len(tokens)
 
-def raw_sql(path: str, url: str, batch: int, seconds: float, ready: Ready) -> int:
-    """``raw``: the claim statement; ``stage``: the claim, then one fenced completion of the
-    batch; ``raw_spec``: the spec path's SQL. psycopg, autocommit, prepared from the 5th call."""
-    claim, complete, done = queries.claim(IMAGE, batch).encode(), queries.complete(IMAGE), 0
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        until = ready() + seconds
-        while time.monotonic() < until:
+    async def leased(uow: UnitOfWork, _: int) -> int:
+        return len((await uow.leases.claim(IMAGE, batch=batch, **CLAIM)).claims)
+
+    async def loop(concurrency: int | None) -> int:  # the runtime opens its connections lazily
+        worker = Worker(IMAGE, NOOP, ConnectOptions(url), batch=batch, concurrency=concurrency)
+        stop = asyncio.Event()
+        ready()
+        asyncio.get_running_loop().call_later(seconds, stop.set)
+        return (await worker.run(stop)).completed
+
+    if path in ("spec", "leased"):
+        return asyncio.run(until_async(url, seconds, ready, spec if path == "spec" else leased))
+    if path.startswith("loop"):
+        return asyncio.run(loop(64 if path == "loop_c64" else None))
+    claim, complete = queries.claim(IMAGE, batch).encode(), queries.complete(IMAGE).encode()
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:  # prepared from the 5th call
+
+        def raw(_: int) -> int:
             if path == "raw_spec":
                 with conn.transaction():
                     ids = [row[0] for row in conn.execute(LOCK_OLDEST, {"batch": batch})]
                     conn.execute(MARK, {"ids": ids})
-                done += len(ids)
-                continue
+                return len(ids)
             rows = conn.execute(claim, CLAIM).fetchall()
             if path == "raw" or not rows:
-                done += len(rows)
-                continue
-            params = {"claim_ids": [r[3] for r in rows], "results": [f"/{r[1]}.png" for r in rows]}
-            done += len(conn.execute(complete.encode(), params).fetchall())
-    return done
+                return len(rows)
+            done = {"claim_ids": [r[3] for r in rows], "results": [f"/{r[1]}.png" for r in rows]}
+            return len(conn.execute(complete, done).fetchall())
 
-
-async def loop(concurrency: int | None, url: str, batch: int, seconds: float, ready: Ready) -> int:
-    """The runtime: a Worker with the no-op handler; it opens its connections inside the clock."""
-    worker = Worker(IMAGE, NOOP, ConnectOptions(url), batch=batch, concurrency=concurrency)
-    stop = asyncio.Event()
-    ready()
-    asyncio.get_running_loop().call_later(seconds, stop.set)
-    return (await worker.run(stop)).completed
-
-
-def timed(path: str, url: str, batch: int, seconds: float, ready: Ready) -> int:
-    configure_logging("production", "WARNING")  # a log line per commit would be the benchmark
-    if path in ("spec", "leased"):
-        return asyncio.run(unit_of_work(path, url, batch, seconds, ready))
-    if path.startswith("loop"):
-        return asyncio.run(loop(64 if path == "loop_c64" else None, url, batch, seconds, ready))
-    return raw_sql(path, url, batch, seconds, ready)
+        return until(seconds, ready, raw)
 
 
 def claim(args: Namespace) -> None:
@@ -122,9 +105,8 @@ def claim(args: Namespace) -> None:
         for (b, n), path in [(cell, path) for cell in grid for path in PATHS]:
             if path != "loop_c64" or n == 1:  # loop_c64: one process with concurrency 64
                 reset(url)
-                cell = cells[(path, b, n)] = run_processes(
-                    timed, [(path, url, b, args.seconds)] * n
-                )
+                cell = run_processes(timed, [(path, url, b, args.seconds)] * n)
+                cells[(path, b, n)] = cell
                 say(f"  {path} batch {b} x{n}: {cell.rate:,.0f} tokens/s")
                 if sum(cell.moved) >= args.tokens * 0.95:
                     raise RuntimeError(f"{path} ran out of tokens: raise --tokens")
@@ -150,9 +132,10 @@ WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND query NOT LIKE '%pg_stat_%' ORDER BY calls DESC"""
 
 
-async def drain_async(system: str, url: str, ready: Ready) -> tuple[int, float]:
-    """Drain the queue. The clock stops at the last handler call: pgqueuer's drain mode idles
-    about 4 s more before ``run()`` returns, which is not throughput."""
+def drain(system: str, url: str, ready: Ready) -> tuple[int, float]:
+    """One process of a ``peer`` cell: drain the queue. The clock stops at the last handler call:
+    pgqueuer's drain mode idles about 4 s more before ``run()`` returns, not throughput."""
+    configure_logging("production", "WARNING")
     done, last = 0, 0.0
 
     async def handler(job: Any) -> Any:
@@ -160,21 +143,20 @@ async def drain_async(system: str, url: str, ready: Ready) -> tuple[int, float]:
         done, last = done + 1, time.monotonic()
         return await NOOP(job) if isinstance(job, Claim) else None  # type: ignore[arg-type]
 
-    if system == "runtime":
-        worker = Worker(IMAGE, handler, ConnectOptions(url), batch=10)
-        ready()
-        return (await worker.run(exit_when_idle=True)).completed, last
-    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
-        pgq = PgQueuer.from_psycopg_connection(conn)
-        pgq.entrypoint("noop")(handler)
-        ready()
-        await pgq.run(batch_size=10, mode=QueueExecutionMode.drain)
+    async def run() -> None:
+        if system == "runtime":
+            worker = Worker(IMAGE, handler, ConnectOptions(url), batch=10)
+            ready()
+            await worker.run(exit_when_idle=True)
+            return
+        async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+            pgq = PgQueuer.from_psycopg_connection(conn)
+            pgq.entrypoint("noop")(handler)
+            ready()
+            await pgq.run(batch_size=10, mode=QueueExecutionMode.drain)
+
+    asyncio.run(run())
     return done, last
-
-
-def drain(system: str, url: str, ready: Ready) -> tuple[int, float]:
-    configure_logging("production", "WARNING")
-    return asyncio.run(drain_async(system, url, ready))
 
 
 async def pgqueuer(url: str, action: str, jobs: int = 0) -> int:
@@ -194,10 +176,10 @@ async def pgqueuer(url: str, action: str, jobs: int = 0) -> int:
 def prepare(system: str, url: str, jobs: int) -> None:
     """Fill the queue (or reset the tokens), VACUUM ANALYZE, CHECKPOINT."""
     if system == "runtime":
-        reset(url)
-    else:
-        asyncio.run(pgqueuer(url, "fill", jobs))
-        query(url, "VACUUM ANALYZE pgqueuer, pgqueuer_log, pgqueuer_statistics", "CHECKPOINT")
+        return reset(url)
+    asyncio.run(pgqueuer(url, "fill", jobs))
+    query(url, "VACUUM ANALYZE pgqueuer, pgqueuer_log, pgqueuer_statistics", "CHECKPOINT")
+    return None
 
 
 def check(system: str, url: str, cell: Cell, jobs: int) -> Cell:
@@ -211,11 +193,27 @@ def check(system: str, url: str, cell: Cell, jobs: int) -> Cell:
     return cell
 
 
+def statements(system: str, url: str, jobs: int) -> list[list[object]]:
+    """One drain by one process with pg_stat_statements on: statements and transactions per job
+    (the transaction counter covers the whole database)."""
+    prepare(system, url, jobs)
+    ((before,),) = query(url, "SELECT pg_stat_statements_reset()", COMMITS)
+    cell = run_processes(drain, [(system, url)])
+    ((commits,),), found = query(url, COMMITS), query(url, STATEMENTS)
+    per = 1 / sum(check(system, url, cell, jobs).moved)
+    rows: list[list[object]] = [[system, "transactions", f"{(commits - before) * per:.3f}", ""]]
+    every = (sum(r[0] for r in found), sum(r[1] for r in found), "all statements")
+    for calls, ms, sql in [every, *found[:8]]:
+        shown = " ".join(" ".join(line.split("--")[0] for line in sql.splitlines()).split())
+        rows.append([system, shown[:90], f"{calls * per:.3f}", f"{ms * per * 1000:.1f}"])
+    return rows
+
+
 def peer(args: Namespace) -> None:
     processes = [int(n) for n in args.processes.split(",")]
     cells: dict[tuple[str, int], list[Cell]] = {}
     with database() as (server, url):
-        if args.statements:  # the extension must be loaded at server start
+        if args.statements:  # the extension is loaded at server start
             query(url, "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
             server.stop()
             server.start()
@@ -232,40 +230,22 @@ def peer(args: Namespace) -> None:
                     cell = check(system, url, run_processes(drain, [(system, url)] * n), args.jobs)
                     cells.setdefault((system, n), []).append(cell)
                     say(f"  rep {rep + 1} {system} x{n}: {cell.rate:,.0f}/s")
-        rows, statements = [], []
-        for n in processes:
-            by_system = [cells[(s, n)] for s in SYSTEMS]
-            rates = [[c.rate for c in cs] for cs in by_system]
-            pgq, ours = (statistics.median(r) for r in rates)
-            spread = [f"{min(r):,.0f}-{max(r):,.0f}" for r in rates]
-            cpu = [f"{statistics.median(c.cpu_ms for c in cs):.3f}" for cs in by_system]
-            rows.append(
-                [n, f"{pgq:,.0f}", spread[0], f"{ours:,.0f}", spread[1], f"{ours / pgq:.2f}"]
-            )
-            rows[-1] += cpu
-        for system in SYSTEMS if args.statements else ():  # one drain each, 1 process
-            prepare(system, url, args.jobs)
-            ((before,),) = query(url, "SELECT pg_stat_statements_reset()", COMMITS)
-            cell = run_processes(drain, [(system, url)])
-            ((commits,),), found = query(url, COMMITS), query(url, STATEMENTS)
-            per = 1 / sum(check(system, url, cell, args.jobs).moved)
-            every = (sum(r[0] for r in found), sum(r[1] for r in found), "all statements")
-            for calls, ms, sql in [every, *found[:8]]:
-                shown = " ".join(" ".join(line.split("--")[0] for line in sql.splitlines()).split())
-                statements.append(
-                    [system, shown[:90], f"{calls * per:.3f}", f"{ms * per * 1000:.1f}"]
-                )
-            statements.append(
-                [system, "transactions (xact_commit)", f"{(commits - before) * per:.3f}", ""]
-            )
+        found = [row for s in SYSTEMS if args.statements for row in statements(s, url, args.jobs)]
+    rows = []
+    for n in processes:
+        pgq, ours = ([c.rate for c in cells[(s, n)]] for s in SYSTEMS)
+        cpu = [f"{statistics.median(c.cpu_ms for c in cells[(s, n)]):.3f}" for s in SYSTEMS]
+        rates = [
+            (f"{statistics.median(r):,.0f}", f"{min(r):,.0f}-{max(r):,.0f}") for r in (pgq, ours)
+        ]
+        ratio = statistics.median(ours) / statistics.median(pgq)
+        rows.append([n, *rates[0], *rates[1], f"{ratio:.2f}", *cpu])
     print(f"{args.jobs:,} jobs, batch 10, median of {args.repeat}\n")
     headers = ["processes", "pgqueuer jobs/s", "(min-max)", "runtime tokens/s", "(min-max)"]
-    print(
-        table([*headers, "runtime / pgqueuer", "pgqueuer CPU ms/job", "runtime CPU ms/token"], rows)
-    )
-    if statements:
+    print(table([*headers, "runtime / pgqueuer", "pgqueuer CPU ms/job", "CPU ms/token"], rows))
+    if found:
         print("\nStatements per job, one drain each, 1 process\n")
-        print(table(["system", "statement", "per job", "server µs per job"], statements))
+        print(table(["system", "statement", "per job", "server µs per job"], found))
 
 
 # --- wake -------------------------------------------------------------------------------------

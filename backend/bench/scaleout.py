@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -22,13 +23,13 @@ from glisk.embedded_pg import free_port
 from glisk.workers.connection import libpq_url
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
-POOL_SIZE = 40
 OTHERS = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-# --no-listen direct too: the same polling workers, 2 connections each, on both paths.
+# Polling workers (--no-listen) on both paths, with 2 connections each.
 WORKER = "-m glisk.workers.noop --stages image --batch 10 --concurrency 8 --exit-when-idle "
 WORKER += "--no-listen --poll 0.2"
-DONE = "SELECT count(*) FROM tokens_s0 WHERE image_path IS NOT NULL"
-PGBOUNCER_INI = """[databases]
+LEFT = "SELECT count(*) FILTER (WHERE image_path IS NOT NULL), count(*) FILTER (WHERE claim_id IS "
+LEFT += "NOT NULL) FROM tokens_s0"
+PGBOUNCER = """[databases]
 * = host=127.0.0.1 port={pg_port}
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -39,7 +40,7 @@ auth_file = {dir}/userlist.txt
 admin_users = postgres
 pool_mode = transaction
 max_client_conn = 2000
-default_pool_size = {pool}
+default_pool_size = 40
 max_db_connections = 60
 logfile = {dir}/pgbouncer.log
 pidfile = {dir}/pgbouncer.pid
@@ -47,12 +48,11 @@ pidfile = {dir}/pgbouncer.pid
 
 
 def pgbouncer(base: Path, pg_port: int, password: str) -> int:
-    """PgBouncer in front of the server, run by the postgres account when we are root."""
-    base.mkdir(mode=0o700)
+    """PgBouncer in front of the server (run by the postgres account when we are root); its port."""
     port = free_port()
+    base.mkdir(mode=0o700)
     (base / "userlist.txt").write_text(f'"postgres" "{password}"\n')
-    ini = PGBOUNCER_INI.format(pg_port=pg_port, port=port, dir=base, pool=POOL_SIZE)
-    (base / "pgbouncer.ini").write_text(ini)
+    (base / "pgbouncer.ini").write_text(PGBOUNCER.format(pg_port=pg_port, port=port, dir=base))
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         subprocess.run(["chown", "-R", "postgres:", str(base)], check=True)
@@ -60,108 +60,83 @@ def pgbouncer(base: Path, pg_port: int, password: str) -> int:
     return port
 
 
-class Sampler(threading.Thread):
-    """Every 100 ms: server client backends, PgBouncer clients (active + waiting) and the tokens
-    done, keeping the peaks and when the first and the last token got done."""
-
-    def __init__(self, url: str, console: str | None, tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.console, self.tokens = url, console, tokens
-        self.server = self.clients = self.waiting = 0
-        self.first = self.last = 0.0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        conn = psycopg.connect(libpq_url(self.url), autocommit=True)
-        # PgBouncer's console speaks the simple query protocol only.
-        options = {"autocommit": True, "cursor_factory": psycopg.ClientCursor}
-        admin = psycopg.connect(self.console, **options) if self.console else None
-        while not self.done.wait(0.1):
-            ((server,),) = conn.execute(f"SELECT count(*) {OTHERS}").fetchall()
-            ((done,),) = conn.execute(DONE).fetchall()
-            self.server = max(self.server, server)
-            self.first = self.first or (time.monotonic() if done else 0.0)
-            self.last = self.last or (time.monotonic() if done == self.tokens else 0.0)
-            if admin:
-                pools = [r for r in admin.execute("SHOW POOLS") if r[0] != "pgbouncer"]
-                self.clients = max(self.clients, sum(r[2] + r[3] for r in pools))
-                self.waiting = max(self.waiting, sum(r[3] for r in pools))
-        conn.close()
-        if admin:
-            admin.close()
+def sample(url: str, console: str | None, tokens: int, stop: threading.Event) -> dict[str, float]:
+    """Every 100 ms until ``stop``: server client backends, PgBouncer clients (active + waiting)
+    and the tokens done; the peaks, and when the first and the last token got done."""
+    peak: dict[str, float] = dict.fromkeys(("server", "clients", "waiting", "first", "last"), 0.0)
+    conn = psycopg.connect(libpq_url(url), autocommit=True)
+    # PgBouncer's console speaks the simple query protocol only.
+    admin = console and psycopg.connect(
+        console, autocommit=True, cursor_factory=psycopg.ClientCursor
+    )
+    while not stop.wait(0.1):
+        ((server,),) = conn.execute(f"SELECT count(*) {OTHERS}").fetchall()
+        ((done,),) = conn.execute("SELECT count(*) FROM tokens_s0 WHERE image_path IS NOT NULL")
+        peak["server"] = max(peak["server"], server)
+        peak["first"] = peak["first"] or (time.monotonic() if done else 0.0)
+        peak["last"] = peak["last"] or (time.monotonic() if done == tokens else 0.0)
+        pools = [r for r in admin.execute("SHOW POOLS") if r[0] != "pgbouncer"] if admin else []
+        peak["clients"] = max(peak["clients"], sum(r[2] + r[3] for r in pools))
+        peak["waiting"] = max(peak["waiting"], sum(r[3] for r in pools))
+    for connection in (conn, admin or conn):
+        connection.close()
+    return peak
 
 
-def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -> list:
+def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -> list[object]:
     """One row: reset, start the workers at once, wait (at most 600 s), check."""
     reset(url)
     query(url, f"SELECT pg_terminate_backend(pid) {OTHERS}")  # PgBouncer's idle connections
-    sampler = Sampler(url, console, args.tokens)
-    sampler.start()
-    env = os.environ | {"DB_POOLER": "transaction" if console else "none"}
-    command = [sys.executable, *shlex.split(WORKER), "--database-url", target]
-    logs = [Path(args.logs) / f"worker-{i}" for i in range(n)]
-    began = time.monotonic()
-    workers = [
-        subprocess.Popen(
-            command,
-            env=env | {"GLISK_ENV_FILE": os.devnull},
-            stdout=log.with_suffix(".out").open("w"),
-            stderr=log.with_suffix(".err").open("w"),
-        )
-        for log in logs
-    ]
+    stop, logs = threading.Event(), [Path(args.logs) / f"worker-{i}.err" for i in range(n)]
+    sampler = ThreadPoolExecutor(1).submit(sample, url, console, args.tokens, stop)
+    env = os.environ | {
+        "DB_POOLER": "transaction" if console else "none",
+        "GLISK_ENV_FILE": os.devnull,
+    }
+    command, began = (
+        [sys.executable, *shlex.split(WORKER), "--database-url", target],
+        time.monotonic(),
+    )
+    workers = [subprocess.Popen(command, env=env, stdout=-1, stderr=log.open("w")) for log in logs]
     for worker in workers:
         try:
             worker.wait(max(1.0, began + 600 - time.monotonic()))
         except subprocess.TimeoutExpired:
             worker.kill()
-            worker.wait()
-    wall = time.monotonic() - began
-    sampler.done.set()
-    sampler.join()
-    errors = "".join(log.with_suffix(".err").read_text() for log in logs)
     # Each worker prints its WorkerStats: their sum shows that no token was completed twice.
-    out = "".join(log.with_suffix(".out").read_text() for log in logs)
-    completed = sum(json.loads(line)["completed"] for line in out.splitlines())
-    ((done, claimed),) = query(
-        url,
-        "SELECT count(*) FILTER (WHERE image_path IS NOT NULL), "
-        "count(*) FILTER (WHERE claim_id IS NOT NULL) FROM tokens_s0",
+    completed = sum(
+        json.loads(line)["completed"] for w in workers for line in w.communicate()[0].splitlines()
     )
-    window = sampler.last - sampler.first
-    return [
-        "PgBouncer" if console else "direct",
-        n,
-        f"{done:,} of {args.tokens:,}",
-        claimed,
-        f"{completed:,}",
-        f"{done / window:,.0f}" if sampler.last else "-",
-        f"{wall:.1f}",
-        sum(1 for w in workers if w.returncode),
-        errors.count("worker.database_error"),
-        errors.count("too many clients"),
-        f"{sampler.server} of 100",
-        f"{sampler.clients} ({sampler.waiting} waiting)" if console else "-",
-    ]
+    wall = time.monotonic() - began
+    stop.set()
+    peak, errors = sampler.result(), "".join(log.read_text() for log in logs)
+    ((done, claimed),) = query(url, LEFT)
+    rate = f"{done / (peak['last'] - peak['first']):,.0f}" if peak["last"] else "-"
+    row = ["PgBouncer" if console else "direct", n, f"{done:,} of {args.tokens:,}", claimed]
+    row += [f"{completed:,}", rate, f"{wall:.1f}", sum(w.returncode != 0 for w in workers)]
+    row += [errors.count("worker.database_error"), errors.count("too many clients")]
+    clients = f"{peak['clients']:.0f} ({peak['waiting']:.0f} waiting)" if console else "-"
+    return [*row, f"{peak['server']:.0f} of 100", clients]
 
 
 def scaleout(args: Namespace) -> None:
     with database(100, bindir=PG15) as (server, url):
-        base = Path(server.data_dir).parent / "pgbouncer"
-        port = pgbouncer(base, server.port, server.password)
-        args.logs = base.parent
+        base = args.logs = Path(server.data_dir).parent
+        port = pgbouncer(base / "pgbouncer", server.port, server.password)
         try:
             seed(url, args.tokens)
             pooled = make_url(url).set(port=port)
             console = libpq_url(pooled.set(database="pgbouncer").render_as_string(False))
-            say(f"{server_line(url)}; PgBouncer, transaction mode, pool {POOL_SIZE}, at most 60")
+            say(f"{server_line(url)}; PgBouncer, transaction mode, pool 40, at most 60")
             rows = []
-            for processes in map(int, args.processes.split(",")):
+            for n in map(int, args.processes.split(",")):
                 for target, admin in ((pooled.render_as_string(False), console), (url, None)):
-                    rows.append(drain(url, target, admin, args, processes))
+                    rows.append(drain(url, target, admin, args, n))
                     say(" | ".join(map(str, rows[-1])))
         finally:
-            subprocess.run(["kill", (base / "pgbouncer.pid").read_text().strip()], check=False)
+            subprocess.run(
+                ["kill", (base / "pgbouncer" / "pgbouncer.pid").read_text().strip()], check=False
+            )
     headers = ["path", "processes", "tokens done", "left claimed", "completed (workers' stats)"]
     headers += ["tokens/s", "wall s", "failed exits", "database_error lines", "too many clients"]
     print(table([*headers, "peak server connections", "peak PgBouncer clients"], rows))

@@ -1,10 +1,11 @@
-"""Latency against table size (10k, 100k, 1M tokens, most of them revealed): each repository
-call through a unit of work, next to a unit of work sending ``SELECT 1``; the database's own time,
-rows read and plan of the worker queries and the claims; and ``glisk status``."""
+"""Latency against table size (10k, 100k, 1M tokens, most of them revealed): each repository call
+through a unit of work next to one sending ``SELECT 1``; the database's time, rows read and plan
+of the worker queries and claims; ``glisk status`` next to a ``SELECT 1`` round trip."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import statistics
@@ -12,8 +13,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -25,47 +25,42 @@ from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.ops.status import FAILED_BY_REASON, STAGE_NAMES, STATUS_COUNTS, collect, stage_counts
 from glisk.testing import connect
-from glisk.uow import UnitOfWork, create_uow_factory
+from glisk.uow import create_uow_factory
 from glisk.workers.connection import libpq_url
 from glisk.workers.stages import STAGES, StageName
 
-BATCH, WARMUP, EXPLAIN_RUNS = 10, 20, 15
-# One row per token_id g, status by g % 100: 0 detected; 1 generating (half with an image, one in
-# ten of those leased, some of them uploading); 2 ready; 3 failed; the rest revealed. Values are
-# deterministic, so Python can name existing ids and transaction hashes.
+AUTHOR, STATE = UUID("00000000-0000-4000-8000-00000000a001"), "last_processed_block"
+# Token g: status by g % 100 (0 detected; 1 generating, half of them with an image, one in ten
+# of those leased, some of them uploading; 2 ready; 3 failed; the rest revealed), one mint event
+# each; deterministic, so Python can name existing ids and transaction hashes.
 SEED = (
-    """
-INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp,
-                       image_path, image_cid, metadata_cid, reveal_tx_hash, error_data,
-                       created_at, claimed_by, claim_id, lease_expires_at, attempts)
+    """INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp,
+    image_path, image_cid, metadata_cid, reveal_tx_hash, error_data, created_at, claimed_by,
+    claim_id, lease_expires_at, attempts)
 SELECT md5('token-' || g)::uuid, g, %(author)s, '0x' || lpad(to_hex(g), 40, '0'),
-       CAST(s.status AS token_status_enum), s.minted,
-       CASE WHEN s.status IN ('detected', 'failed') OR (g %% 200 = 1 AND g %% 1000 <> 101)
-            THEN NULL ELSE '/var/lib/glisk/images/' || g || '.png' END,
-       CASE WHEN s.status IN ('ready', 'revealed') THEN 'bafkreiimage' || g END,
-       CASE WHEN s.status IN ('ready', 'revealed') THEN 'bafkreimeta' || g END,
-       CASE WHEN s.status = 'revealed' THEN '0x' || lpad(to_hex(g / 50), 64, '0') END,
-       CASE WHEN s.status = 'failed' THEN
-            '{"reason": "max_attempts_exceeded", "stage": "image", "attempts": 3}'::jsonb END,
-       s.minted + interval '5 seconds',
-       CASE WHEN s.leased THEN 'bench-worker-' || (g %% 4) END,
-       CASE WHEN s.leased THEN md5('claim-' || g)::uuid END,
-       CASE WHEN s.leased THEN (now() AT TIME ZONE 'utc') + interval '1 day' END,
-       CASE WHEN s.leased THEN 1 WHEN s.status = 'failed' THEN 3 ELSE 0 END
-FROM generate_series(%(lo)s::int, %(hi)s::int) AS g
-CROSS JOIN LATERAL (
+    CAST(s.status AS token_status_enum), s.minted,
+    CASE WHEN s.status IN ('detected', 'failed') OR (g %% 200 = 1 AND g %% 1000 <> 101)
+         THEN NULL ELSE '/var/lib/glisk/images/' || g || '.png' END,
+    CASE WHEN s.status IN ('ready', 'revealed') THEN 'bafkreiimage' || g END,
+    CASE WHEN s.status IN ('ready', 'revealed') THEN 'bafkreimeta' || g END,
+    CASE WHEN s.status = 'revealed' THEN '0x' || lpad(to_hex(g / 50), 64, '0') END,
+    CASE WHEN s.status = 'failed' THEN
+         '{"reason": "max_attempts_exceeded", "stage": "image", "attempts": 3}'::jsonb END,
+    s.minted + interval '5 seconds', CASE WHEN s.leased THEN 'bench-worker-' || (g %% 4) END,
+    CASE WHEN s.leased THEN md5('claim-' || g)::uuid END,
+    CASE WHEN s.leased THEN (now() AT TIME ZONE 'utc') + interval '1 day' END,
+    CASE WHEN s.leased THEN 1 WHEN s.status = 'failed' THEN 3 ELSE 0 END
+FROM generate_series(%(lo)s::int, %(hi)s::int) AS g CROSS JOIN LATERAL (
     SELECT timestamp '2025-01-01' + g * interval '30 seconds' AS minted,
-           g %% 1000 IN (1, 101) AS leased,
-           CASE g %% 100 WHEN 0 THEN 'detected'
-               WHEN 1 THEN CASE WHEN g %% 1000 = 101 THEN 'uploading' ELSE 'generating' END
-               WHEN 2 THEN 'ready' WHEN 3 THEN 'failed' ELSE 'revealed' END AS status
-) AS s""",
-    """
-INSERT INTO mint_events (id, tx_hash, log_index, block_number, block_timestamp, token_id,
-                         detected_at)
+        g %% 1000 IN (1, 101) AS leased,
+        CASE g %% 100 WHEN 0 THEN 'detected'
+            WHEN 1 THEN CASE WHEN g %% 1000 = 101 THEN 'uploading' ELSE 'generating' END
+            WHEN 2 THEN 'ready' WHEN 3 THEN 'failed' ELSE 'revealed' END AS status) AS s""",
+    """INSERT INTO mint_events (id, tx_hash, log_index, block_number, block_timestamp, token_id,
+    detected_at)
 SELECT md5('event-' || g)::uuid, '0x' || md5('tx-' || g) || md5('tx2-' || g), g %% 3,
-       20000000 + g / 4, timestamp '2025-01-01' + g * interval '30 seconds', g,
-       timestamp '2025-01-01' + g * interval '30 seconds' + interval '2 seconds'
+    20000000 + g / 4, timestamp '2025-01-01' + g * interval '30 seconds', g,
+    timestamp '2025-01-01' + g * interval '30 seconds' + interval '2 seconds'
 FROM generate_series(%(lo)s::int, %(hi)s::int) AS g""",
 )
 SEED_ONCE = (
@@ -74,183 +69,167 @@ SEED_ONCE = (
     "INSERT INTO system_state (key, state_value, updated_at) VALUES "
     "('last_processed_block', '20000000', now()), ('reveal_worker_enabled', 'true', now())",
 )
-AUTHOR = UUID("00000000-0000-4000-8000-00000000a001")
-STATE = "last_processed_block"
 
 
 def md5(value: str) -> str:
     return hashlib.md5(value.encode()).hexdigest()  # noqa: S324 - the seed's ids, not security
 
 
-@dataclass(frozen=True)
-class Op:
-    name: str
-    target_ms: float | None
-    call: Callable[[UnitOfWork, Any], Awaitable[Any]]
-    argument: Callable[[random.Random, int], Any] = lambda rng, n: None
-    rollback: bool = False  # worker queries and claims: rolled back, and EXPLAINed
-
-
-def claim(stage: StageName) -> Op:
-    async def call(uow: UnitOfWork, _: object) -> Any:
-        options = {"batch": BATCH, "lease_seconds": 60, "max_attempts": 3}
-        return (await uow.leases.claim(STAGES[stage], "bench", **options)).claims
-
-    return Op(f"leases.claim({stage.value})", 20, call, rollback=True)
-
-
-def pending(name: str) -> Op:
-    return Op(f"{name}(10)", 20, lambda u, _: getattr(u.tokens, name)(BATCH), rollback=True)
-
-
-def token_id(rng: random.Random, n: int) -> UUID:
-    return UUID(md5(f"token-{rng.randint(1, n)}"))
+def claim(stage: StageName) -> Callable[..., Any]:
+    options = {"batch": 10, "lease_seconds": 60, "max_attempts": 3}
+    return lambda u, _: u.leases.claim(STAGES[stage], "bench", **options)
 
 
 def mint_event(rng: random.Random, n: int) -> tuple[str, int]:
-    # Half recorded events (a hit), half new ones (the indexer's usual question).
+    """Half recorded events (a hit), half new ones (the indexer's usual question)."""
     g = rng.randint(1, n) if rng.random() < 0.5 else n + rng.randint(1, 10 * n)
     return "0x" + md5(f"tx-{g}") + md5(f"tx2-{g}"), g % 3
 
 
-OPERATIONS = [
-    Op(
-        "unit of work + SELECT 1 (baseline)", None, lambda u, _: u.session.execute(text("SELECT 1"))
-    ),
-    *map(pending, ("get_pending_for_generation", "get_pending_for_upload", "get_ready_for_reveal")),
-    *map(claim, StageName),
-    Op("tokens.get_by_id", 5, lambda u, a: u.tokens.get_by_id(a), token_id),
-    Op("mint_events.exists (50% hits)", 5, lambda u, a: u.mint_events.exists(*a), mint_event),
-    Op("system_state.get_state", 10, lambda u, _: u.system_state.get_state(STATE)),
-    Op(
-        "system_state.set_state (commit)",
-        15,
-        lambda u, a: u.system_state.set_state(STATE, a),
-        lambda rng, n: 20000000 + rng.randint(0, n),
-    ),
-]
+def nothing(rng: random.Random, n: int) -> None:
+    return None
+
+
+# name, target ms (the spec's), the call, its argument; worker queries and claims ask for 10
+# tokens, are rolled back (their rows stay available) and EXPLAINed.
+OPERATIONS: list[tuple[str, float | None, Callable[..., Any], Callable[..., Any]]] = [
+    ("unit of work + SELECT 1 (baseline)", None, lambda u, _: u.session.execute(text("SELECT 1")), nothing),
+    *((f"{name}(10)", 20, lambda u, _, name=name: getattr(u.tokens, name)(10), nothing)
+      for name in ("get_pending_for_generation", "get_pending_for_upload", "get_ready_for_reveal")),
+    *((f"leases.claim({stage.value})", 20, claim(stage), nothing) for stage in StageName),
+    ("tokens.get_by_id", 5, lambda u, a: u.tokens.get_by_id(a),
+     lambda rng, n: UUID(md5(f"token-{rng.randint(1, n)}"))),
+    ("mint_events.exists (50% hits)", 5, lambda u, a: u.mint_events.exists(*a), mint_event),
+    ("system_state.get_state", 10, lambda u, _: u.system_state.get_state(STATE), nothing),
+    ("system_state.set_state (commit)", 15, lambda u, a: u.system_state.set_state(STATE, a),
+     lambda rng, n: 20000000 + rng.randint(0, n)),
+]  # fmt: skip
+EXPLAINED = [name for name, target, *_ in OPERATIONS if target == 20]
 
 
 def vacuum(url: str) -> None:
-    """Each rolled-back claim leaves a dead version of the same 10 rows at the head of its
-    index, a pile-up no real workload makes: cleaned up, untimed. With so few dead rows a plain
-    VACUUM would leave the index entries in place."""
+    """Each rolled-back claim leaves a dead version of its 10 rows at the head of its index (a
+    pile-up no real workload makes on a few rows); INDEX_CLEANUP ON removes so few dead rows too."""
     query(url, "VACUUM (INDEX_CLEANUP ON) tokens_s0")
 
 
-Sent = tuple[str, Any]  # a statement and its parameters
-
-
-async def client_side(
-    url: str, size: int, args: Namespace
-) -> tuple[dict[str, list[float]], dict[str, Sent]]:
-    """Client ms per operation, and the statement (with parameters) each EXPLAINed one sent.
-    Rolled-back calls get a pool of their own: psycopg forgets a connection's prepared
-    statements when a transaction on it rolls back, and the others keep theirs, as in
-    production."""
+async def client_side(url: str, size: int, args: Namespace) -> tuple[dict, dict]:
+    """ms per operation, round-robin (a neighbour's burst hits each alike), after 20 warm-up
+    rounds; and the statement and parameters each EXPLAINed one sent. Rolled-back calls get a
+    pool of their own: psycopg forgets a connection's prepared statements when a transaction on
+    it rolls back, and the others keep theirs, as in production."""
     steady, rolled = (setup_db_session(url, pool_size=2) for _ in range(2))
-    sent: list[Sent] = []
+    sent: list[tuple[str, Any]] = []
     event.listen(
         engine_of(rolled).sync_engine, "before_cursor_execute", lambda *a: sent.append(a[2:4])
     )
-    factories = create_uow_factory(steady), create_uow_factory(rolled)
-    rng, samples = random.Random(size), {op.name: list[float]() for op in OPERATIONS}
-    statements: dict[str, Sent] = {}
-    for i in range(WARMUP + args.iterations):
-        for op in OPERATIONS:  # round-robin: a neighbour's burst hits every operation alike
-            argument, started = op.argument(rng, size), time.perf_counter()
-            async with factories[op.rollback]() as uow:
-                result = await op.call(uow, argument)
-                if op.rollback:
+    rng, ms, statements = random.Random(size), {op[0]: list[float]() for op in OPERATIONS}, {}
+    for i in range(20 + args.iterations):
+        for name, _, call, argument in OPERATIONS:
+            explained, value, started = name in EXPLAINED, argument(rng, size), time.perf_counter()
+            async with create_uow_factory(rolled if explained else steady)() as uow:
+                found = await call(uow, value)
+                if explained:
                     await uow.rollback()
-            samples[op.name].append((time.perf_counter() - started) * 1000)
-            if op.rollback and i == 0:
-                if len(result) != BATCH:
-                    raise RuntimeError(f"{op.name} found {len(result)} tokens, not {BATCH}")
-                statements[op.name] = next(s for s in sent if "SKIP LOCKED" in s[0])
+            ms[name].append((time.perf_counter() - started) * 1000)
+            if explained and i == 0:
+                if len(getattr(found, "claims", found)) != 10:
+                    raise RuntimeError(f"{name} did not find 10 tokens: {found}")
+                statements[name] = next(s for s in sent if "SKIP LOCKED" in s[0])
             sent.clear()
         if args.vacuum_every and (i + 1) % args.vacuum_every == 0:
             vacuum(url)
     for factory in (steady, rolled):
         await engine_of(factory).dispose()
-    return {name: ms[len(ms) - args.iterations :] for name, ms in samples.items()}, statements
+    return {name: times[20:] for name, times in ms.items()}, statements
 
 
 def outline(node: dict[str, Any], depth: int = 0, rows: bool = True) -> list[str]:
     """The plan's nodes and indexes, with actual rows when analysed: one line each."""
-    line = "  " * depth + node["Node Type"]
-    line += f" using {node['Index Name']}" if "Index Name" in node else ""
+    line = (
+        "  " * depth
+        + node["Node Type"]
+        + (f" using {node['Index Name']}" if "Index Name" in node else "")
+    )
     line += f" (actual rows={node['Actual Rows']})" if rows and "Actual Rows" in node else ""
     return [line, *(x for child in node.get("Plans", []) for x in outline(child, depth + 1, rows))]
 
 
 def rows_read(node: dict[str, Any]) -> int:
-    """Rows the scans returned or filtered out, all loops; of a claim, its candidate search only
-    (not the UPDATEs' primary-key look-ups)."""
-    name = node.get("Subplan Name", "")
-    if name.startswith("CTE ") and name != "CTE candidates":
+    """Rows the scans returned or filtered out over all loops; of a claim, its candidate search."""
+    if node.get("Subplan Name", "CTE candidates") not in ("CTE candidates", None):
         return 0
-    seen = 0
-    if node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan", "Seq Scan"):
-        found = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-        seen = round(found * node.get("Actual Loops", 1))
-    return seen + sum(rows_read(child) for child in node.get("Plans", []))
+    seen = (
+        node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+        if "Scan" in node["Node Type"]
+        else 0
+    )
+    return round(seen * node.get("Actual Loops", 1)) + sum(map(rows_read, node.get("Plans", [])))
 
 
-def explain(url: str, sql: str, params: Any, runs: int) -> tuple[float, int, list[str], bool]:
-    """EXPLAIN ANALYZE of what an operation sent, ``runs`` times, each rolled back: median
-    execution ms, rows read, the plan, and whether the generic plan has the same shape (the plan
-    a prepared statement may switch to from its 6th execution)."""
+def explain(url: str, sql: str, params: Any) -> tuple[float, int, list[str], bool]:
+    """EXPLAIN ANALYZE of what an operation sent, 15 times on a freshly vacuumed table, each
+    rolled back: median execution ms, rows read, the plan, and whether the generic plan (which a
+    prepared statement may switch to from its 6th execution) has the same shape."""
     vacuum(url)
-    plans = []
     with connect(url) as conn:
-        for _ in range(runs):
+        plans = []
+        for _ in range(15):
             with conn.transaction(force_rollback=True):
-                cursor = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}".encode(), params)
-                plans.append(cursor.fetchall()[0][0][0])  # type: ignore[index]
-    with psycopg.connect(libpq_url(url)) as conn:  # prepares, as a pooled connection does
-        conn.execute(sql.encode(), params, prepare=True)
+                found = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}".encode(), params)
+                plans.append(found.fetchall()[0][0][0])  # type: ignore[index]
+    with psycopg.connect(libpq_url(url)) as conn, conn.transaction(force_rollback=True):
+        conn.execute(sql.encode(), params, prepare=True)  # prepared, as a pooled connection does
         ((prepared,),) = conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()
-        plan = conn.execute(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {prepared}".encode()).fetchall()
-        conn.rollback()
-    last = plans[-1]["Plan"]
-    same = outline(plan[0][0][0]["Plan"], rows=False) == outline(last, rows=False)
-    exec_ms = statistics.median(p["Execution Time"] for p in plans)
-    return exec_ms, rows_read(last), outline(last), same
+        generic = conn.execute(
+            f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {prepared}".encode()
+        ).fetchall()
+    plan = plans[-1]["Plan"]
+    same = outline(generic[0][0][0]["Plan"], rows=False) == outline(plan, rows=False)
+    return (
+        statistics.median(p["Execution Time"] for p in plans),
+        rows_read(plan),
+        outline(plan),
+        same,
+    )
 
 
-def timed(call: Callable[[], object], iterations: int) -> list[float]:
-    """ms of ``iterations`` calls, after an untimed one (plans cached, pages in memory)."""
+def timed(call: Callable[[], object], iterations: int) -> str:
+    """p50 / p99 ms of ``iterations`` calls after an untimed one."""
     call()
-    times = []
+    ms = []
     for _ in range(iterations):
         started = time.perf_counter()
         call()
-        times.append((time.perf_counter() - started) * 1000)
-    return times
-
-
-def spread(ms: list[float]) -> str:
+        ms.append((time.perf_counter() - started) * 1000)
     return f"{percentile(ms, 50):.2f} / {percentile(ms, 99):.2f}"
 
 
 def status(url: str, iterations: int, plans: bool) -> list[str]:
-    """``glisk status``'s read (every statement the command sends, one REPEATABLE READ
-    transaction) with the revealed total estimated and counted, next to a ``SELECT 1``; with
-    ``plans``, what each statement reads."""
+    """``glisk status``'s read (every statement it sends, in one REPEATABLE READ transaction),
+    revealed total estimated and counted, next to ``SELECT 1``; with ``plans``, what each
+    statement reads."""
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         statements = [(f"stage {name}", stage_counts(name)) for name in STAGE_NAMES]
-        statements += [("status counts", STATUS_COUNTS), ("failed by reason", FAILED_BY_REASON)]
-        for name, sql in statements if plans else ():
-            plan = conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}".encode()).fetchall()
-            reads = [r[0].strip() for r in plan if "Scan" in r[0] or "Execution" in r[0]]
-            say(f"{name}: " + " | ".join(reads))
-        reads = (
-            lambda: conn.execute("SELECT 1"),
-            lambda: collect(conn),
-            lambda: collect(conn, exact=True),
-        )
-        return [spread(timed(read, iterations)) for read in reads]
+        for name, sql in [
+            *statements,
+            ("status counts", STATUS_COUNTS),
+            ("failed", FAILED_BY_REASON),
+        ]:
+            lines = (
+                conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}".encode()).fetchall()
+                if plans
+                else []
+            )
+            say(
+                f"{name}: "
+                + " | ".join(r[0].strip() for r in lines if "Scan" in r[0] or "Exec" in r[0])
+            )
+        reads = [functools.partial(conn.execute, "SELECT 1"), functools.partial(collect, conn)]
+        return [
+            timed(read, iterations)
+            for read in [*reads, functools.partial(collect, conn, exact=True)]
+        ]
 
 
 def tables(args: Namespace) -> None:
@@ -269,34 +248,49 @@ def tables(args: Namespace) -> None:
             counts = query(url, "SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1")
             say(f"{size:,} tokens in {time.perf_counter() - started:.0f} s: {dict(counts)}")
             client[size], sent = asyncio.run(client_side(url, size, args))
-            server[size] = {name: explain(url, *s, EXPLAIN_RUNS) for name, s in sent.items()}
+            server[size] = {name: explain(url, *sent[name]) for name in EXPLAINED}
             reads[size] = status(url, args.iterations, plans=size == sizes[-1])
-        command = [sys.executable, "-m", "glisk.cli", "status", "--json"]
         run = {"env": quiet_env(DATABASE_URL=url), "check": True, "capture_output": True}
-        process = statistics.median(timed(lambda: subprocess.run(command, **run), 5))
+        command = functools.partial(
+            subprocess.run, [sys.executable, "-m", "glisk.cli", "status", "--json"], **run
+        )
+        process = timed(command, 5).split(" / ")[0]  # the median of 5
     rows = []
-    for op in OPERATIONS:
-        row: list[object] = [op.name, f"< {op.target_ms:g}" if op.target_ms else "-"]
-        for ms in (client[size][op.name] for size in sizes):
-            over = op.target_ms and ("pass" if percentile(ms, 99) < op.target_ms else "OVER")
-            row += [spread(ms), over or "-"]
+    for name, target, *_ in OPERATIONS:
+        row = [name, f"< {target:g}" if target else "-"]
+        for ms in (client[size][name] for size in sizes):
+            p50, p99 = percentile(ms, 50), percentile(ms, 99)
+            row += [
+                f"{p50:.2f} / {p99:.2f}",
+                "-" if not target else "pass" if p99 < target else "OVER",
+            ]
         rows.append(row)
     print(f"Client side, p50 / p99 ms of {args.iterations} calls; mark: p99 against the target\n")
     print(table(["operation", "target ms", *(x for s in sizes for x in (f"{s:,}", ""))], rows))
-    rows = []
-    for name in server[sizes[0]]:
-        cells = [server[size][name] for size in sizes]
-        rows.append(
-            [name, *(f"{c[0]:.3f} / {c[1]} / {'same' if c[3] else 'OTHER'}" for c in cells)]
-        )
-    print(f"\nDatabase side: execution ms (median of {EXPLAIN_RUNS} EXPLAIN ANALYZE) / rows read")
-    print("/ the generic plan the same as this one\n")
+    rows = [
+        [
+            name,
+            *(
+                f"{exec_ms:.3f} / {read} / {'same' if same else 'OTHER'}"
+                for exec_ms, read, _, same in (server[s][name] for s in sizes)
+            ),
+        ]
+        for name in EXPLAINED
+    ]
+    print(
+        "\nDatabase side: execution ms (median of 15 EXPLAIN ANALYZE) / rows read / generic plan\n"
+    )
     print(table(["query", *(f"{s:,}" for s in sizes)], rows))
-    for name, (_, _, plan, _) in server[sizes[-1]].items():
-        print(f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n" + "\n".join(plan) + "\n```")
+    for name in EXPLAINED:
+        print(
+            f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n"
+            + "\n".join(server[sizes[-1]][name][2])
+            + "\n```"
+        )
     names = ["`SELECT 1` round trip (baseline)", "status read", "status read, `--exact`"]
     rows = [[name, *(reads[size][i] for size in sizes)] for i, name in enumerate(names)]
-    rows.append(["`glisk status --json` as a process, median of 5", *["-"] * (len(sizes) - 1)])
-    rows[-1].append(f"{process:.0f}")
+    rows.append(
+        ["`glisk status --json` as a process, median of 5", *["-"] * (len(sizes) - 1), process]
+    )
     print(f"\n`glisk status`, p50 / p99 ms of {args.iterations} reads on a warm connection\n")
     print(table(["operation", *(f"{s:,}" for s in sizes)], rows))
