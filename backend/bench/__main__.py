@@ -11,7 +11,7 @@ COMMANDS = {
     "wake": ("runtime", {"tokens": 100}),
     "scaleout": ("scaleout", {"tokens": 100_000, "processes": "32,64"}),
     "tables": ("tables", {"sizes": "10000,100000,1000000", "iterations": 300, "vacuum_every": 50}),
-    "mint": ("mint", {"seconds": 3.0}),
+    "mint": ("runtime", {"seconds": 3.0}),
     "http": ("serving", {"seconds": 10}),
     "startup": ("serving", {"repeat": 3, "skip_suite": False, "imports_only": False}),
 }

@@ -1,13 +1,12 @@
-"""What every benchmark shares: a durable scratch database (glisk.testing's harness on a private
-PostgreSQL), the token table the worker benchmarks drain, processes that start their clock
-together, servers waited for until /health answers, and the tables printed."""
+"""What every benchmark shares: a durable scratch database (glisk.testing's, on a private server),
+the tokens the workers drain, processes that start their clock together, servers waited for until
+/health answers, and the tables printed."""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from sqlalchemy import text
 from glisk.core.database import engine_of, setup_db_session
 from glisk.embedded_pg import EmbeddedPostgres, free_port
 from glisk.testing import connect, scratch_database
-from glisk.uow import UnitOfWork, create_uow_factory
+from glisk.uow import create_uow_factory
 
 AUTHOR = "00000000-0000-0000-0000-000000000001"
 HTTP = "http://127.0.0.1"  # the only host a benchmark sends requests to
@@ -38,13 +37,13 @@ Ready = Callable[[], float]
 
 @contextmanager
 def database(connections: int = 100, bindir: Path | None = None) -> Iterator[tuple[Any, str]]:
-    """A private PostgreSQL with ``glisk serve``'s durable settings (fsync and synchronous_commit
-    on, data on disk) in a fresh directory, and the URL of a migrated scratch database on it."""
+    """A private PostgreSQL as ``glisk serve`` runs it (durable) and a migrated scratch database."""
     base = Path(tempfile.mkdtemp(prefix="glisk-bench-"))
     base.chmod(0o755)  # as root, the server runs as an unprivileged account that must reach it
     try:
         server = EmbeddedPostgres(base / "data", free_port(), connections, bindir=bindir)
         with server, scratch_database(server.url) as url:
+            say(server_line(url))
             yield server, url
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -62,20 +61,19 @@ def query(url: str, *statements: str, params: Any = None) -> list[tuple[Any, ...
 
 def seed(url: str, tokens: int = 0) -> None:
     """One author and ``tokens`` detected tokens, minted a second apart."""
-    author = "INSERT INTO authors (id, wallet_address, prompt_text, created_at) VALUES "
-    query(url, author + "(%s, '0x' || repeat('ab', 20), 'a bench prompt', now())", params=[AUTHOR])
     query(
         url,
-        "INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp, "
-        "created_at) SELECT gen_random_uuid(), g, %s, '0x' || repeat('cd', 20), 'detected', "
-        "timestamp '2025-01-01' + g * interval '1 second', now() FROM generate_series(1, %s) AS g",
+        "WITH author AS (INSERT INTO authors (id, wallet_address, prompt_text, created_at) VALUES "
+        "(%s, '0x' || repeat('ab', 20), 'a bench prompt', now()) RETURNING id) INSERT INTO "
+        "tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp, created_at) "
+        "SELECT gen_random_uuid(), g, author.id, '0x' || repeat('cd', 20), 'detected', timestamp "
+        "'2025-01-01' + g * interval '1 second', now() FROM author, generate_series(1, %s) AS g",
         params=[AUTHOR, tokens],
     )
 
 
 def reset(url: str) -> None:
-    """Every token back to detected and unclaimed, then VACUUM ANALYZE and a CHECKPOINT, so each
-    cell starts alike and no checkpoint lands inside it."""
+    """Tokens back to detected and unclaimed; VACUUM ANALYZE and a CHECKPOINT (none in a cell)."""
     query(
         url,
         "UPDATE tokens_s0 SET status = 'detected', claim_id = NULL, lease_expires_at = NULL, "
@@ -87,11 +85,9 @@ def reset(url: str) -> None:
 
 
 def server_line(url: str) -> str:
-    settings = ("fsync", "synchronous_commit", "max_connections")
-    (row,) = query(
-        url, f"SELECT {', '.join(f'current_setting({s!r})' for s in settings)}, version()"
-    )
-    return ", ".join(f"{s}={v}" for s, v in zip(settings, row, strict=False)) + f"; {row[-1]}"
+    names = ("server_version", "fsync", "synchronous_commit", "max_connections")
+    (row,) = query(url, "SELECT " + ", ".join(f"current_setting('{name}')" for name in names))
+    return "PostgreSQL {}, fsync={}, synchronous_commit={}, max_connections={}".format(*row)
 
 
 # --- processes started together ---------------------------------------------------------------
@@ -99,8 +95,7 @@ def server_line(url: str) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One measurement: per process, what it moved, its seconds from the common start and its
-    CPU seconds (user + sys). A process that moved nothing fails the cell: never a 0 in a table."""
+    """Per process: what it moved, its seconds from the common start, its CPU seconds."""
 
     moved: tuple[int, ...]
     seconds: tuple[float, ...]
@@ -139,45 +134,27 @@ def _child(target: Callable[..., Any], args: tuple[Any, ...], barrier: Any, out:
 
 
 def run_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]]) -> Cell:
-    """``target(*job, ready)`` in a process per job, forked from a server that imported
-    ``target``'s module once. Each connects, then calls ``ready()``, which returns (the clock
-    starts) when every process is ready; it returns how much it moved, optionally with the
-    ``time.monotonic()`` its work ended."""
+    """``target(*job, ready)`` in a forked process per job; ``ready()`` returns, and the clock
+    starts, once every process is ready. A target returns what it moved (and when it ended)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([target.__module__])
     barrier, out = context.Barrier(len(jobs) + 1), context.Queue()
-    children = [context.Process(target=_child, args=(target, j, barrier, out)) for j in jobs]
+    job = {"target": _child, "daemon": True}
+    children = [context.Process(args=(target, j, barrier, out), **job) for j in jobs]
     for child in children:
         child.start()
     with suppress(threading.BrokenBarrierError):  # a child failed: its traceback follows
         barrier.wait(120)
-    outcomes: list[Any] = []
-    try:
-        outcomes += [out.get(timeout=900) for _ in children]
-    except queue.Empty:
-        outcomes.append("no result within 900 s")
+    outcomes = [out.get(timeout=900) for _ in children]  # daemons: killed if this raises
     for child in children:
         child.join(10)
-        child.kill()
     if failed := [o for o in outcomes if isinstance(o, str)]:
         raise RuntimeError("a benchmark process failed:\n" + failed[0])
     return Cell(*zip(*outcomes, strict=True))
 
 
-def until(seconds: float, ready: Ready, step: Callable[[int], int]) -> int:
-    """Call ``step(moved so far)`` from the common start on, for ``seconds`` or until a step
-    moves nothing; what the steps moved."""
-    done, end = 0, ready() + seconds
-    while time.monotonic() < end and (moved := step(done)):
-        done += moved
-    return done
-
-
-async def until_async(
-    url: str, seconds: float, ready: Ready, step: Callable[[UnitOfWork, int], Awaitable[int]]
-) -> int:
-    """``until`` for ``step(uow, moved so far)``, each step in a unit of work of its own (one
-    pooled connection, opened before the clock starts)."""
+async def until(url: str, seconds: float, ready: Ready, step: Callable[..., Awaitable[int]]) -> int:
+    """``step(uow, moved so far)``, each in a unit of work, for ``seconds`` or until it moves 0."""
     factory = setup_db_session(url, pool_size=1, max_overflow=0)
     uow_factory, done = create_uow_factory(factory), 0
     async with uow_factory() as uow:
@@ -197,23 +174,16 @@ async def until_async(
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    """This environment for a glisk child process: no developer's .env, DATABASE_URL or APP_ENV,
-    logs at WARNING, bytecode cached in PYCACHE whatever PYTHONDONTWRITEBYTECODE says; then
-    ``extra``."""
+    """The environment of a glisk child: no .env, DATABASE_URL or APP_ENV; logs at WARNING;
+    bytecode cached in PYCACHE whatever PYTHONDONTWRITEBYTECODE says."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "APP_ENV")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return (
-        env
-        | {"GLISK_ENV_FILE": os.devnull, "LOG_LEVEL": "WARNING", "PYTHONPYCACHEPREFIX": PYCACHE}
-        | extra
-    )
+    env |= {"GLISK_ENV_FILE": os.devnull, "LOG_LEVEL": "WARNING", "PYTHONPYCACHEPREFIX": PYCACHE}
+    return env | extra
 
 
-def start_server(
-    command: list[str], env: dict[str, str], port: int, log: Path
-) -> tuple[Any, float]:
-    """Start ``command``, a server on 127.0.0.1:``port``; the seconds until GET /health answered
-    200. Raises with the end of ``log`` if it exits first or takes over a minute."""
+def start_server(command: list[str], env: dict, port: int, log: Path) -> tuple[Any, float]:
+    """Start a server on 127.0.0.1:``port``; the seconds until GET /health answered 200."""
     started = time.perf_counter()
     with log.open("ab") as sink:
         server = subprocess.Popen(command, env=env, stdout=sink, stderr=sink)

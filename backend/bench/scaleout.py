@@ -1,6 +1,5 @@
-"""Scale-out: N no-op worker processes (``python -m glisk.workers.noop``) drain tokens through
-PgBouncer (transaction mode) and directly, against Debian's PostgreSQL 15 at max_connections=100:
-drain rate, exactly-once, database errors, peak connections (figures: docs/deployment.md)."""
+"""Scale-out: N no-op worker processes drain tokens through PgBouncer and directly, against
+PostgreSQL 15 at max_connections=100 (figures: docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -61,8 +60,7 @@ def pgbouncer(base: Path, pg_port: int, password: str) -> int:
 
 
 def sample(url: str, console: str | None, tokens: int, stop: threading.Event) -> dict[str, float]:
-    """Every 100 ms until ``stop``: server client backends, PgBouncer clients (active + waiting)
-    and the tokens done; the peaks, and when the first and the last token got done."""
+    """Every 100 ms until ``stop``: peak connections; when the first and last token got done."""
     peak: dict[str, float] = dict.fromkeys(("server", "clients", "waiting", "first", "last"), 0.0)
     conn = psycopg.connect(libpq_url(url), autocommit=True)
     # PgBouncer's console speaks the simple query protocol only.

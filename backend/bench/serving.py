@@ -1,7 +1,5 @@
-"""Serving: requests per second and latency of ``GET /health`` next to ``GET /bare``, the same
-JSON constant through the same app and uvicorn settings, with wrk as the load generator (``http``);
-the costs of starting: imports, embedded PostgreSQL, migrations, ``glisk serve``, tests
-(``startup``)."""
+"""Serving: ``GET /health`` next to ``GET /bare`` under wrk (``http``); the costs of starting:
+imports, the embedded PostgreSQL, migrations, ``glisk serve``, the tests (``startup``)."""
 
 from __future__ import annotations
 
@@ -45,8 +43,7 @@ end"""
 
 
 def app() -> FastAPI:
-    """glisk's app (settings from the environment) with ``/bare``, the constant /health answers,
-    and ``/pid``: which process answered, the SELECT 1 its probe sent, its CPU seconds."""
+    """glisk's app, ``/bare`` (the constant /health answers), ``/pid`` (the process's counters)."""
     served = create_app()
 
     @served.get("/bare")
@@ -61,8 +58,7 @@ def app() -> FastAPI:
 
 
 def counters(port: int, processes: int) -> tuple[int, float]:
-    """SELECT 1 sent and CPU seconds, summed over the server's processes (asked on new
-    connections until each one has answered)."""
+    """SELECT 1 sent and CPU seconds, over the server's processes (until each has answered)."""
     seen: dict[int, tuple[int, float]] = {}
     for _ in range(1000):
         with urllib.request.urlopen(f"{HTTP}:{port}/pid", timeout=5) as answer:  # noqa: S310
@@ -74,8 +70,7 @@ def counters(port: int, processes: int) -> tuple[int, float]:
 
 
 def measure(port: int, path: str, clients: int, workers: int, args: Any) -> list[float]:
-    """req/s, p50, p95, p99 ms, SELECT 1 per request, server CPU (cores), errors: wrk (one
-    thread, a closed loop) after 1 s of warm-up."""
+    """req/s, p50, p95, p99 ms, SELECT 1 per request, server cores busy, errors; after a warm-up."""
     wrk = ["wrk", "-t1", f"-c{clients}", "--timeout=10s", "-s", args.script, f"{HTTP}:{port}{path}"]
     subprocess.run([*wrk, "-d1s"], capture_output=True, check=True)
     (selects, cpu), started = counters(port, workers), time.monotonic()
@@ -127,8 +122,7 @@ SUITE = ["uv", "run", "pytest", "-q", "-p", "no:cacheprovider"]
 
 
 def importtime(module: str, env: dict[str, str]) -> tuple[float, float, str]:
-    """``python -X importtime -c 'import M'``: M's cumulative import ms, the process's wall ms,
-    and the six top-level packages with the largest self time."""
+    """``python -X importtime``: import ms, process ms, the packages with the most self time."""
     command = [sys.executable, "-X", "importtime", "-c", "import " + module]
     started = time.perf_counter()
     lines = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stderr
@@ -148,8 +142,7 @@ def timed(action: Any, *args: Any, **kwargs: Any) -> float:
 
 
 def steps(repeat: int, env: dict[str, str]) -> dict[str, list[float]]:
-    """Each step ``repeat`` times, interleaved so that drift hits every step alike, after an
-    untimed round (the PostgreSQL binaries in the page cache, the bytecode caches written)."""
+    """Each step ``repeat`` times, interleaved, after an untimed round."""
     times: dict[str, list[float]] = defaultdict(list)
     alembic = [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"]
     with database() as (server, _):

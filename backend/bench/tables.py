@@ -1,11 +1,9 @@
-"""Latency against table size (10k, 100k, 1M tokens, most of them revealed): each repository call
-through a unit of work next to one sending ``SELECT 1``; the database's time, rows read and plan
-of the worker queries and claims; ``glisk status`` next to a ``SELECT 1`` round trip."""
+"""Latency against table size: repository calls through a unit of work; the database's time,
+rows read and plans of the worker queries, claims and ``glisk status``'s statements; its reads."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import random
 import statistics
@@ -14,18 +12,19 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from sqlalchemy import event, text
 
-from bench.harness import database, percentile, query, quiet_env, say, server_line, table
+from bench.harness import database, percentile, query, quiet_env, say, table
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.ops.status import FAILED_BY_REASON, STAGE_NAMES, STATUS_COUNTS, collect, stage_counts
 from glisk.testing import connect
-from glisk.uow import create_uow_factory
+from glisk.uow import UnitOfWork, create_uow_factory
 from glisk.workers.connection import libpq_url
 from glisk.workers.stages import STAGES, StageName
 
@@ -75,9 +74,12 @@ def md5(value: str) -> str:
     return hashlib.md5(value.encode()).hexdigest()  # noqa: S324 - the seed's ids, not security
 
 
-def claim(stage: StageName) -> Callable[..., Any]:
-    options = {"batch": 10, "lease_seconds": 60, "max_attempts": 3}
-    return lambda u, _: u.leases.claim(STAGES[stage], "bench", **options)
+def claim(stage: StageName, uow: UnitOfWork, _: object) -> Any:
+    return uow.leases.claim(STAGES[stage], "bench", batch=10, lease_seconds=60, max_attempts=3)
+
+
+def token(rng: random.Random, n: int) -> UUID:
+    return UUID(md5(f"token-{rng.randint(1, n)}"))
 
 
 def mint_event(rng: random.Random, n: int) -> tuple[str, int]:
@@ -86,49 +88,45 @@ def mint_event(rng: random.Random, n: int) -> tuple[str, int]:
     return "0x" + md5(f"tx-{g}") + md5(f"tx2-{g}"), g % 3
 
 
-def nothing(rng: random.Random, n: int) -> None:
-    return None
+def block(rng: random.Random, n: int) -> int:
+    return 20000000 + rng.randint(0, n)
 
 
-# name, target ms (the spec's), the call, its argument; worker queries and claims ask for 10
-# tokens, are rolled back (their rows stay available) and EXPLAINed.
-OPERATIONS: list[tuple[str, float | None, Callable[..., Any], Callable[..., Any]]] = [
-    ("unit of work + SELECT 1 (baseline)", None, lambda u, _: u.session.execute(text("SELECT 1")), nothing),
-    *((f"{name}(10)", 20, lambda u, _, name=name: getattr(u.tokens, name)(10), nothing)
-      for name in ("get_pending_for_generation", "get_pending_for_upload", "get_ready_for_reveal")),
-    *((f"leases.claim({stage.value})", 20, claim(stage), nothing) for stage in StageName),
-    ("tokens.get_by_id", 5, lambda u, a: u.tokens.get_by_id(a),
-     lambda rng, n: UUID(md5(f"token-{rng.randint(1, n)}"))),
-    ("mint_events.exists (50% hits)", 5, lambda u, a: u.mint_events.exists(*a), mint_event),
-    ("system_state.get_state", 10, lambda u, _: u.system_state.get_state(STATE), nothing),
-    ("system_state.set_state (commit)", 15, lambda u, a: u.system_state.set_state(STATE, a),
-     lambda rng, n: 20000000 + rng.randint(0, n)),
-]  # fmt: skip
-EXPLAINED = [name for name, target, *_ in OPERATIONS if target == 20]
+PENDING = ("get_pending_for_generation", "get_pending_for_upload", "get_ready_for_reveal")
+SELECT_1 = text("SELECT 1")
+# name: (the spec's target in ms, the call, its argument). The worker queries and the claims
+# (target 20) ask for 10 tokens, are rolled back (their rows stay available) and EXPLAINed.
+OPERATIONS: dict[str, tuple[float | None, Callable[..., Any], Callable[..., Any] | None]] = {
+    "unit of work + SELECT 1 (baseline)": (None, lambda u, _: u.session.execute(SELECT_1), None),
+    **{f"{n}(10)": (20, lambda u, _, n=n: getattr(u.tokens, n)(10), None) for n in PENDING},
+    **{f"leases.claim({s.value})": (20, partial(claim, s), None) for s in StageName},
+    "tokens.get_by_id": (5, lambda u, a: u.tokens.get_by_id(a), token),
+    "mint_events.exists (50% hits)": (5, lambda u, a: u.mint_events.exists(*a), mint_event),
+    "system_state.get_state": (10, lambda u, _: u.system_state.get_state(STATE), None),
+    "system_state.set_state (commit)": (15, lambda u, a: u.system_state.set_state(STATE, a), block),
+}
+TABLE_SCANS = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan", "Seq Scan")
+EXPLAINED = [name for name, (target, *_) in OPERATIONS.items() if target == 20]
 
 
 def vacuum(url: str) -> None:
-    """Each rolled-back claim leaves a dead version of its 10 rows at the head of its index (a
-    pile-up no real workload makes on a few rows); INDEX_CLEANUP ON removes so few dead rows too."""
+    """Rolled-back claims leave dead rows at the head of their index; removed, untimed."""
     query(url, "VACUUM (INDEX_CLEANUP ON) tokens_s0")
 
 
 async def client_side(url: str, size: int, args: Namespace) -> tuple[dict, dict]:
-    """ms per operation, round-robin (a neighbour's burst hits each alike), after 20 warm-up
-    rounds; and the statement and parameters each EXPLAINed one sent. Rolled-back calls get a
-    pool of their own: psycopg forgets a connection's prepared statements when a transaction on
-    it rolls back, and the others keep theirs, as in production."""
+    """ms per operation, round-robin, after 20 warm-up rounds; what each EXPLAINed one sent.
+    Rolled-back calls have a pool of their own, so the others keep their prepared statements."""
     steady, rolled = (setup_db_session(url, pool_size=2) for _ in range(2))
     sent: list[tuple[str, Any]] = []
-    event.listen(
-        engine_of(rolled).sync_engine, "before_cursor_execute", lambda *a: sent.append(a[2:4])
-    )
-    rng, ms, statements = random.Random(size), {op[0]: list[float]() for op in OPERATIONS}, {}
+    record = lambda *a: sent.append(a[2:4])  # noqa: E731 - (statement, parameters)
+    event.listen(engine_of(rolled).sync_engine, "before_cursor_execute", record)
+    rng, ms, statements = random.Random(size), {name: list[float]() for name in OPERATIONS}, {}
     for i in range(20 + args.iterations):
-        for name, _, call, argument in OPERATIONS:
-            explained, value, started = name in EXPLAINED, argument(rng, size), time.perf_counter()
+        for name, (_, call, argument) in OPERATIONS.items():
+            explained, started = name in EXPLAINED, time.perf_counter()
             async with create_uow_factory(rolled if explained else steady)() as uow:
-                found = await call(uow, value)
+                found = await call(uow, argument and argument(rng, size))
                 if explained:
                     await uow.rollback()
             ms[name].append((time.perf_counter() - started) * 1000)
@@ -145,32 +143,25 @@ async def client_side(url: str, size: int, args: Namespace) -> tuple[dict, dict]
 
 
 def outline(node: dict[str, Any], depth: int = 0, rows: bool = True) -> list[str]:
-    """The plan's nodes and indexes, with actual rows when analysed: one line each."""
-    line = (
-        "  " * depth
-        + node["Node Type"]
-        + (f" using {node['Index Name']}" if "Index Name" in node else "")
-    )
+    """The plan's nodes and indexes, with the actual rows when analysed: a line each."""
+    line = "  " * depth + node["Node Type"]
+    line += f" using {node['Index Name']}" if "Index Name" in node else ""
     line += f" (actual rows={node['Actual Rows']})" if rows and "Actual Rows" in node else ""
     return [line, *(x for child in node.get("Plans", []) for x in outline(child, depth + 1, rows))]
 
 
 def rows_read(node: dict[str, Any]) -> int:
     """Rows the scans returned or filtered out over all loops; of a claim, its candidate search."""
-    if node.get("Subplan Name", "CTE candidates") not in ("CTE candidates", None):
+    if (name := node.get("Subplan Name", "")).startswith("CTE ") and name != "CTE candidates":
         return 0
-    seen = (
-        node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
-        if "Scan" in node["Node Type"]
-        else 0
-    )
-    return round(seen * node.get("Actual Loops", 1)) + sum(map(rows_read, node.get("Plans", [])))
+    seen = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+    seen = round(seen * node.get("Actual Loops", 1)) if node["Node Type"] in TABLE_SCANS else 0
+    return seen + sum(map(rows_read, node.get("Plans", [])))
 
 
 def explain(url: str, sql: str, params: Any) -> tuple[float, int, list[str], bool]:
-    """EXPLAIN ANALYZE of what an operation sent, 15 times on a freshly vacuumed table, each
-    rolled back: median execution ms, rows read, the plan, and whether the generic plan (which a
-    prepared statement may switch to from its 6th execution) has the same shape."""
+    """15 EXPLAIN ANALYZE, each rolled back: median ms, rows read, plan, and whether the generic
+    plan (a prepared statement's from its 6th execution) has the same shape."""
     vacuum(url)
     with connect(url) as conn:
         plans = []
@@ -181,17 +172,11 @@ def explain(url: str, sql: str, params: Any) -> tuple[float, int, list[str], boo
     with psycopg.connect(libpq_url(url)) as conn, conn.transaction(force_rollback=True):
         conn.execute(sql.encode(), params, prepare=True)  # prepared, as a pooled connection does
         ((prepared,),) = conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()
-        generic = conn.execute(
-            f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {prepared}".encode()
-        ).fetchall()
-    plan = plans[-1]["Plan"]
-    same = outline(generic[0][0][0]["Plan"], rows=False) == outline(plan, rows=False)
-    return (
-        statistics.median(p["Execution Time"] for p in plans),
-        rows_read(plan),
-        outline(plan),
-        same,
-    )
+        generic = conn.execute(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {prepared}".encode())
+        generic_plan = generic.fetchall()[0][0][0]["Plan"]
+    plan, exec_ms = plans[-1]["Plan"], statistics.median(p["Execution Time"] for p in plans)
+    same = outline(generic_plan, rows=False) == outline(plan, rows=False)
+    return exec_ms, rows_read(plan), outline(plan), same
 
 
 def timed(call: Callable[[], object], iterations: int) -> str:
@@ -205,41 +190,15 @@ def timed(call: Callable[[], object], iterations: int) -> str:
     return f"{percentile(ms, 50):.2f} / {percentile(ms, 99):.2f}"
 
 
-def status(url: str, iterations: int, plans: bool) -> list[str]:
-    """``glisk status``'s read (every statement it sends, in one REPEATABLE READ transaction),
-    revealed total estimated and counted, next to ``SELECT 1``; with ``plans``, what each
-    statement reads."""
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        statements = [(f"stage {name}", stage_counts(name)) for name in STAGE_NAMES]
-        for name, sql in [
-            *statements,
-            ("status counts", STATUS_COUNTS),
-            ("failed", FAILED_BY_REASON),
-        ]:
-            lines = (
-                conn.execute(f"EXPLAIN (ANALYZE, COSTS OFF) {sql}".encode()).fetchall()
-                if plans
-                else []
-            )
-            say(
-                f"{name}: "
-                + " | ".join(r[0].strip() for r in lines if "Scan" in r[0] or "Exec" in r[0])
-            )
-        reads = [functools.partial(conn.execute, "SELECT 1"), functools.partial(collect, conn)]
-        return [
-            timed(read, iterations)
-            for read in [*reads, functools.partial(collect, conn, exact=True)]
-        ]
-
-
 def tables(args: Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if min(sizes) < 5000:
         raise SystemExit("--sizes: 5,000 at least (each worker query and claim must find 10)")
     configure_logging("development", "WARNING")
     client, server, reads = {}, {}, {}
+    status = {f"status: stage {name}": stage_counts(name) for name in STAGE_NAMES}
+    status |= {"status: counts": STATUS_COUNTS, "status: failed by reason": FAILED_BY_REASON}
     with database(50) as (_, url):
-        say(server_line(url))
         query(url, *SEED_ONCE, params={"author": AUTHOR})
         for previous, size in zip([0, *sizes], sizes, strict=False):  # grown in place
             started = time.perf_counter()
@@ -248,49 +207,39 @@ def tables(args: Namespace) -> None:
             counts = query(url, "SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1")
             say(f"{size:,} tokens in {time.perf_counter() - started:.0f} s: {dict(counts)}")
             client[size], sent = asyncio.run(client_side(url, size, args))
-            server[size] = {name: explain(url, *sent[name]) for name in EXPLAINED}
-            reads[size] = status(url, args.iterations, plans=size == sizes[-1])
+            sent |= {name: (sql, None) for name, sql in status.items()}
+            server[size] = {name: explain(url, *statement) for name, statement in sent.items()}
+            with psycopg.connect(libpq_url(url), autocommit=True) as conn:  # glisk status' reads
+                calls = [partial(conn.execute, "SELECT 1"), partial(collect, conn)]
+                calls.append(partial(collect, conn, exact=True))
+                reads[size] = [timed(call, args.iterations) for call in calls]
         run = {"env": quiet_env(DATABASE_URL=url), "check": True, "capture_output": True}
-        command = functools.partial(
-            subprocess.run, [sys.executable, "-m", "glisk.cli", "status", "--json"], **run
-        )
-        process = timed(command, 5).split(" / ")[0]  # the median of 5
+        command = [sys.executable, "-m", "glisk.cli", "status", "--json"]
+        process = timed(partial(subprocess.run, command, **run), 5).split(" / ")[0]  # median of 5
     rows = []
-    for name, target, *_ in OPERATIONS:
+    for name, (target, *_) in OPERATIONS.items():
         row = [name, f"< {target:g}" if target else "-"]
-        for ms in (client[size][name] for size in sizes):
-            p50, p99 = percentile(ms, 50), percentile(ms, 99)
-            row += [
-                f"{p50:.2f} / {p99:.2f}",
-                "-" if not target else "pass" if p99 < target else "OVER",
-            ]
+        for p50, p99 in ((percentile(client[s][name], p) for p in (50, 99)) for s in sizes):
+            mark = "-" if not target else "pass" if p99 < target else "OVER"
+            row += [f"{p50:.2f} / {p99:.2f}", mark]
         rows.append(row)
     print(f"Client side, p50 / p99 ms of {args.iterations} calls; mark: p99 against the target\n")
     print(table(["operation", "target ms", *(x for s in sizes for x in (f"{s:,}", ""))], rows))
-    rows = [
-        [
-            name,
-            *(
-                f"{exec_ms:.3f} / {read} / {'same' if same else 'OTHER'}"
-                for exec_ms, read, _, same in (server[s][name] for s in sizes)
-            ),
+    print("\nDatabase side: execution ms (median of 15 EXPLAIN ANALYZE) / rows read / generic plan")
+    print("the same (a prepared statement's plan from its 6th execution on)\n")
+    rows = []
+    for name in server[sizes[0]]:
+        cells = (server[size][name] for size in sizes)
+        shown = [
+            f"{ms:.3f} / {read} / {'same' if same else 'OTHER'}" for ms, read, *_, same in cells
         ]
-        for name in EXPLAINED
-    ]
-    print(
-        "\nDatabase side: execution ms (median of 15 EXPLAIN ANALYZE) / rows read / generic plan\n"
-    )
-    print(table(["query", *(f"{s:,}" for s in sizes)], rows))
-    for name in EXPLAINED:
-        print(
-            f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n"
-            + "\n".join(server[sizes[-1]][name][2])
-            + "\n```"
-        )
+        rows.append([name, *shown])
+    print(table(["statement", *(f"{s:,}" for s in sizes)], rows))
+    for name, (*_, plan, _) in server[sizes[-1]].items():
+        print(f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n" + "\n".join(plan) + "\n```")
     names = ["`SELECT 1` round trip (baseline)", "status read", "status read, `--exact`"]
     rows = [[name, *(reads[size][i] for size in sizes)] for i, name in enumerate(names)]
-    rows.append(
-        ["`glisk status --json` as a process, median of 5", *["-"] * (len(sizes) - 1), process]
-    )
+    rows.append(["`glisk status --json` as a process (median of 5)", *["-"] * (len(sizes) - 1)])
+    rows[-1].append(process)
     print(f"\n`glisk status`, p50 / p99 ms of {args.iterations} reads on a warm connection\n")
     print(table(["operation", *(f"{s:,}" for s in sizes)], rows))
