@@ -8,7 +8,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -199,12 +198,11 @@ def start_server(command: list[str], env: dict, port: int, log: Path) -> tuple[A
 def stop_server(server: subprocess.Popen[bytes]) -> float:
     """SIGTERM; the seconds until the server exited (killed after 30 s)."""
     started = time.perf_counter()
-    server.send_signal(signal.SIGTERM)
+    server.terminate()
     try:
         server.wait(30)
     except subprocess.TimeoutExpired:
         server.kill()
-        server.wait()
     return time.perf_counter() - started
 
 

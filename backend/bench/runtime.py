@@ -355,7 +355,5 @@ def mint(args: Namespace) -> None:
         query(url, "TRUNCATE mint_events, tokens_s0 CASCADE", GAPS, "VACUUM ANALYZE tokens_s0")
         gaps = asyncio.run(gap_queries(url))
     print(f"Mint logs per second, {args.seconds:g} s per cell\n")
-    print(table(["processes", "raw INSERT", "record_mint", "record/raw", "again"], rows))
-    print(
-        "\n" + table(["gap query: 1,000,000 ids, 100 missing, vacuumed", "ms, median of 5"], gaps)
-    )
+    print(table(["processes", "raw INSERT", "record_mint", "record/raw", "again"], rows), "\n")
+    print(table(["gap query: 1,000,000 ids, 100 missing, vacuumed", "ms, median of 5"], gaps))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -17,11 +18,12 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from bench.harness import database, query, reset, say, seed, server_line, table
+from bench.harness import database, query, reset, say, seed, table
 from glisk.embedded_pg import free_port
 from glisk.workers.connection import libpq_url
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
+CONSOLE = {"autocommit": True, "cursor_factory": psycopg.ClientCursor}  # simple queries only
 OTHERS = "FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
 # Polling workers (--no-listen) on both paths, with 2 connections each.
 WORKER = "-m glisk.workers.noop --stages image --batch 10 --concurrency 8 --exit-when-idle "
@@ -63,10 +65,7 @@ def sample(url: str, console: str | None, tokens: int, stop: threading.Event) ->
     """Every 100 ms until ``stop``: peak connections; when the first and last token got done."""
     peak: dict[str, float] = dict.fromkeys(("server", "clients", "waiting", "first", "last"), 0.0)
     conn = psycopg.connect(libpq_url(url), autocommit=True)
-    # PgBouncer's console speaks the simple query protocol only.
-    admin = console and psycopg.connect(
-        console, autocommit=True, cursor_factory=psycopg.ClientCursor
-    )
+    admin = console and psycopg.connect(console, **CONSOLE)
     while not stop.wait(0.1):
         ((server,),) = conn.execute(f"SELECT count(*) {OTHERS}").fetchall()
         ((done,),) = conn.execute("SELECT count(*) FROM tokens_s0 WHERE image_path IS NOT NULL")
@@ -87,14 +86,9 @@ def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -
     query(url, f"SELECT pg_terminate_backend(pid) {OTHERS}")  # PgBouncer's idle connections
     stop, logs = threading.Event(), [Path(args.logs) / f"worker-{i}.err" for i in range(n)]
     sampler = ThreadPoolExecutor(1).submit(sample, url, console, args.tokens, stop)
-    env = os.environ | {
-        "DB_POOLER": "transaction" if console else "none",
-        "GLISK_ENV_FILE": os.devnull,
-    }
-    command, began = (
-        [sys.executable, *shlex.split(WORKER), "--database-url", target],
-        time.monotonic(),
-    )
+    env = {**os.environ, "DB_POOLER": "transaction" if console else "none"}
+    command = [sys.executable, *shlex.split(WORKER), "--database-url", target]
+    env["GLISK_ENV_FILE"], began = os.devnull, time.monotonic()
     workers = [subprocess.Popen(command, env=env, stdout=-1, stderr=log.open("w")) for log in logs]
     for worker in workers:
         try:
@@ -102,9 +96,8 @@ def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -
         except subprocess.TimeoutExpired:
             worker.kill()
     # Each worker prints its WorkerStats: their sum shows that no token was completed twice.
-    completed = sum(
-        json.loads(line)["completed"] for w in workers for line in w.communicate()[0].splitlines()
-    )
+    lines = [line for w in workers for line in w.communicate()[0].splitlines()]
+    completed = sum(json.loads(line)["completed"] for line in lines)
     wall = time.monotonic() - began
     stop.set()
     peak, errors = sampler.result(), "".join(log.read_text() for log in logs)
@@ -125,16 +118,14 @@ def scaleout(args: Namespace) -> None:
             seed(url, args.tokens)
             pooled = make_url(url).set(port=port)
             console = libpq_url(pooled.set(database="pgbouncer").render_as_string(False))
-            say(f"{server_line(url)}; PgBouncer, transaction mode, pool 40, at most 60")
+            say("PgBouncer: transaction mode, default_pool_size 40, max_db_connections 60")
             rows = []
             for n in map(int, args.processes.split(",")):
                 for target, admin in ((pooled.render_as_string(False), console), (url, None)):
                     rows.append(drain(url, target, admin, args, n))
                     say(" | ".join(map(str, rows[-1])))
         finally:
-            subprocess.run(
-                ["kill", (base / "pgbouncer" / "pgbouncer.pid").read_text().strip()], check=False
-            )
+            os.kill(int((base / "pgbouncer" / "pgbouncer.pid").read_text()), signal.SIGTERM)
     headers = ["path", "processes", "tokens done", "left claimed", "completed (workers' stats)"]
     headers += ["tokens/s", "wall s", "failed exits", "database_error lines", "too many clients"]
     print(table([*headers, "peak server connections", "peak PgBouncer clients"], rows))

@@ -159,7 +159,7 @@ def rows_read(node: dict[str, Any]) -> int:
     return seen + sum(map(rows_read, node.get("Plans", [])))
 
 
-def explain(url: str, sql: str, params: Any) -> tuple[float, int, list[str], bool]:
+def explain(url: str, sql: str, params: Any) -> tuple[str, list[str]]:
     """15 EXPLAIN ANALYZE, each rolled back: median ms, rows read, plan, and whether the generic
     plan (a prepared statement's from its 6th execution) has the same shape."""
     vacuum(url)
@@ -175,8 +175,8 @@ def explain(url: str, sql: str, params: Any) -> tuple[float, int, list[str], boo
         generic = conn.execute(f"EXPLAIN (GENERIC_PLAN, FORMAT JSON) {prepared}".encode())
         generic_plan = generic.fetchall()[0][0][0]["Plan"]
     plan, exec_ms = plans[-1]["Plan"], statistics.median(p["Execution Time"] for p in plans)
-    same = outline(generic_plan, rows=False) == outline(plan, rows=False)
-    return exec_ms, rows_read(plan), outline(plan), same
+    same = "same" if outline(generic_plan, rows=False) == outline(plan, rows=False) else "OTHER"
+    return f"{exec_ms:.3f} / {rows_read(plan)} / {same}", outline(plan)
 
 
 def timed(call: Callable[[], object], iterations: int) -> str:
@@ -227,15 +227,9 @@ def tables(args: Namespace) -> None:
     print(table(["operation", "target ms", *(x for s in sizes for x in (f"{s:,}", ""))], rows))
     print("\nDatabase side: execution ms (median of 15 EXPLAIN ANALYZE) / rows read / generic plan")
     print("the same (a prepared statement's plan from its 6th execution on)\n")
-    rows = []
-    for name in server[sizes[0]]:
-        cells = (server[size][name] for size in sizes)
-        shown = [
-            f"{ms:.3f} / {read} / {'same' if same else 'OTHER'}" for ms, read, *_, same in cells
-        ]
-        rows.append([name, *shown])
+    rows = [[name, *(server[size][name][0] for size in sizes)] for name in server[sizes[0]]]
     print(table(["statement", *(f"{s:,}" for s in sizes)], rows))
-    for name, (*_, plan, _) in server[sizes[-1]].items():
+    for name, (_, plan) in server[sizes[-1]].items():
         print(f"\n{name} at {sizes[-1]:,} tokens:\n\n```\n" + "\n".join(plan) + "\n```")
     names = ["`SELECT 1` round trip (baseline)", "status read", "status read, `--exact`"]
     rows = [[name, *(reads[size][i] for size in sizes)] for i, name in enumerate(names)]
