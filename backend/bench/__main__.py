@@ -19,10 +19,11 @@ COMMANDS = {
 parser = argparse.ArgumentParser("python -m bench", description=__doc__)
 names = parser.add_subparsers(dest="name", required=True)
 for name, (_, flags) in COMMANDS.items():
-    command = names.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    command = names.add_parser(name)
     for flag, default in flags.items():
-        kind = {"action": "store_true"} if default is False else {"type": type(default)}
-        command.add_argument("--" + flag.replace("_", "-"), default=default, **kind)  # type: ignore[arg-type]
+        kind: dict = {"action": "store_true"} if default is False else {"type": type(default)}
+        kind["help"] = f"default: {default}"
+        command.add_argument("--" + flag.replace("_", "-"), default=default, **kind)
 if __name__ == "__main__":
     args = parser.parse_args()
     getattr(importlib.import_module(f"bench.{COMMANDS[args.name][0]}"), args.name)(args)
