@@ -1,1 +1,1 @@
-"""Benchmarks (scripts, not tests). Run from backend/: ``uv run python -m bench.http_bench``."""
+"""Benchmarks (scripts, not tests): ``uv run python -m bench NAME`` from backend/."""
