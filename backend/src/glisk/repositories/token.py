@@ -27,7 +27,7 @@ _LOCK_OLDEST = text(
 # token_id index (an index-only scan where the table is vacuumed), no sort: each present id and
 # the one before it bound a gap; the last present id (one index probe) bounds the tail. Only the
 # missing ids are generated and sorted. A generate_series anti-join probes the index once per id
-# instead: several times slower at 1M tokens (bench/mint_bench.py).
+# instead: several times slower at 1M tokens (`python -m bench mint`).
 _MISSING = text(
     """
     WITH gaps AS (

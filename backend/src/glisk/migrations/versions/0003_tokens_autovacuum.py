@@ -7,7 +7,7 @@ Create Date: 2026-11-26 13:30:00+00:00
 Every claim and completion rewrites a token row (status is indexed, so no HOT update) and leaves
 dead index entries at the head of the partial indexes the claim queries walk. With the default
 scale factor (20%) autovacuum waits for ~200,000 dead rows on a 1M-row table; the benchmark
-(bench/latency_bench.py --vacuum-every 0) shows claims slowing several-fold long before that.
+(`python -m bench tables --vacuum-every 0`) shows claims slowing several-fold long before that.
 Vacuuming after 2% (+1,000) keeps the heads of those indexes clean at little cost.
 """
 
