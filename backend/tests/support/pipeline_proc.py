@@ -1,9 +1,9 @@
 """Worker processes for the multi-process tests (importable by a spawned interpreter).
 
-Each process runs the transactional pattern (README, "Two ways for workers to take tokens"): in one unit of work, lock a batch with a
-worker query, change status with the Token methods, commit. The upload stage takes a 'generating'
-token through 'uploading' to 'ready' in its transaction, as the IPFS worker will. Every transition
-made is reported back to the parent.
+Each process runs the transactional pattern (README, "Two ways for workers to take tokens"): in
+one unit of work, lock a batch with a worker query, change status with the Token methods, commit.
+The upload stage takes a 'generating' token through 'uploading' to 'ready' in its transaction, as
+the IPFS worker will. Every transition made is reported back to the parent.
 """
 
 from __future__ import annotations
