@@ -21,13 +21,13 @@ from bench.harness import database, percentile, query, reset, run_processes, say
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
 from glisk.models import MintLog
+from glisk.pipeline import STAGES, StageName
 from glisk.standins.mint_feed import MintFeed
 from glisk.uow import UnitOfWork, create_uow_factory
 from glisk.workers import queries
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions, libpq_url
 from glisk.workers.noop import handlers
-from glisk.workers.stages import STAGES, StageName
 from glisk.workers.worker import Worker
 
 if TYPE_CHECKING:

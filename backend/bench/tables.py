@@ -22,11 +22,11 @@ from sqlalchemy import event, text
 from bench.harness import database, percentile, query, quiet_env, say, table
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
-from glisk.ops.status import FAILED_BY_REASON, STAGE_NAMES, STATUS_COUNTS, collect, stage_counts
+from glisk.ops.status import FAILED_BY_REASON, STATUS_COUNTS, collect, stage_counts
+from glisk.pipeline import STAGES, StageName
 from glisk.testing import connect
 from glisk.uow import UnitOfWork, create_uow_factory
 from glisk.workers.connection import libpq_url
-from glisk.workers.stages import STAGES, StageName
 
 AUTHOR, STATE = UUID("00000000-0000-4000-8000-00000000a001"), "last_processed_block"
 # Token g: status by g % 100 (0 detected; 1 generating, half of them with an image, one in ten
@@ -196,7 +196,7 @@ def tables(args: Namespace) -> None:
         raise SystemExit("--sizes: 5,000 at least (each worker query and claim must find 10)")
     configure_logging("development", "WARNING")
     client, server, reads = {}, {}, {}
-    status = {f"status: stage {name}": stage_counts(name) for name in STAGE_NAMES}
+    status = {f"status: stage {name}": stage_counts(name) for name in STAGES}
     status |= {"status: counts": STATUS_COUNTS, "status: failed by reason": FAILED_BY_REASON}
     with database(50) as (_, url):
         query(url, *SEED_ONCE, params={"author": AUTHOR})

@@ -91,14 +91,16 @@ def test_every_status_pair_is_allowed_exactly_when_the_state_machine_says_so(
 
 
 def test_the_table_is_the_forward_edges_plus_the_retry_edges_and_matches_the_stages() -> None:
-    from glisk.models.transitions import FORWARD, RETRY_TARGETS, TRANSITIONS
-    from glisk.workers.stages import STAGES
+    from glisk.models.transitions import FORWARD, TRANSITIONS
+    from glisk.pipeline import STAGES, retry_targets
+
+    retry_to = retry_targets()
 
     table = {(source, target) for target, sources in TRANSITIONS.items() for source in sources}
     assert table == LEGAL
     forward = {(source, target) for target, sources in FORWARD.items() for source in sources}
-    assert table - forward == {(S.FAILED, target) for target in RETRY_TARGETS.values()}
-    assert {name: stage.claim_from for name, stage in STAGES.items()} == RETRY_TARGETS
+    assert table - forward == {(S.FAILED, target) for target in retry_to.values()}
+    assert {name: stage.claim_from for name, stage in STAGES.items()} == retry_to
 
 
 @pytest.mark.parametrize("target", [S.GENERATING, S.READY], ids=str)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import text
 
 from glisk.models import RevealStatus, TokenStatus
+from glisk.pipeline import STAGES, StageName
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import (
     Claim,
@@ -22,7 +23,6 @@ from glisk.workers import (
     record_reveal,
 )
 from glisk.workers.run import connect_options_of
-from glisk.workers.stages import STAGES, StageName
 from tests.support.factories import expire_leases, make_ready, seed_tokens
 
 S = TokenStatus

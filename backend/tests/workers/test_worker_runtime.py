@@ -21,11 +21,11 @@ from sqlalchemy import text
 from glisk import migrations
 from glisk.embedded_pg import ephemeral_server
 from glisk.models import TokenStatus
+from glisk.pipeline import STAGES, StageName
 from glisk.testing import libpq_kwargs
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, RetryLater, Worker, queries
 from glisk.workers.run import connect_options_of
-from glisk.workers.stages import STAGES, StageName
 from tests.support import factories
 from tests.support.factories import BASE_TIME, expire_leases, seed_tokens
 from tests.support.waiting import eventually

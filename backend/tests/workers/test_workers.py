@@ -18,11 +18,11 @@ from sqlalchemy import text
 
 from glisk.models import Token, TokenStatus
 from glisk.models.token import TRANSITIONS
+from glisk.pipeline import STAGES, Stage, StageName
 from glisk.testing import libpq_kwargs
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import PermanentError, queries, run_worker
 from glisk.workers.claims import Claim, ClaimBatch
-from glisk.workers.stages import STAGES, Stage, StageName
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.factories import expire_leases, seed_tokens

@@ -8,6 +8,10 @@ import os
 import time
 from datetime import UTC, datetime
 
+# The database clock as a naive UTC timestamp, for SQL written out whole: every time a statement
+# compares or writes comes from the database, never from a process clock.
+DB_NOW = "(now() AT TIME ZONE 'utc')"
+
 
 def enforce_utc() -> None:
     """Set the process time zone to UTC. Called by the CLI and the app factory, not at import."""

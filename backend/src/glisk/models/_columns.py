@@ -9,10 +9,10 @@ from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field
 
-from glisk.core.timezone import utcnow
+from glisk.core.timezone import DB_NOW, utcnow
 
 # The application always sets timestamps itself (utcnow); the server default only covers raw SQL.
-UTC_NOW_SQL = text("(now() AT TIME ZONE 'utc')")
+UTC_NOW_SQL = text(DB_NOW)
 
 
 def created_at_field() -> Any:

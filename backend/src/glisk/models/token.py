@@ -22,13 +22,8 @@ from glisk.models._columns import (
 )
 from glisk.models.base import Entity
 from glisk.models.enums import TokenStatus
-from glisk.models.transitions import (
-    RETRY_TARGETS,
-    TERMINAL,
-    TRANSITIONS,
-    check_transition,
-)
-from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
+from glisk.models.transitions import TERMINAL, TRANSITIONS, check_transition
+from glisk.pipeline import STAGES, retry_targets
 
 S = TokenStatus
 
@@ -83,13 +78,8 @@ class Token(Entity, table=True):
         # One partial index per leased stage, matching its claim query's WHERE and ORDER BY, so
         # finished tokens (the vast majority over time) are never scanned by a claim.
         *(
-            Index(
-                f"ix_tokens_s0_claim_{name}",
-                "mint_timestamp",
-                "id",
-                postgresql_where=text(predicate),
-            )
-            for name, predicate in CLAIM_INDEX_PREDICATES.items()
+            Index(stage.index_name, "mint_timestamp", "id", postgresql_where=text(stage.predicate))
+            for stage in STAGES.values()
         ),
     )
 
@@ -203,12 +193,13 @@ class Token(Entity, table=True):
     def retry_from_failed(self, *, at: datetime | None = None) -> TokenStatus:
         """failed -> the status its failed stage claims from; returns that status.
 
-        The stage is ``error_data['stage']`` (image -> detected, upload -> generating, reveal ->
-        ready). A failure that names no known stage (the transactional path's mark_failed) is
-        sent back to the earliest stage whose input the token lacks nothing for: reveal if it
-        has a metadata_cid, upload if it has an image_path, image otherwise. The token starts
-        that stage afresh: attempts, deferrals, backoff and checkpoint reset. A retry to the
-        image stage clears image_path (that stage claims only tokens without one). The previous
+        The stage is ``error_data['stage']``; its ``retry_target`` in ``glisk.pipeline`` says
+        where it goes (image -> detected, upload -> generating, reveal -> ready). A failure that
+        names no known stage (the transactional path's mark_failed) is sent back to the latest
+        stage whose input the token has: reveal if it has a metadata_cid, upload if it has an
+        image_path, image otherwise. The token starts that stage afresh: attempts, deferrals,
+        backoff and checkpoint reset, and the stage's result column is cleared (the image stage
+        claims only tokens without an image_path). The previous
         failure is appended to ``error_data['history']`` (with ``retried_at`` when ``at`` is
         given) and is the only thing error_data then holds.
 
@@ -217,8 +208,9 @@ class Token(Entity, table=True):
         """
         previous = dict(self.error_data or {})
         stage = previous.get("stage")
+        targets = retry_targets()
         if self.status != S.FAILED:
-            target = RETRY_TARGETS.get(stage, S.DETECTED) if isinstance(stage, str) else S.DETECTED
+            target = targets.get(stage, S.DETECTED) if isinstance(stage, str) else S.DETECTED
             raise InvalidStateTransition(
                 self.status,
                 target,
@@ -228,20 +220,20 @@ class Token(Entity, table=True):
                     "state can be sent back to its stage."
                 ),
             )
-        if not (isinstance(stage, str) and stage in RETRY_TARGETS):
-            stage = "reveal" if self.metadata_cid else "upload" if self.image_path else "image"
-        target = RETRY_TARGETS[stage]
-        missing = {
-            "upload": ("image_path", self.image_path),
-            "reveal": ("metadata_cid", self.metadata_cid),
-        }
-        if stage in missing and not missing[stage][1]:
+        if not (isinstance(stage, str) and stage in STAGES):
+            # The latest stage whose input the token has (reveal, upload, else image).
+            stage = next(
+                s.name for s in reversed(STAGES.values()) if self._has_input_for(s.requires)
+            )
+        target = targets[stage]
+        requires = STAGES[stage].requires
+        if not self._has_input_for(requires):
             raise InvalidStateTransition(
                 S.FAILED,
                 target,
                 (S.FAILED,),
                 message=(
-                    f"Cannot retry the {stage} stage of a token without {missing[stage][0]}: "
+                    f"Cannot retry the {stage} stage of a token without {requires}: "
                     f"moving it to '{target}' would leave it in no stage's queue."
                 ),
             )
@@ -251,8 +243,8 @@ class Token(Entity, table=True):
             entry["retried_at"] = at.isoformat()
         history.append(entry)
         self._set_status(target)
-        if stage == "image":
-            self.image_path = None
+        # The stage claims only tokens without its result (the image stage: no image_path).
+        setattr(self, STAGES[stage].result_column, None)
         self.attempts = 0
         self.deferrals = 0
         self.not_before = None
@@ -261,6 +253,9 @@ class Token(Entity, table=True):
         self.lease_expires_at = None
         self.error_data = {"history": history}
         return target
+
+    def _has_input_for(self, column: str | None) -> bool:
+        return column is None or bool(getattr(self, column))
 
     def _transition(self, target: TokenStatus) -> None:
         check_transition(self.status, target)

@@ -21,15 +21,9 @@ FORWARD: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.REVEALED: (S.READY,),
     S.FAILED: (S.DETECTED, S.GENERATING, S.UPLOADING, S.READY),
 }
-# The one edge out of 'failed', an operator's decision taken only by Token.retry_from_failed: back
-# to the status the failed stage claims from (glisk.workers.stages.STAGES[stage].claim_from; a
-# test keeps the two equal, this module cannot import the workers).
-RETRY_TARGETS: dict[str, TokenStatus] = {
-    "image": S.DETECTED,
-    "upload": S.GENERATING,
-    "reveal": S.READY,
-}
-# The whole state machine: target status -> the statuses it may be entered from.
+# The whole state machine: target status -> the statuses it may be entered from. The edges out of
+# 'failed' are an operator's retry, taken only by Token.retry_from_failed, to the status the failed
+# stage claims from (glisk.pipeline; a test keeps the two equal, this leaf cannot import it).
 TRANSITIONS: dict[TokenStatus, tuple[TokenStatus, ...]] = {
     S.DETECTED: (S.FAILED,),
     S.GENERATING: (S.DETECTED, S.FAILED),

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from glisk.errors import ConfigError, FieldValidationError, OperatorError, first_line
+from glisk.pipeline import stage_names
 
 if TYPE_CHECKING:
     import psycopg
@@ -48,7 +49,7 @@ def add_parsers(commands: Any) -> None:
     )
     retry.add_argument("--ids", help="token ids (token_id), comma-separated")
     retry.add_argument("--reason", help="only tokens failed with this error_data reason")
-    retry.add_argument("--stage", choices=["image", "upload", "reveal"], help="failed stage")
+    retry.add_argument("--stage", choices=stage_names(), help="failed stage")
     retry.add_argument("--since", help="only tokens minted at or after this ISO time (UTC)")
     retry.add_argument(
         "--dry-run", action="store_true", help="show what would move, change nothing"

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glisk.errors import ConfigError, OperatorError
+from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
 
-STAGES = ("image", "upload", "reveal")
 
 SEED = """
 INSERT INTO authors (id, wallet_address, prompt_text, created_at)
@@ -99,7 +99,7 @@ class Pool:
             self.processes[stage] = [self.spawn(stage) for _ in range(self.workers)]
 
     def kill_one(self, rng: random.Random) -> None:
-        stage = rng.choice(STAGES)
+        stage = rng.choice(list(STAGES))
         victims = self.processes[stage]
         index = rng.randrange(len(victims))
         victims[index].kill()

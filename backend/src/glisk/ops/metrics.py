@@ -43,11 +43,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from glisk.ops.status import (
     ESTIMATE_ABOVE,
     REVEALED_EXACT,
-    STAGE_NAMES,
     STATUS_COUNTS,
     TABLE_ROWS,
     stage_counts,
 )
+from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -87,7 +87,7 @@ class TokenGauge(Collector):
             else:
                 counts["revealed"] = int((await conn.exec_driver_sql(REVEALED_EXACT)).scalar_one())
             stages: dict[str, tuple[Any, ...]] = {}
-            for name in STAGE_NAMES:
+            for name in STAGES:
                 stages[name] = tuple((await conn.exec_driver_sql(stage_counts(name))).one())
         self.counts = {s: counts.get(s, 0) for s in _STATUSES}
         self.stages = stages
@@ -197,7 +197,7 @@ class _WorkerStatsCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         stats = self.worker.stats
         labels = ["stage", "worker"]
-        values = [self.worker.stage.name.value, self.worker.holder]
+        values = [self.worker.stage.name, self.worker.holder]
 
         def counter(name: str, doc: str, value: int) -> CounterMetricFamily:
             family = CounterMetricFamily(name, doc, labels=labels)

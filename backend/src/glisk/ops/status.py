@@ -19,11 +19,9 @@ from typing import Any
 
 import psycopg
 
+from glisk.core.timezone import DB_NOW as NOW
 from glisk.models.enums import TokenStatus
-from glisk.workers.predicates import CLAIM_INDEX_PREDICATES
-
-NOW = "(now() AT TIME ZONE 'utc')"
-STAGE_NAMES: tuple[str, ...] = tuple(CLAIM_INDEX_PREDICATES)
+from glisk.pipeline import STAGES
 
 # Above this many rows (planner statistics) the revealed total is an estimate unless asked exactly.
 ESTIMATE_ABOVE = 100_000
@@ -78,12 +76,12 @@ GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2
 
 @cache
 def stage_counts(stage: str) -> str:
-    return _STAGE_COUNTS.format(stage=stage, predicate=CLAIM_INDEX_PREDICATES[stage], now=NOW)
+    return _STAGE_COUNTS.format(stage=stage, predicate=STAGES[stage].predicate, now=NOW)
 
 
 @cache
 def stage_holders(stage: str) -> str:
-    return _HOLDERS.format(stage=stage, predicate=CLAIM_INDEX_PREDICATES[stage], now=NOW)
+    return _HOLDERS.format(stage=stage, predicate=STAGES[stage].predicate, now=NOW)
 
 
 @dataclass
@@ -143,7 +141,7 @@ def collect(
         at_row = conn.execute(f"SELECT {NOW}".encode()).fetchone()
         assert at_row is not None
         stages: dict[str, StageStatus] = {}
-        for name in STAGE_NAMES:
+        for name in STAGES:
             row = conn.execute(stage_counts(name).encode()).fetchone()
             assert row is not None
             holders = {

@@ -16,13 +16,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from glisk.core.timezone import DB_NOW as NOW
 from glisk.errors import InvalidStateTransition
 from glisk.models import validation as v
 from glisk.models.enums import TokenStatus
-from glisk.models.token import RETRY_TARGETS, Token
+from glisk.models.token import Token
+from glisk.pipeline import STAGES
 
-NOW = "(now() AT TIME ZONE 'utc')"
-STAGE_OF_TARGET: dict[TokenStatus, str] = {status: stage for stage, status in RETRY_TARGETS.items()}
 _COLUMNS = (
     "id, token_id, author_id, minter_address, status, mint_timestamp, image_path, image_cid, "
     "metadata_cid, reveal_tx_hash, error_data, created_at, claimed_by, claim_id, "
@@ -59,10 +59,8 @@ class RetryFilter:
                 ) from None
             if not parsed_ids:
                 raise v.FieldValidationError("--ids", "must name at least one token id", ids)
-        if stage is not None and stage not in RETRY_TARGETS:
-            raise v.FieldValidationError(
-                "--stage", f"must be one of: {', '.join(RETRY_TARGETS)}", stage
-            )
+        if stage is not None and stage not in STAGES:
+            raise v.FieldValidationError("--stage", f"must be one of: {', '.join(STAGES)}", stage)
         parsed_since: datetime | None = None
         if since is not None:
             try:
@@ -123,7 +121,8 @@ def _select(selection: RetryFilter) -> tuple[str, dict[str, Any]]:
 _WRITE = """
 -- retry: what Token.retry_from_failed changed, for a token still failed (locked above).
 UPDATE tokens_s0
-SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s, attempts = 0,
+SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s,
+    metadata_cid = %(metadata_cid)s, reveal_tx_hash = %(reveal_tx_hash)s, attempts = 0,
     deferrals = 0, not_before = NULL, checkpoint = NULL, error_data = %(error_data)s
 WHERE id = %(id)s AND status = 'failed'
 """
@@ -169,6 +168,8 @@ def retry_failed(
                     "id": token.id,
                     "status": target.value,
                     "image_path": token.image_path,
+                    "metadata_cid": token.metadata_cid,
+                    "reveal_tx_hash": token.reveal_tx_hash,
                     "error_data": Jsonb(token.error_data),
                 }
             )
@@ -176,8 +177,10 @@ def retry_failed(
             raise psycopg.Rollback(tx)  # leaves the block rolled back; not raised further
         if writes:
             cur.executemany(_WRITE.encode(), writes)
-            for stage in sorted({STAGE_OF_TARGET[m.target] for m in outcome.moved}):
-                cur.execute("SELECT pg_notify(%s, '')", (f"glisk_stage_{stage}",))
+            targets = {m.target for m in outcome.moved}
+            for stage in STAGES.values():  # wake the stages that claim from where tokens went
+                if stage.claim_from in targets:
+                    cur.execute("SELECT pg_notify(%s, '')", (stage.channel,))
     return outcome
 
 

@@ -17,6 +17,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, cast
 
 from glisk.errors import ConfigError, FieldValidationError, HandlerError, OperatorError, first_line
+from glisk.pipeline import stage_names
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
@@ -32,7 +33,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    worker.add_argument("stage", choices=["image", "upload", "reveal"])
+    worker.add_argument("stage", choices=stage_names())
     worker.add_argument(
         "--handler",
         dest="handler_path",  # args.handler is the CLI's dispatch function
@@ -54,8 +55,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def load_handler(path: str, stage: str) -> Handler:
     """The async function ``path`` names. Raises HandlerError with a one-line reason."""
     if path == NOOP:
+        from glisk.pipeline import StageName
         from glisk.workers.noop import handlers
-        from glisk.workers.stages import StageName
 
         return handlers()[StageName(stage)]
     module_name, sep, attribute = path.partition(":")
@@ -158,7 +159,7 @@ async def _run(worker: Any, connect: Any) -> None:
     log = structlog.get_logger("glisk.worker")
     log.info(
         "worker.start",
-        stage=worker.stage.name.value,
+        stage=worker.stage.name,
         worker=worker.holder,
         concurrency=worker.concurrency,
         batch=worker.batch,

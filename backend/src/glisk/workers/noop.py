@@ -21,9 +21,9 @@ from dataclasses import asdict
 from glisk.core.config import load_settings
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
+from glisk.pipeline import StageName
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions
-from glisk.workers.stages import StageName
 from glisk.workers.worker import Handler, Worker, hold_stop_signals, install_stop_signals
 
 

@@ -3,7 +3,7 @@
 Parameters use psycopg's ``%(name)s`` style: the worker sends these through psycopg directly and
 ``TokenLeaseRepository`` through SQLAlchemy's ``exec_driver_sql``, so both run the same text. The
 few parts that differ per stage (its index predicate, statuses, result column, channel, and the
-claim's LIMIT) are identifiers and literals fixed by ``glisk.workers.stages``, never user input;
+claim's LIMIT) are identifiers and literals fixed by ``glisk.pipeline``, never user input;
 each statement is built once per stage and cached.
 
 Fencing: every write after a claim names the claim's fencing id (``claim_id``, reachable through
@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from glisk.workers.stages import Stage
-
-NOW = "(now() AT TIME ZONE 'utc')"
+from glisk.core.timezone import DB_NOW as NOW
+from glisk.pipeline import Stage
 
 _CLAIM = """
 -- claim_{stage}: take up to {limit} of the oldest tokens the stage may work on now (fresh,
@@ -305,7 +304,7 @@ WHERE claim_id IS NOT NULL AND (CAST(%(status)s AS text) IS NULL OR status::text
 def claim(stage: Stage, limit: int) -> str:
     """The claim statement for ``stage`` taking at most ``limit`` tokens (a literal; see above)."""
     return _CLAIM.format(
-        stage=stage.name.value,
+        stage=stage.name,
         predicate=stage.index_predicate,
         working=stage.working.value,
         limit=int(limit),
@@ -316,13 +315,13 @@ def claim(stage: Stage, limit: int) -> str:
 @cache
 def complete(stage: Stage) -> str:
     notify = (
-        _NOTIFY_FED.format(channel=f"glisk_stage_{stage.feeds.value}")
+        _NOTIFY_FED.format(channel=f"glisk_stage_{stage.feeds}")
         if stage.feeds is not None
         else _NO_NOTIFY
     )
     confirm = _CONFIRM_REVEALS.format(now=NOW) if stage.whole_batch else ""
     return _COMPLETE.format(
-        stage=stage.name.value,
+        stage=stage.name,
         working=stage.working.value,
         done=stage.done.value,
         column=stage.result_column,
@@ -334,7 +333,7 @@ def complete(stage: Stage) -> str:
 
 @cache
 def fail(stage: Stage) -> str:
-    return _FAIL.format(stage=stage.name.value, now=NOW)
+    return _FAIL.format(stage=stage.name, now=NOW)
 
 
 @cache
@@ -350,4 +349,4 @@ def release(stage: Stage | None) -> str:
 
 @cache
 def next_backoff(stage: Stage) -> str:
-    return _NEXT_BACKOFF.format(stage=stage.name.value, predicate=stage.index_predicate, now=NOW)
+    return _NEXT_BACKOFF.format(stage=stage.name, predicate=stage.index_predicate, now=NOW)

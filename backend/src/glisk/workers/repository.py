@@ -24,17 +24,9 @@ from sqlmodel import col
 
 from glisk.models import Token, TokenStatus
 from glisk.models import validation as v
+from glisk.pipeline import Stage
 from glisk.workers import queries
 from glisk.workers.claims import Claim, ClaimBatch, claim_batch
-from glisk.workers.stages import Stage, StageName
-
-# Completion by hand goes through the Token method of the stage's transition (the worker's
-# set-based completion applies the same edge, checked against TRANSITIONS in stages.py).
-_COMPLETE_WITH = {
-    StageName.IMAGE: Token.record_generated_image,
-    StageName.UPLOAD: Token.mark_ready,
-    StageName.REVEAL: Token.mark_revealed,
-}
 
 
 class TokenLeaseRepository:
@@ -105,7 +97,9 @@ class TokenLeaseRepository:
         token = await self._held(claim)
         if token is None:
             return None
-        _COMPLETE_WITH[stage.name](token, result)
+        # The Token method of the stage's transition: the worker's set-based completion applies
+        # the same edge, checked against the state machine when glisk.pipeline loads.
+        getattr(token, stage.complete_with)(result)
         token.claim_id = None
         token.lease_expires_at = None
         token.attempts = 0  # attempts, deferrals and backoff count per stage

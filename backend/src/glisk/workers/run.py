@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from glisk.pipeline import Stage, StageName
 from glisk.workers.connection import ConnectOptions
-from glisk.workers.stages import Stage, StageName
 from glisk.workers.worker import Handler, Worker, WorkerStats
 
 if TYPE_CHECKING:

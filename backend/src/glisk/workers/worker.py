@@ -26,13 +26,13 @@ import structlog
 
 from glisk.errors import ConstraintViolation, LeaseLost, PermanentError, RetryLater, first_line
 from glisk.models import validation as v
+from glisk.pipeline import Stage, StageName, resolve_stage
 from glisk.workers import queries
 from glisk.workers.checkpoints import HandlerScope, current_scope
 from glisk.workers.claims import Claim, claim_batch
 from glisk.workers.connection import DATABASE_ERRORS, ConnectOptions, Link
 from glisk.workers.listener import Listener
 from glisk.workers.reveal import PendingReveal, Reconciler, pending_reveal_of
-from glisk.workers.stages import Stage, StageName, resolve_stage
 
 log = structlog.get_logger("glisk.worker")
 
@@ -190,7 +190,7 @@ class Worker:
         self._claims_db = Link(connect)
         self._writes_db = Link(connect)
         self._connect = connect
-        self._log = log.bind(stage=self.stage.name.value, worker=self.holder)
+        self._log = log.bind(stage=self.stage.name, worker=self.holder)
         # Claims this worker holds: handlers running or results not yet written.
         self._live: dict[uuid.UUID, Claim] = {}
         self._lost: set[uuid.UUID] = set()
