@@ -33,10 +33,7 @@ without loading SQLAlchemy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from glisk.models.enums import TokenStatus
+from typing import Any
 
 EXIT_FAILURE = 1  # the database (or another service) is unusable
 EXIT_CONFIG = 2  # a bad setting, option or handler
@@ -109,14 +106,15 @@ class InvalidStateTransition(GliskError):
     """A token status change that the state machine does not allow.
 
     ``current`` is the token's status, ``target`` the status asked for, ``required`` the states it
-    could have been in for that change.
+    could have been in for that change (``glisk.models.enums.TokenStatus`` values; typed as their
+    strings so this module imports nothing of glisk).
     """
 
     def __init__(
         self,
-        current: TokenStatus,
-        target: TokenStatus,
-        required: tuple[TokenStatus, ...],
+        current: str,
+        target: str,
+        required: tuple[str, ...],
         message: str | None = None,
     ) -> None:
         self.current = current

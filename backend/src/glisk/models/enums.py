@@ -1,4 +1,4 @@
-"""Closed value sets (and, re-exported, the state-machine error).
+"""Closed value sets.
 
 Each set is stored as its string value; the database enforces the same sets (a native enum for
 token status, CHECK constraints for the others), so the two cannot drift apart unnoticed.
@@ -6,14 +6,11 @@ token status, CHECK constraints for the others), so the two cannot drift apart u
 
 from enum import StrEnum
 
-from glisk.errors import InvalidStateTransition
-
 __all__ = [
     "IPFSRecordType",
     "IPFSUploadStatus",
     "ImageJobStatus",
     "ImageService",
-    "InvalidStateTransition",
     "RevealStatus",
     "TokenStatus",
 ]
