@@ -23,11 +23,11 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from uvicorn.lifespan.on import LifespanOn
 
+from glisk.api.deps import UowDep
 from glisk.api.health import HEALTH_TIMEOUT_SECONDS
 from glisk.app import DatabaseUnavailableError, create_app
 from glisk.core.config import BACKEND_DIR
 from glisk.core.database import create_db_engine
-from glisk.core.dependencies import UowDep
 from glisk.embedded_pg import (
     EmbeddedPostgres,
     EmbeddedPostgresError,

@@ -16,9 +16,9 @@ from fastapi import FastAPI, HTTPException, Query
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from glisk.api.deps import UowDep
 from glisk.app import create_app
 from glisk.core.config import Settings
-from glisk.core.dependencies import UowDep
 from tests.support import factories
 
 ALLOWED_ORIGIN = "http://localhost:3000"
