@@ -75,6 +75,7 @@ class WorkerOptions(TypedDict):
     max_deferrals: int
     db_timeout: float
     drain_timeout: float | None
+    reconnect_cap: float
     listen: bool
     prepare_statements: bool
 
@@ -152,6 +153,8 @@ class Settings(BaseSettings):
     worker_max_deferrals: int = Field(default=20, ge=0, le=10000)
     worker_db_timeout: float = Field(default=10.0, gt=0, le=3600)
     worker_drain_timeout: float | None = Field(default=25.0, gt=0, le=86400)
+    # The longest pause between two reconnection tries while the database is unreachable.
+    worker_reconnect_cap: float = Field(default=5.0, gt=0, le=3600)
     # None means "not set": on unless DB_POOLER=transaction (see worker_listen_enabled).
     worker_listen: bool | None = None
     # None means "sized from the worker's concurrency" (see worker_pool_size).
@@ -260,6 +263,7 @@ class Settings(BaseSettings):
             "max_deferrals": self.worker_max_deferrals,
             "db_timeout": self.worker_db_timeout,
             "drain_timeout": self.worker_drain_timeout,
+            "reconnect_cap": self.worker_reconnect_cap,
             "listen": self.worker_listen_enabled,
             # PgBouncer up to 1.20 in transaction mode does not keep prepared statements.
             "prepare_statements": self.db_pooler != "transaction",
