@@ -41,8 +41,8 @@ async def test_an_outage_shorter_than_the_lease_completes_every_token_once_witho
     server: EmbeddedPostgres, tmp_path: Path
 ) -> None:
     outage_seconds = 15.0
+    url = server.url
     if True:
-        url = server.url
         seed_detected(url, TOKENS)
         with worker_process(
             url,
@@ -74,3 +74,78 @@ async def test_an_outage_shorter_than_the_lease_completes_every_token_once_witho
     # the reconnect backoff's cap).
     assert after_restart < 20, after_restart
     assert len(outage_lines) <= 5, "\n".join(outage_lines)
+
+
+# Outages longer than the lease: a short lease, a short reconnect cap (the test's pace, not what
+# it proves), handlers that finish during the outage.
+SHORT_LEASE = {"WORKER_LEASE_SECONDS": "4", "WORKER_RECONNECT_CAP": "1"}
+LONG_OUTAGE_SECONDS = 7.0
+
+
+async def _outage(server: EmbeddedPostgres, seconds: float) -> None:
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(seconds)  # the outage itself
+    await asyncio.to_thread(server.start)
+
+
+def _given_up(log: str) -> list[int]:
+    """The token ids every worker.results_given_up line names, in order."""
+    named: list[int] = []
+    for line in log.splitlines():
+        if "] worker.results_given_up" in line:
+            listed = line.split("tokens=[", 1)[1].split("]", 1)[0]
+            named += [int(n) for n in listed.split(",")]
+    return named
+
+
+@pytest.mark.slow
+async def test_an_outage_longer_than_the_lease_gives_results_up_in_an_error_and_exits_1(
+    server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    url = server.url
+    seed_detected(url, TOKENS)
+    with worker_process(
+        url, tmp_path / "worker.log", handler_seconds=1.0, WORKER_CONCURRENCY=str(TOKENS),
+        **SHORT_LEASE,
+    ) as worker:  # fmt: skip
+        await eventually(lambda: _claimed(url) == TOKENS, 30, "every token claimed", poll=0.05)
+        await _outage(server, LONG_OUTAGE_SECONDS)
+        await eventually(lambda: _completed(url) == TOKENS, 60, "every token completed")
+        code = worker.stop()
+    log = worker.text()
+    assert code == 1, log
+    assert "finished result(s) were given up" in log.splitlines()[-1]
+    assert "[error    ] worker.results_given_up" in log, log
+    assert sorted(_given_up(log)) == list(range(1, TOKENS + 1)), log
+    claims = rows(url, "SELECT token_id, attempt, rescued FROM audit_claims ORDER BY 1, claim")
+    completions = rows(url, "SELECT token_id FROM audit_completions ORDER BY 1")
+    # Taken again after the outage, every one: given back by the worker that came back (its
+    # handler had succeeded), so the second claim is a first attempt again, not a rescue.
+    assert sorted(claims) == sorted((n, 1, False) for n in range(1, TOKENS + 1) for _ in (1, 2))
+    assert completions == [(n,) for n in range(1, TOKENS + 1)], "completed once each"
+
+
+@pytest.mark.slow
+async def test_three_outages_in_a_row_on_the_same_tokens_leave_them_completed_not_failed(
+    server: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    url = server.url
+    tokens = 4
+    seed_detected(url, tokens)
+    with worker_process(
+        url, tmp_path / "worker.log", handler_seconds=1.0, WORKER_CONCURRENCY=str(tokens),
+        WORKER_MAX_ATTEMPTS="3", **SHORT_LEASE,
+    ) as worker:  # fmt: skip
+        for outage in range(1, 4):
+            # Each outage catches the same tokens in flight: claimed anew after the last one.
+            await eventually(
+                lambda n=outage: _claimed(url) == n * tokens, 60, f"claims before outage {outage}"
+            )
+            await _outage(server, LONG_OUTAGE_SECONDS)
+        await eventually(lambda: _completed(url) == tokens, 60, "every token completed")
+        worker.stop()
+    statuses = rows(url, "SELECT status::text, count(*) FROM tokens_s0 GROUP BY 1")
+    completions = rows(url, "SELECT token_id FROM audit_completions ORDER BY 1")
+    assert statuses == [("generating", tokens)], worker.text()  # the image stage's done state
+    assert completions == [(n,) for n in range(1, tokens + 1)]
+    assert rows(url, "SELECT count(*) FROM audit_claims WHERE attempt > 1 OR rescued") == [(0,)]

@@ -813,7 +813,7 @@ class Worker:
             count=len(claims),
             tokens=sorted(claim.token_id for claim in claims),
             reason=reason,
-            given_back=giving_back,
+            giving_back=giving_back,
         )
 
     def _give_up_kept(self) -> None:
