@@ -477,14 +477,13 @@ class Worker:
         """A handler stopped on LeaseLost: nothing to write. A claim the database refused is
         lost; one that an outage kept from its checkpoint is given back (no attempt spent) as
         soon as the database answers, unless someone took it over meanwhile."""
+        troubled = [claim for claim in claims if claim.claim_id in self._troubled]
         for claim in claims:
-            if claim.claim_id in self._troubled:
-                self._releases.append(claim)
-            else:
+            if claim.claim_id not in self._troubled:
                 self._refuse(claim, "lease lost (checkpoint refused)")
                 self._forget([claim])
-        if any(claim.claim_id in self._troubled for claim in claims):
-            self._flush_wanted.set()
+        if troubled:
+            self._give_back(troubled)
 
     def _failure(self, claim: Claim, exc: BaseException) -> _Failure:
         if isinstance(exc, PermanentError):
@@ -683,6 +682,15 @@ class Worker:
             self._writable.set()
             return None
 
+    def _give_back(self, claims: list[Claim]) -> None:
+        """Queue claims to be released (no attempt spent) because an outage, not their handler,
+        kept their work from being recorded. Nothing is claimed until that is written: this
+        worker would otherwise take its own tokens over, spending an attempt."""
+        if claims:
+            self._releases.extend(claims)
+            self._writable.clear()
+            self._flush_wanted.set()
+
     def _kept(self, claims: Any) -> None:
         """Work for these claims could not be written: the outage touched them."""
         self._troubled.update(claim.claim_id for claim in claims)
@@ -732,7 +740,7 @@ class Worker:
             # The handler succeeded; only the outage kept its result out. Give the token back
             # (no attempt spent) unless someone took it over meanwhile.
             self._give_up(given_up, LEASE_RAN_OUT, giving_back=True)
-            self._releases.extend(given_up)
+            self._give_back(given_up)
         return None
 
     async def _fail(self, failures: list[_Failure]) -> BaseException | None:
@@ -783,7 +791,7 @@ class Worker:
             # which the next claim's takeover counts as it would have.
             back = [f.claim for f in given_up if f.kind == "defer"]
             self._give_up([f.claim for f in given_up], LEASE_RAN_OUT, giving_back=bool(back))
-            self._releases.extend(back)
+            self._give_back(back)
             self._forget(f.claim for f in given_up if f.kind != "defer")
         return None
 
