@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     # Application
     app_env: Literal["development", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # The level of the API's line per request (probes: DEBUG; 5xx and slow ones: WARNING).
+    request_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    request_slow_seconds: float = Field(default=1.0, gt=0, le=3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:3000"]
     )
@@ -167,7 +170,7 @@ class Settings(BaseSettings):
     postgres_user: str = "glisk"
     postgres_password: str | None = None
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "request_log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
