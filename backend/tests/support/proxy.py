@@ -11,14 +11,14 @@ from typing import Any
 class Proxy:
     """``async with Proxy(host, port) as proxy``: connect to 127.0.0.1:``proxy.port``.
 
-    ``hold()``/``release()``: answers wait in the proxy (queries in flight get no answer).
+    ``hold()``/``release()``: answers on the connections open now wait in the proxy (their
+    queries get no answer); connections opened later are not held.
     ``cut()``: every connection is dropped and new ones are refused (nothing listens on the
     port); ``restore()`` listens on the same port again."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self.flowing = asyncio.Event()
-        self.flowing.set()
+        self.gates: list[asyncio.Event] = []  # one per connection: set while answers flow
         self.server: asyncio.Server | None = None
         self.port = 0
         self.handlers: set[asyncio.Task[Any]] = set()
@@ -40,7 +40,7 @@ class Proxy:
     async def _close(self) -> None:
         if self.server is not None:
             self.server.close()
-        self.flowing.set()
+        self.release()
         for writer in self.writers:
             writer.transport.abort()
         # Aborted sockets end the pipes; a handler is cancelled only if that did not do it
@@ -66,21 +66,29 @@ class Proxy:
             client_w.transport.abort()
             return
         self.writers.update((client_w, server_w))
+        gate = asyncio.Event()
+        gate.set()
+        self.gates.append(gate)
         await asyncio.gather(
-            self._pipe(client_r, server_w, gate=False),
-            self._pipe(server_r, client_w, gate=True),
+            self._pipe(client_r, server_w, gate=None),
+            self._pipe(server_r, client_w, gate=gate),
             return_exceptions=True,
         )
         self.writers.difference_update((client_w, server_w))
+        self.gates.remove(gate)
         self.handlers.discard(task)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gate: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        gate: asyncio.Event | None,
     ) -> None:
         try:
             while data := await reader.read(65536):
-                if gate:
-                    await self.flowing.wait()
+                if gate is not None:
+                    await gate.wait()
                 writer.write(data)
                 await writer.drain()
         finally:
@@ -88,10 +96,12 @@ class Proxy:
                 writer.close()
 
     def hold(self) -> None:
-        self.flowing.clear()
+        for gate in self.gates:
+            gate.clear()
 
     def release(self) -> None:
-        self.flowing.set()
+        for gate in self.gates:
+            gate.set()
 
     async def cut(self) -> None:
         await self._close()
