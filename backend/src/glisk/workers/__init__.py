@@ -9,7 +9,8 @@ Two ways to take work, side by side:
 
 The layout: ``predicates`` (the partial-index predicates, a leaf), ``stages`` (the stage table),
 ``queries`` (every statement, whole and named), ``claims`` (what a handler gets), ``connection``
-(bounded connections), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker class), ``run``
+(bounded connections), ``outage`` (an unreachable database: told once, one backoff for every
+connection), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker class), ``run``
 (run_worker), ``repository`` (``uow.leases``), ``command`` (``glisk worker``), ``noop``.
 
 Names are imported lazily, so that ``glisk.models`` can import the leaf ``predicates`` module.
