@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from glisk.errors import DatabaseError, DatabaseTimeout
+from glisk.ops.metrics import WorkerMetrics, generate_latest
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, LeaseLost, Worker, checkpoint
 from glisk.workers.connection import libpq_url
@@ -155,6 +156,8 @@ async def test_a_worker_stopped_during_an_outage_gives_up_its_results_in_an_erro
         IMAGE, handler, connect, concurrency=3, batch=3, lease_seconds=30, drain_timeout=1.0,
         reconnect_cap=0.2, listen=False, poll_interval=0.05,
     )  # fmt: skip
+    metrics = WorkerMetrics("image")
+    metrics.attach(worker)
     stop = asyncio.Event()
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(worker.run(stop))
@@ -172,6 +175,15 @@ async def test_a_worker_stopped_during_an_outage_gives_up_its_results_in_an_erro
         assert given_up[0]["tokens"] == sorted(token_ids)
     assert given_up[0]["log_level"] == "error"
     assert "stopped" in given_up[0]["reason"]
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'glisk_worker_results_given_up_total{stage="image"' in scraped
+    given_up_total = next(
+        line
+        for line in scraped.splitlines()
+        if line.startswith("glisk_worker_results_given_up_total{")
+    )
+    assert given_up_total.endswith(" 3.0")
+    assert stats.disconnected_seconds > 0
 
 
 async def test_a_checkpoint_the_outage_kept_out_while_the_lease_lived_costs_no_attempt(
