@@ -21,7 +21,7 @@ from glisk.ops.metrics import WorkerMetrics, generate_latest
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, LeaseLost, Worker, checkpoint
 from glisk.workers.connection import libpq_url
-from glisk.workers.outage import Outage, unreachable
+from glisk.workers.outage import Backoff, Outage, unreachable
 from glisk.workers.stages import STAGES, StageName
 from tests.support.database import Database
 from tests.support.factories import seed_tokens
@@ -90,7 +90,6 @@ async def test_an_outage_is_one_line_with_the_servers_reason_then_one_line_when_
     for _ in range(50):
         outage.failed(_refused())
     assert outage.down
-    assert outage.retry_in() <= 5.0
     outage.succeeded()
     outage.succeeded()
     assert [(level, event.split(":")[0]) for level, event, _ in log.lines] == [
@@ -105,24 +104,26 @@ async def test_an_outage_is_one_line_with_the_servers_reason_then_one_line_when_
     assert outage.disconnected_seconds() >= 0.0
 
 
-async def test_retries_back_off_to_the_cap_and_another_connection_getting_through_ends_a_pause() -> (
-    None
-):
-    outage = Outage(_Log(), cap=0.4, first_delay=0.05)
-    waits = []
+async def test_a_loop_backs_off_to_the_cap_and_the_end_of_an_outage_wakes_it_at_once() -> None:
+    outage = Outage(_Log(), cap=0.4, announce_after=0.0)
+    backoff = Backoff(outage, first=0.05)
+    delays = []
     for _ in range(6):
-        outage.failed(_refused())
-        waits.append(outage.retry_in())
-        await outage.pause()  # the round's pause: a failure before it ends is the same round
-    # 0.05, 0.1, 0.2, 0.4, 0.4, 0.4 s, each with jitter (between half and all of it).
-    assert waits[0] <= 0.05 and max(waits) <= 0.4 and waits[-1] >= 0.19, waits
-    outage.failed(_refused())
+        delays.append(backoff.next_delay())
+        await backoff.wait()
+    assert delays == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
+    backoff.reset()
+    assert backoff.next_delay() == 0.05
+
+    long_outage = Outage(_Log(), cap=60.0, announce_after=0.0)
+    long_outage.failed(_refused())
+    long_outage.failed(_refused())  # announced: its end wakes every waiting loop at once
     started = time.monotonic()
-    pause = asyncio.create_task(outage.pause())
+    waiting = asyncio.create_task(Backoff(long_outage, first=60.0).wait())
     await asyncio.sleep(0)
-    outage.succeeded()
-    await asyncio.wait_for(pause, 1)
-    assert time.monotonic() - started < 1.0
+    long_outage.succeeded()
+    await asyncio.wait_for(waiting, 5)
+    assert time.monotonic() - started < 5  # not the 30-60 s pause
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ Polling stays the fallback, and the only mode with ``listen=False`` (PgBouncer's
 has no LISTEN); a lost listening connection is reopened after a pause, polling meanwhile.
 
 The listener is usually the first to notice a database going away (it waits on its socket). With
-the worker's ``Outage`` it reports there instead of logging, reconnects at the outage's pace and
-at once when another connection got through; its own backoff (up to the outage's cap) keeps it
-from churning when only new connections are refused (too many clients) while the others work,
-and only then does it log, once: ``worker.listen_lost`` and ``worker.listening``.
+the worker's ``Outage`` it reports there instead of logging and reconnects with a ``Backoff``
+of its own (up to the outage's cap; at once when another connection gets through after an
+announced outage), so it does not churn when only new connections are refused (too many
+clients) while the others work; only then does it log, once: ``worker.listen_lost`` and
+``worker.listening``.
 """
 
 from __future__ import annotations
@@ -18,21 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 import structlog
 
 from glisk.errors import first_line
 from glisk.workers.connection import DATABASE_ERRORS, ConnectOptions
-
-if TYPE_CHECKING:
-    from glisk.workers.outage import Outage
+from glisk.workers.outage import Backoff, Outage
 
 log = structlog.get_logger("glisk.worker")
 
 RECONNECT_DELAY = 1.0  # without an Outage: the pause between two tries
-FIRST_DELAY = 0.25  # with one: the first pause of the listener's own backoff, doubling to its cap
 # Failed tries in a row, while the other connections work, before the listener says it is deaf.
 QUIET_FAILURES = 3
 
@@ -52,6 +50,7 @@ class Listener:
         self.channel = channel
         self.wake = wake
         self.outage = outage
+        self._backoff = Backoff(outage) if outage is not None else None
         self.listening = asyncio.Event()  # set while a LISTEN is in force (tests wait on it)
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -101,39 +100,27 @@ class Listener:
             return
         if not self._said_lost:
             self._said_lost = True
-            delay = self._delay()
+            assert self._backoff is not None
+            delay = self._backoff.next_delay()
             log.warning(
                 f"worker.listen_lost: {first_line(exc)} (polling; retrying every {delay:g} s)",
                 channel=self.channel,
             )
 
-    def _delay(self) -> float:
-        assert self.outage is not None
-        return min(self.outage.cap, FIRST_DELAY * 2 ** max(self._failures - 1, 0))
-
     async def _pause(self) -> None:
-        if self.outage is None:
+        if self._backoff is None:
             await asyncio.sleep(RECONNECT_DELAY)
-            return
-        if not self.outage.down:
-            # Not an announced outage (a blip, or only new connections refused while the others
-            # work): the listener's own backoff alone, so it does not churn.
-            await asyncio.sleep(self._delay())
-            return
-        # At the listener's own pace, or at once when another connection got through.
-        waiter = asyncio.ensure_future(self.outage.back.wait())
-        try:
-            await asyncio.wait((waiter,), timeout=self._delay())
-        finally:
-            waiter.cancel()
+        else:
+            await self._backoff.wait()
 
     async def _listen(self) -> None:
         conn = self._conn = await self.options.connect()
         await conn.execute(f"LISTEN {self.channel}".encode())
         self.listening.set()
         self._failures = 0
-        if self.outage is not None:
+        if self.outage is not None and self._backoff is not None:
             self.outage.succeeded()
+            self._backoff.reset()
         if self._said_lost:
             self._said_lost = False
             log.info("worker.listening", channel=self.channel)

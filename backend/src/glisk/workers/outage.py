@@ -1,5 +1,5 @@
 """Whether a worker reaches its database: one log line when an outage begins, one when it ends,
-and one shared backoff for every connection of the worker while it lasts.
+and a backoff for every loop that retries while it lasts.
 
 A worker has three connections (claims, writes, LISTEN) and each notices a stopped database on
 its own. They report here instead of logging: ``failed(exc)`` for every call that could not
@@ -12,10 +12,14 @@ reach the database, ``succeeded()`` for every call that did. The tracker
   reason seen so far: the first that PostgreSQL gave in its own words (shutting down, too many
   clients, disk full), else the client's latest (connection refused);
 - logs ``database back after N s`` once when a call succeeds again;
-- paces the retries: ``pause()`` waits for the next try of the current round, 0.25 s after the
-  first failure, doubling up to ``cap`` (each with jitter), and returns at once when another
-  connection got through;
+- wakes every retrying loop at once when a call gets through after an announced outage
+  (``back``), so the worker resumes the moment one connection does;
 - counts the seconds spent disconnected (``disconnected_seconds``, a Prometheus counter).
+
+Each retrying loop paces itself with a ``Backoff`` (0.25 s after its first failure, doubling up
+to ``cap``, with jitter): a loop whose own connection keeps failing while the others work (only
+new connections refused: too many clients) cannot spin, and an outage costs each loop at most
+one try per ``cap`` seconds.
 
 The first failure of an episode is often the listener's, which sees a closed socket and no
 reason; ``probe`` (the worker's: one ``SELECT 1`` on an idle connection) then runs at once: it
@@ -77,7 +81,6 @@ class Outage:
         log: Any,
         *,
         cap: float = 5.0,
-        first_delay: float = FIRST_DELAY,
         announce_after: float = ANNOUNCE_AFTER,
         probe: Callable[[], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
@@ -85,17 +88,14 @@ class Outage:
         self._log = log
         self._probe = probe
         self._probing: asyncio.Future[None] | None = None
-        self.cap = max(cap, first_delay)
-        self._first_delay = first_delay
+        self.cap = cap
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._announce_after = announce_after
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._since: float | None = None  # monotonic time of the episode's first failure
         self._failures = 0  # in this episode
         self._announced = False
         self._reason = ""
         self._reason_from_server = False
-        self._delay = 0.0
-        self._next_try = 0.0
         self._past_seconds = 0.0  # episodes that ended
         self.back = asyncio.Event()  # set whenever the last call got through
         self.back.set()
@@ -131,8 +131,6 @@ class Outage:
         if self._since is None:
             self._since = now
             self._failures = 0
-            self._delay = 0.0
-            self._next_try = now
             self._reason, self._reason_from_server = reason, from_server
             self.back.clear()
             if self._probe is not None and (self._probing is None or self._probing.done()):
@@ -142,9 +140,6 @@ class Outage:
             # before the crash it led to), else the client's latest (refused rather than closed).
             self._reason, self._reason_from_server = reason, from_server
         self._failures += 1
-        if now >= self._next_try:  # a new round of tries: back off
-            self._delay = self._first_delay if self._delay == 0 else min(self.cap, self._delay * 2)
-            self._next_try = now + self._delay * self._rng.uniform(0.5, 1.0)
         if (
             not self._announced
             and self._failures >= 2
@@ -172,25 +167,41 @@ class Outage:
             )
         self.back.set()
 
-    def retry_in(self) -> float:
-        """Seconds until this round's next try (0 when nothing is failing, or it is due)."""
-        if self._since is None:
-            return 0.0
-        return max(0.0, self._next_try - time.monotonic())
 
-    async def pause(self, until: float | None = None) -> None:
-        """Wait before the next try: until this round's retry time, or until another connection
-        got through, or until ``until`` (monotonic), whichever comes first. Returns at once when
-        nothing is failing."""
-        if self._since is None:
-            return
-        wait = self._next_try - time.monotonic()
+class Backoff:
+    """One retrying loop's pace while its database calls fail: ``wait()`` after each failure
+    sleeps 0.25 s, then twice as long each time up to the outage's cap (with jitter: half of it
+    to all of it), and returns early when one of ``events`` is set, or when a call gets through
+    after an announced outage. ``reset()`` after a call that got through."""
+
+    def __init__(self, outage: Outage, first: float = FIRST_DELAY) -> None:
+        self.outage = outage
+        self.first = first
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """The longest pause the next ``wait()`` takes."""
+        return min(self.outage.cap, self.first * 2**self.failures)
+
+    async def wait(self, *events: asyncio.Event, until: float | None = None) -> None:
+        delay = self.next_delay() * self.outage.rng.uniform(0.5, 1.0)
+        self.failures += 1
         if until is not None:
-            wait = min(wait, until - time.monotonic())
-        if wait <= 0:
+            delay = min(delay, until - time.monotonic())
+        if delay <= 0:
             return
-        with_timeout = asyncio.ensure_future(self.back.wait())
+        # Only an announced outage's end wakes every loop at once; during a blip (or while just
+        # one connection fails and the others work) each loop keeps its own pace.
+        wake = [*events, self.outage.back] if self.outage.down else list(events)
+        waiters = [asyncio.ensure_future(event.wait()) for event in wake]
         try:
-            await asyncio.wait((with_timeout,), timeout=wait)
+            if waiters:
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(delay)
         finally:
-            with_timeout.cancel()
+            for waiter in waiters:
+                waiter.cancel()

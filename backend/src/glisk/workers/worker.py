@@ -32,7 +32,7 @@ from glisk.workers.checkpoints import HandlerScope, current_scope
 from glisk.workers.claims import Claim, claim_batch
 from glisk.workers.connection import DATABASE_ERRORS, ConnectOptions, Link
 from glisk.workers.listener import Listener
-from glisk.workers.outage import Outage, unreachable
+from glisk.workers.outage import Backoff, Outage, unreachable
 from glisk.workers.reveal import PendingReveal, Reconciler, pending_reveal_of
 from glisk.workers.stages import Stage, StageName, resolve_stage
 
@@ -213,6 +213,7 @@ class Worker:
         self._log = log.bind(stage=self.stage.name.value, worker=self.holder)
         # Every connection reports here; it logs an outage once and paces the reconnections.
         self.outage = Outage(self._log, cap=reconnect_cap, probe=self._probe, rng=self._rng)
+        self._claim_backoff = Backoff(self.outage)
         # Claims this worker holds: handlers running or results not yet written.
         self._live: dict[uuid.UUID, Claim] = {}
         # Until when each claim's lease is certainly live, on this process's monotonic clock:
@@ -312,7 +313,7 @@ class Worker:
                 # nothing waits out a backoff.
                 if self._pending() or not settled:
                     if await self._flush() is not None:
-                        await self._after_failure(True, stop)
+                        await self._claim_backoff.wait(stop)
                     else:
                         settled = True
                     continue
@@ -526,9 +527,13 @@ class Worker:
         try:
             rows = await self._claims_db.fetch(queries.claim(self.stage, size), params)
         except DATABASE_ERRORS as exc:
-            await self._after_failure(self._db_failed("claim", exc), stop)
+            if self._db_failed("claim", exc):
+                await self._claim_backoff.wait(stop)
+            else:
+                await _wait_any(stop, seconds=DB_RETRY_DELAY)
             return None
         self.outage.succeeded()
+        self._claim_backoff.reset()
         batch = claim_batch(rows)
         for gone in batch.exhausted:
             self.stats.exhausted += 1
@@ -571,6 +576,7 @@ class Worker:
         times. An unreachable database is raised at once when ``until`` is None (the caller
         keeps its work), else waited out (at the outage's pace) until ``until`` (monotonic)."""
         attempt = 0
+        backoff = Backoff(self.outage)
         while True:
             try:
                 rows = list(await self._writes_db.fetch(query, params))
@@ -581,7 +587,7 @@ class Worker:
                 if self._db_failed(step, exc, attempt=attempt):
                     if until is None or time.monotonic() >= until:
                         raise
-                    await self.outage.pause(until)
+                    await backoff.wait(until=until)
                     continue
                 if attempt >= DB_RETRIES:
                     raise
@@ -618,16 +624,6 @@ class Worker:
         else:
             self.outage.succeeded()
 
-    async def _after_failure(self, outage: bool, *events: asyncio.Event) -> None:
-        """Wait before trying again: until the outage's next try (or until another connection
-        got through), or a statement error's retry delay; or until one of ``events`` is set."""
-        if outage:
-            seconds = self.outage.retry_in()
-            if seconds > 0:
-                await _wait_any(self.outage.back, *events, seconds=seconds)
-        else:
-            await _wait_any(*events, seconds=DB_RETRY_DELAY)
-
     # -- writing what handlers finished ------------------------------------------------------
 
     def _pending(self) -> bool:
@@ -644,6 +640,7 @@ class Worker:
         return max((self._lease_until.get(c.claim_id, stop_at) for c in kept), default=stop_at)
 
     async def _completer(self) -> None:
+        backoff = Backoff(self.outage)
         while True:
             if not self._pending():
                 if self._stopping.is_set():
@@ -654,15 +651,14 @@ class Worker:
                     # More results are coming: let them join this write.
                     await asyncio.sleep(self.completion_window)
             if await self._flush() is None:
+                backoff.reset()
                 continue
             # The database could not be reached: everything stays kept. Try again when it may be
             # back; a stopping worker gives up at its deadline (run() then logs what).
-            if self._stopping.is_set() and time.monotonic() >= self._give_up_at():
+            stopping = self._stopping.is_set()
+            if stopping and time.monotonic() >= self._give_up_at():
                 return
-            seconds = self.outage.retry_in()
-            if self._stopping.is_set():
-                seconds = min(seconds, self._give_up_at() - time.monotonic())
-            await _wait_any(self.outage.back, self._stopping, seconds=max(seconds, 0.0))
+            await backoff.wait(self._stopping, until=self._give_up_at() if stopping else None)
 
     async def _flush(self) -> BaseException | None:
         """Write every result, failure and give-back gathered so far: one statement per kind.
@@ -846,10 +842,12 @@ class Worker:
         A beat that cannot reach the database is tried again at the outage's pace, so the first
         moment it answers, every lease still live is extended."""
         failing = False
+        backoff = Backoff(self.outage)
         while True:
             if failing:
-                await self._after_failure(True)
+                await backoff.wait()
             else:
+                backoff.reset()
                 await asyncio.sleep(self.lease_seconds / 3)
             live = [c for c in self._live if c not in self._lost]
             if not live:
