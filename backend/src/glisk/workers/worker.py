@@ -450,8 +450,8 @@ class Worker:
         self, query: str, params: dict[str, Any]
     ) -> Sequence[tuple[Any, ...]]:
         ids: list[uuid.UUID] = list(params["claim_ids"])
-        return await self._write_for([self._live[i] for i in ids if i in self._live], "checkpoint",
-                                     query, params)  # fmt: skip
+        claims = [self._live[claim_id] for claim_id in ids if claim_id in self._live]
+        return await self._write_for(claims, "checkpoint", query, params)
 
     async def _write_for(
         self, claims: Sequence[Claim], step: str, query: str, params: dict[str, Any]
@@ -675,7 +675,8 @@ class Worker:
             releases, self._releases = self._releases, []
             if releases and (error := await self._release(releases)) is not None:
                 return error
-            self._writable.set()
+            if not self._releases:  # a give-back queued meanwhile keeps claims waiting for it
+                self._writable.set()
             return None
 
     def _give_back(self, claims: list[Claim]) -> None:
