@@ -217,3 +217,35 @@ async def test_a_checkpoint_the_outage_kept_out_while_the_lease_lived_costs_no_a
     assert [c.attempt for c in calls] == [1, 1]
     assert calls[1].rescued_from is None
     assert (stats.released, stats.completed, stats.given_up, stats.refused) == (1, 1, 0, 0)
+
+
+async def test_a_completion_whose_answer_was_lost_counts_as_written_not_given_up(
+    uow_factory: UnitOfWorkFactory, postgres_container: Database, proxy: Proxy
+) -> None:
+    await seed_tokens(uow_factory, 1)
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    async def handler(claim: Claim) -> str:
+        await checkpoint(claim, {"step": "started"})  # the write connection is open now
+        started.set()
+        await finish.wait()
+        return f"/img/{claim.token_id}.png"
+
+    connect = _through(proxy, postgres_container, timeout=1.0, connect_timeout=1.0)
+    worker = Worker(
+        IMAGE, handler, connect, lease_seconds=30, reconnect_cap=0.2, listen=False,
+        poll_interval=0.05,
+    )  # fmt: skip
+    task = asyncio.create_task(worker.run(exit_when_idle=True))
+    await asyncio.wait_for(started.wait(), 10)
+    # The completion runs and commits, but its answer never arrives: the worker's time limit
+    # closes that connection, and the retry on a new one finds the claim already ended.
+    proxy.hold()
+    finish.set()
+    await eventually(lambda: worker.outage.failing, 10, "the completion's answer lost")
+    proxy.release()
+    stats = await asyncio.wait_for(task, 30)
+    assert (stats.completed, stats.given_up, stats.refused) == (1, 0, 0)
+    async with uow_factory() as uow:
+        path = (await uow.session.execute(text("SELECT image_path FROM tokens_s0"))).scalar_one()
+    assert path is not None

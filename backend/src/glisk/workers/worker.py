@@ -721,6 +721,7 @@ class Worker:
             self._forget(claim for claim, _ in results)
             return None
         done = {row[0] for row in rows}
+        done |= await self._recorded_meanwhile([r for r in results if r[0].claim_id not in done])
         given_up: list[Claim] = []
         for claim, _ in results:
             if claim.claim_id in done:
@@ -739,6 +740,24 @@ class Worker:
             self._give_up(given_up, LEASE_RAN_OUT, giving_back=True)
             self._give_back(given_up)
         return None
+
+    async def _recorded_meanwhile(self, refused: list[tuple[Claim, str]]) -> set[uuid.UUID]:
+        """The claim ids, among results the database refused, that an earlier try of the same
+        completion did write (its answer was lost): their token holds this very result. Asked
+        only for results an outage touched; on any error, none."""
+        troubled = [(claim, value) for claim, value in refused if claim.claim_id in self._troubled]
+        if not troubled:
+            return set()
+        params = {
+            "token_ids": [claim.token_uuid for claim, _ in troubled],
+            "results": [value for _, value in troubled],
+        }
+        try:
+            rows = await self._write("recorded", queries.recorded(self.stage), params)
+        except DATABASE_ERRORS:
+            return set()
+        found = {row[0] for row in rows}
+        return {claim.claim_id for claim, _ in troubled if claim.token_uuid in found}
 
     async def _fail(self, failures: list[_Failure]) -> BaseException | None:
         params = {
