@@ -614,8 +614,9 @@ class Worker:
     async def _probe(self) -> None:
         """Called by the outage tracker at the first failure of an episode: one SELECT 1 on the
         claims connection (unless a claim is under way there), which tells a blip from an
-        outage at once and reads the reason the server gave when it closed that connection."""
-        if self._claims_db.lock.locked():
+        outage at once and reads the reason the server gave when it closed that connection.
+        Not once the worker stops: its connections are being closed."""
+        if self._claims_db.lock.locked() or self._stopping.is_set():
             return
         try:
             await self._claims_db.fetch("SELECT 1", {})
