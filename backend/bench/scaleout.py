@@ -98,6 +98,7 @@ def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -
     # Each worker prints its WorkerStats: their sum shows that no token was completed twice.
     lines = [line for w in workers for line in w.communicate()[0].splitlines()]
     completed = sum(json.loads(line)["completed"] for line in lines)
+    db_errors = sum(json.loads(line)["db_errors"] for line in lines)
     wall = time.monotonic() - began
     stop.set()
     peak, errors = sampler.result(), "".join(log.read_text() for log in logs)
@@ -105,7 +106,9 @@ def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -
     rate = f"{done / (peak['last'] - peak['first']):,.0f}" if peak["last"] else "-"
     row = ["PgBouncer" if console else "direct", n, f"{done:,} of {args.tokens:,}", claimed]
     row += [f"{completed:,}", rate, f"{wall:.1f}", sum(w.returncode != 0 for w in workers)]
-    row += [errors.count("worker.database_error"), errors.count("too many clients")]
+    # Failed database calls from the workers' own counts (an outage is one log line, not one per
+    # failed call), and the outages they logged.
+    row += [db_errors, errors.count("database unreachable"), errors.count("too many clients")]
     clients = f"{peak['clients']:.0f} ({peak['waiting']:.0f} waiting)" if console else "-"
     return [*row, f"{peak['server']:.0f} of 100", clients]
 
@@ -127,6 +130,7 @@ def scaleout(args: Namespace) -> None:
         finally:
             os.kill(int((base / "pgbouncer" / "pgbouncer.pid").read_text()), signal.SIGTERM)
     headers = ["path", "processes", "tokens done", "left claimed", "completed (workers' stats)"]
-    headers += ["tokens/s", "wall s", "failed exits", "database_error lines", "too many clients"]
+    headers += ["tokens/s", "wall s", "failed exits", "database errors (workers' stats)"]
+    headers += ["'database unreachable' lines", "of which 'too many clients'"]
     print(table([*headers, "peak server connections", "peak PgBouncer clients"], rows))
     print("concurrency 8, batch 10")

@@ -8,6 +8,7 @@ session factory and unit-of-work factory, verifies the database once, publishes 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -146,7 +147,11 @@ def create_app(settings: Settings | None = None, *, log_stream: TextIO | None = 
         expose_headers=["X-Request-ID"],
     )
     # Outermost: it sees every response, CORS preflights and errors included.
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(
+        RequestContextMiddleware,
+        level=logging.getLevelNamesMapping()[settings.request_log_level],
+        slow_seconds=settings.request_slow_seconds,
+    )
     # Lifespan only: a start-up failure the app explains in one line reaches the server as it.
     app.add_middleware(LifespanErrorMiddleware)
     return app

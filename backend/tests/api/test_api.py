@@ -8,6 +8,8 @@ for it. Logs are rendered as JSON (APP_ENV=production) into a buffer: what an op
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
@@ -283,15 +285,16 @@ async def test_cors_headers_are_on_error_responses_too_so_a_browser_can_read_the
 async def test_every_request_is_logged_once_at_info_with_its_fields(api: Api) -> None:
     position = len(api.logs.getvalue())
 
-    ok = await api.client.get("/health", headers={"X-Request-ID": "log-line-check-1"})
+    ok = await api.client.get("/openapi.json", headers={"X-Request-ID": "log-line-check-1"})
     missing = await api.client.get("/no/such/route")
     bad = await api.client.get("/probe/items", params={"limit": "x"})
 
     requests = [line for line in api.log_lines_since(position) if line["event"] == "request"]
     assert len(requests) == 3
     for line, response, path in zip(
-        requests, (ok, missing, bad), ("/health", "/no/such/route", "/probe/items"), strict=True
-    ):
+        requests, (ok, missing, bad), ("/openapi.json", "/no/such/route", "/probe/items"),
+        strict=True,
+    ):  # fmt: skip
         assert line["level"] == "info"
         assert line["logger"] == "glisk.request"
         assert line["method"] == "GET"
@@ -302,6 +305,52 @@ async def test_every_request_is_logged_once_at_info_with_its_fields(api: Api) ->
         assert line["request_id"] == response.headers["x-request-id"]
     assert requests[0]["request_id"] == "log-line-check-1"
     assert "limit=x" not in json.dumps(requests[2])  # the query string is not logged
+
+
+async def test_probes_are_not_logged_at_info_and_a_server_error_always_is(api: Api) -> None:
+    position = len(api.logs.getvalue())
+
+    for path in ("/health", "/metrics", "/health"):
+        assert (await api.client.get(path)).status_code == 200
+    assert (await api.client.get("/probe/boom")).status_code == 500
+
+    requests = [line for line in api.log_lines_since(position) if line["event"] == "request"]
+    assert [(line["path"], line["level"]) for line in requests] == [("/probe/boom", "warning")]
+
+
+@pytest.mark.parametrize(
+    ("request_log_level", "logged"),
+    [
+        ("INFO", [("/openapi.json", "info"), ("/slow", "warning"), ("/no/such/route", "info")]),
+        ("DEBUG", [("/slow", "warning")]),  # below LOG_LEVEL=INFO: only what always shows
+    ],
+)
+async def test_the_request_log_level_is_a_setting_and_a_slow_request_is_always_logged(
+    postgres_container: Database, request_log_level: str, logged: list[tuple[str, str]]
+) -> None:
+    settings = api_settings(
+        postgres_container.url,
+        app_env="production",
+        request_log_level=request_log_level,
+        request_slow_seconds=0.2,
+    )
+    with logging_restored():
+        app, logs = create_logged_app(settings)
+        slow = asyncio.Event()
+
+        @app.get("/slow", include_in_schema=False)
+        async def slow_route() -> dict[str, bool]:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slow.wait(), 0.3)  # nothing sets it: takes 0.3 s
+            return {"slow": True}
+
+        async with serving(app) as client:
+            for path in ("/openapi.json", "/slow", "/no/such/route", "/health"):
+                await client.get(path)
+    requests = [line for line in json_lines(logs.getvalue()) if line["event"] == "request"]
+    assert [(line["path"], line["level"]) for line in requests] == logged
+    slow_line = next(line for line in requests if line["path"] == "/slow")
+    assert slow_line["slow"] is True and slow_line["duration_ms"] >= 200
 
 
 # --- credentials ----------------------------------------------------------------------------

@@ -123,7 +123,7 @@ async def test_health_gives_503_within_the_bound_when_the_database_stops_and_200
         assert (await client.get("/probe/uow")).json() == {"one": 1}
 
     output = logs.getvalue()
-    assert "health.database_unreachable" in output
+    assert "health: database unreachable" in output
     for response in (down, again, failed, up):
         assert secret not in response.text
     assert secret not in output, "the database password reached the logs during the outage"

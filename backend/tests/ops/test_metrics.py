@@ -133,6 +133,8 @@ async def test_worker_metrics_count_what_the_worker_did_and_time_each_handler_ca
     assert got[("glisk_worker_failures_total", (("kind", "attempt"), *labels))] == 1
     assert got[("glisk_worker_rescues_total", labels)] == stats.rescued == 2
     assert got[("glisk_worker_refused_total", labels)] == 0
+    assert got[("glisk_worker_results_given_up_total", labels)] == 0
+    assert got[("glisk_worker_db_disconnected_seconds_total", labels)] == 0
     ok = (("outcome", "ok"), ("stage", "image"))
     error = (("outcome", "error"), ("stage", "image"))
     assert got[("glisk_worker_handler_duration_seconds_count", ok)] == 6

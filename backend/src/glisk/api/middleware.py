@@ -1,6 +1,7 @@
 """Request middleware, three pieces placed around CORS:
 
-- ``RequestContextMiddleware`` (outermost): request id, one log line per request, security
+- ``RequestContextMiddleware`` (outermost): request id, one log line per request (at
+  REQUEST_LOG_LEVEL; probes at DEBUG; server errors and slow requests at WARNING), security
   headers on every response, CORS preflights and errors included.
 - ``LifespanErrorMiddleware`` (lifespan messages only): a start-up failure explained by an
   ``OperatorError`` reaches the server as its one-line message instead of a traceback.
@@ -12,6 +13,7 @@ None lets a traceback reach the client. The operator gets it in the log, without
 variables (see ``plain_traceback``).
 """
 
+import logging
 import re
 import sys
 import time
@@ -33,6 +35,9 @@ SECURITY_HEADERS = {
 }
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _LOGGED = "_glisk_logged"
+# Load balancers and scrapers call these every few seconds per instance: a line each would drown
+# the log (243,000 lines in 70 s of /health load). Logged at DEBUG, unless failed or slow.
+QUIET_PATHS = frozenset({"/health", "/metrics"})
 
 
 def plain_traceback(exc: BaseException) -> str:
@@ -88,8 +93,16 @@ class UnhandledErrorMiddleware:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """``level``: the request line's level (REQUEST_LOG_LEVEL). Whatever it is, a request to
+    QUIET_PATHS is logged at DEBUG, and one that fails with a 5xx or takes ``slow_seconds`` or
+    more at WARNING (so it shows at the default LOG_LEVEL)."""
+
+    def __init__(
+        self, app: ASGIApp, *, level: int = logging.INFO, slow_seconds: float = 1.0
+    ) -> None:
         self.app = app
+        self.level = level
+        self.slow_seconds = slow_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,12 +133,22 @@ class RequestContextMiddleware:
             except Exception as exc:
                 await _answer_unhandled(exc, scope, receive, send_with_headers, response_started)
             finally:
-                log.info(
+                seconds = time.perf_counter() - started
+                slow = seconds >= self.slow_seconds
+                if status_code >= 500 or slow:
+                    level = logging.WARNING
+                elif scope["path"] in QUIET_PATHS:
+                    level = logging.DEBUG
+                else:
+                    level = self.level
+                log.log(
+                    level,
                     "request",
                     method=scope["method"],
                     path=scope["path"],
                     status_code=status_code,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    duration_ms=round(seconds * 1000, 2),
+                    **({"slow": True} if slow else {}),
                 )
 
 

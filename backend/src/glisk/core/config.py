@@ -75,6 +75,7 @@ class WorkerOptions(TypedDict):
     max_deferrals: int
     db_timeout: float
     drain_timeout: float | None
+    reconnect_cap: float
     listen: bool
     prepare_statements: bool
 
@@ -130,6 +131,9 @@ class Settings(BaseSettings):
     # Application
     app_env: Literal["development", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # The level of the API's line per request (probes: DEBUG; 5xx and slow ones: WARNING).
+    request_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    request_slow_seconds: float = Field(default=1.0, gt=0, le=3600)
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:3000"]
     )
@@ -152,6 +156,8 @@ class Settings(BaseSettings):
     worker_max_deferrals: int = Field(default=20, ge=0, le=10000)
     worker_db_timeout: float = Field(default=10.0, gt=0, le=3600)
     worker_drain_timeout: float | None = Field(default=25.0, gt=0, le=86400)
+    # The longest pause between two reconnection tries while the database is unreachable.
+    worker_reconnect_cap: float = Field(default=5.0, gt=0, le=3600)
     # None means "not set": on unless DB_POOLER=transaction (see worker_listen_enabled).
     worker_listen: bool | None = None
     # None means "sized from the worker's concurrency" (see worker_pool_size).
@@ -164,7 +170,7 @@ class Settings(BaseSettings):
     postgres_user: str = "glisk"
     postgres_password: str | None = None
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "request_log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
@@ -260,6 +266,7 @@ class Settings(BaseSettings):
             "max_deferrals": self.worker_max_deferrals,
             "db_timeout": self.worker_db_timeout,
             "drain_timeout": self.worker_drain_timeout,
+            "reconnect_cap": self.worker_reconnect_cap,
             "listen": self.worker_listen_enabled,
             # PgBouncer up to 1.20 in transaction mode does not keep prepared statements.
             "prepare_statements": self.db_pooler != "transaction",

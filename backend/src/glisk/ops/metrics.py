@@ -20,7 +20,10 @@ path but the handler timing):
   ``glisk_worker_failures_total{kind}`` (attempt: a handler failure, retried or final;
   exhausted: a claim that found the attempts used up; deferred: a RetryLater),
   ``glisk_worker_rescues_total``, ``glisk_worker_refused_total`` (late results dropped),
-  ``glisk_worker_released_total``, ``glisk_worker_db_errors_total``
+  ``glisk_worker_released_total``, ``glisk_worker_db_errors_total``,
+  ``glisk_worker_results_given_up_total`` (finished results never recorded: an outage outlasted
+  their leases or the drain), ``glisk_worker_db_disconnected_seconds_total`` (time with the
+  database unreachable, the current outage included)
 - ``glisk_worker_handler_duration_seconds{outcome}`` (histogram; one observation per handler
   call: one token, or one reveal batch), ``glisk_worker_handlers_in_flight``
 All worker series carry ``stage`` and ``worker`` labels (the holder name recorded on claims).
@@ -199,7 +202,7 @@ class _WorkerStatsCollector(Collector):
         labels = ["stage", "worker"]
         values = [self.worker.stage.name, self.worker.holder]
 
-        def counter(name: str, doc: str, value: int) -> CounterMetricFamily:
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             family = CounterMetricFamily(name, doc, labels=labels)
             family.add_metric(values, value)
             return family
@@ -220,6 +223,16 @@ class _WorkerStatsCollector(Collector):
         yield counter("glisk_worker_released", "Claims given back unstarted", stats.released)
         yield counter(
             "glisk_worker_db_errors", "Database calls failed or timed out", stats.db_errors
+        )
+        yield counter(
+            "glisk_worker_results_given_up",
+            "Finished results and failures never recorded (an outage outlasted their leases)",
+            stats.given_up,
+        )
+        yield counter(
+            "glisk_worker_db_disconnected_seconds",
+            "Seconds with the database unreachable, the current outage included",
+            self.worker.outage.disconnected_seconds(),
         )
 
 

@@ -8,7 +8,8 @@ Two ways to take work, side by side:
   completions are fenced and written in batches.
 
 The layout: ``queries`` (every statement, whole and named), ``claims`` (what a handler gets),
-``connection`` (bounded connections), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker
+``connection`` (bounded connections), ``outage`` (an unreachable database: told once, one
+backoff for every connection), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker
 class), ``run`` (run_worker), ``repository`` (``uow.leases``), ``command`` (``glisk worker``),
 ``noop``. The stage table is ``glisk.pipeline``.
 """

@@ -2,7 +2,9 @@
 
 Exit codes, for a supervisor (systemd ``RestartPreventExitStatus=2``, Kubernetes restart policy):
 - 0: stopped by SIGTERM or SIGINT after draining (handlers in hand finished, results written);
-- 1: the database could not be reached or is not migrated at start-up (worth restarting);
+- 1: the database could not be reached or is not migrated at start-up (worth restarting); or
+  the worker stopped after giving up results it could not record (a database outage outlasted
+  their leases, or the drain): ERROR lines ``worker.results_given_up`` name the tokens;
 - 2: configuration or usage error: bad setting, unknown stage, a handler path that cannot be
   imported or is not an async function (restarting cannot help).
 Settings come from WORKER_* variables; the command-line options override them.
@@ -167,3 +169,8 @@ async def _run(worker: Any, connect: Any) -> None:
     )
     stats = await worker.run(stop)
     log.info("worker.stop", worker=worker.holder, **vars(stats))
+    if stats.given_up:
+        raise OperatorError(
+            f"{stats.given_up} finished result(s) were given up, never recorded: see the "
+            "worker.results_given_up lines for the tokens and why"
+        )

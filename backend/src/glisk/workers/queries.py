@@ -293,6 +293,18 @@ FROM tokens_s0
 WHERE {predicate} AND not_before IS NOT NULL AND claim_id IS NULL
 """
 
+_RECORDED = """
+-- recorded_{stage}: of these tokens, those whose {column} holds exactly the result given. Asked
+-- about completions the database refused after an earlier try of the same completion lost its
+-- answer (the connection died, or the time limit passed, after the commit): those were written.
+-- Reads the rows by primary key; no locks.
+SELECT t.id
+FROM tokens_s0 AS t
+JOIN unnest(CAST(%(token_ids)s AS uuid[]), CAST(%(results)s AS text[])) AS r(id, result)
+    ON t.id = r.id
+WHERE t.{column} = r.result
+"""
+
 COUNT_CLAIMED = """
 -- count_claimed: tokens under a claim, live or expired (monitoring and tests).
 SELECT count(*) FROM tokens_s0
@@ -329,6 +341,11 @@ def complete(stage: Stage) -> str:
         notify=notify,
         now=NOW,
     )
+
+
+@cache
+def recorded(stage: Stage) -> str:
+    return _RECORDED.format(stage=stage.name, column=stage.result_column)
 
 
 @cache

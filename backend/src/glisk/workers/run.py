@@ -51,6 +51,7 @@ async def run_worker(
     db_timeout: float = 10.0,
     prepare_statements: bool | None = None,
     drain_timeout: float | None = None,
+    reconnect_cap: float = 5.0,
 ) -> WorkerStats:
     """Run one stage until ``stop`` is set (or, with ``exit_when_idle``, until nothing of the
     stage is claimable, in flight or waiting out a backoff).
@@ -61,7 +62,9 @@ async def run_worker(
     (default: ``batch`` for per-token stages, one batch at a time for the reveal). Raising fails
     the attempt: the token is retried after a backoff until ``max_attempts``; PermanentError
     fails it at once; RetryLater(s) brings it back after ``s`` seconds without spending an
-    attempt. See ``Worker`` for the rest; the worker opens its own connections (three at most)
+    attempt. While the database cannot be reached, finished results are kept and written once
+    it answers; reconnection backs off up to ``reconnect_cap`` seconds. See ``Worker`` for the
+    rest; the worker opens its own connections (three at most)
     to the database ``uow_factory`` uses. ``listen`` and ``prepare_statements`` default to what
     that engine's DB_POOLER mode allows (both off behind a transaction-mode pooler).
     """
@@ -83,5 +86,6 @@ async def run_worker(
         max_deferrals=max_deferrals,
         listen=listen,
         drain_timeout=drain_timeout,
+        reconnect_cap=reconnect_cap,
     )
     return await worker.run(stop, exit_when_idle=exit_when_idle)
