@@ -73,14 +73,23 @@ class HeliaImporter:
     ) -> None:
         await self.stop()
 
-    async def cid(self, data: bytes, *, chunk_size: int = 262_144, max_links: int = 174) -> str:
-        """The CIDv1 Helia gives ``data`` as one file (raw leaves, fixed ``chunk_size`` chunks,
-        balanced DAG of ``max_links`` links per node). Raises HeliaError."""
+    async def cid(
+        self,
+        data: bytes,
+        *,
+        cid_version: int = 1,
+        chunk_size: int = 262_144,
+        max_links: int = 174,
+    ) -> str:
+        """The CID Helia gives ``data`` as one file: fixed ``chunk_size`` chunks, a balanced DAG
+        of ``max_links`` links per node; CIDv1 with raw leaves (``ipfs add --cid-version=1``) or
+        CIDv0 with dag-pb leaves. Raises HeliaError."""
         process = self._process
         if process is None or process.stdin is None or process.stdout is None:
             raise HeliaError("the importer is not running (use 'async with HeliaImporter()')")
         request = {
             "data": base64.b64encode(data).decode(),
+            "cidVersion": cid_version,
             "chunkSize": chunk_size,
             "maxChildrenPerNode": max_links,
         }

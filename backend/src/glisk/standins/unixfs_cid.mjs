@@ -3,9 +3,10 @@
 //
 // Run by glisk.standins.helia with `node --input-type=module -e <this file>` from the directory
 // holding the pinned node_modules (glisk.npm). Reads one JSON request per line on stdin:
-//   {"data": "<base64>", "chunkSize": 262144, "maxChildrenPerNode": 174}
+//   {"data": "<base64>", "cidVersion": 1, "chunkSize": 262144, "maxChildrenPerNode": 174}
 // and writes one JSON reply per line on stdout, in order: {"cid": "bafy..."} or {"error": "..."}.
-// The importer runs with raw leaves and CIDv1 (`ipfs add --cid-version=1`), no wrapping directory.
+// CIDv1 uses raw leaves (`ipfs add --cid-version=1`), CIDv0 dag-pb leaves (`ipfs add`); no
+// wrapping directory.
 import { createInterface } from 'node:readline'
 import { importer } from 'ipfs-unixfs-importer'
 import { fixedSize } from 'ipfs-unixfs-importer/chunker'
@@ -14,9 +15,10 @@ import { BlackHoleBlockstore } from 'blockstore-core/black-hole'
 
 async function cidOf (request) {
   const content = Buffer.from(request.data, 'base64')
+  const cidVersion = request.cidVersion ?? 1
   const options = {
-    cidVersion: 1,
-    rawLeaves: true,
+    cidVersion,
+    rawLeaves: cidVersion === 1,
     chunker: fixedSize({ chunkSize: request.chunkSize ?? 262144 }),
     layout: balanced({ maxChildrenPerNode: request.maxChildrenPerNode ?? 174 })
   }
