@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from glisk.errors import ServiceError, ServiceRefused, ServiceUnavailable
+from glisk.errors import ServiceError, ServiceRefused, ServiceUnavailable, first_line
 from glisk.services.http import RateLimitTransport
 
 if TYPE_CHECKING:
-    import replicate
+    from replicate.client import Client
 
 SERVICE = "replicate"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -106,12 +106,12 @@ class ReplicateService:
         timeout: float = 30.0,
         max_connections: int = 100,
     ) -> None:
-        import replicate
+        from replicate.client import Client
 
         self.model = model
         self.version = version
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
-        self._client: replicate.Client = replicate.Client(
+        self._client: Client = Client(
             api_token=api_token,
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
@@ -137,7 +137,9 @@ class ReplicateService:
         return _prediction(await self._call("create", call))
 
     async def get(self, prediction_id: str) -> Prediction:
-        return _prediction(await self._call("get", self._client.predictions.async_get(prediction_id)))
+        return _prediction(
+            await self._call("get", self._client.predictions.async_get(prediction_id))
+        )
 
     async def cancel(self, prediction_id: str) -> Prediction:
         call = self._client.predictions.async_cancel(prediction_id)
@@ -171,7 +173,9 @@ class ReplicateService:
                     raise ServiceRefused(SERVICE, f"output file gone (HTTP {response.status_code})")
                 if response.status_code != 200:
                     raise ServiceUnavailable(
-                        SERVICE, f"output file: HTTP {response.status_code}", status=response.status_code
+                        SERVICE,
+                        f"output file: HTTP {response.status_code}",
+                        status=response.status_code,
                     )
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -200,9 +204,5 @@ class ReplicateService:
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(SERVICE, f"{what}: {type(exc).__name__}") from None
         except ValueError as exc:  # a reply that is not the JSON a prediction should be
-            raise ServiceUnavailable(SERVICE, f"{what}: malformed reply ({first(exc)})") from None
-
-
-def first(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+            reason = first_line(exc)[:200]
+            raise ServiceUnavailable(SERVICE, f"{what}: malformed reply ({reason})") from None

@@ -227,10 +227,11 @@ def create_app(token: str | None = None) -> FastAPI:
 
     def fault_reply(fault: str | None) -> Response | None:
         if fault == "429":
+            seconds = f"{standin.knobs.retry_after:g}"
             response = _problem(
                 429,
                 "Request was throttled.",
-                f"Request was throttled. Your rate limit resets in ~{standin.knobs.retry_after:g}s.",
+                f"Request was throttled. Your rate limit resets in ~{seconds}s.",
             )
             response.headers["Retry-After"] = f"{standin.knobs.retry_after:g}"
             return response

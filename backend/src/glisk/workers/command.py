@@ -4,7 +4,8 @@ Exit codes, for a supervisor (systemd ``RestartPreventExitStatus=2``, Kubernetes
 - 0: stopped by SIGTERM or SIGINT after draining (handlers in hand finished, results written);
 - 1: the database could not be reached or is not migrated at start-up (worth restarting);
 - 2: configuration or usage error: bad setting, unknown stage, a handler path that cannot be
-  imported or is not an async function (restarting cannot help).
+  imported or is not an async function, a handler whose ``check()`` refuses the settings
+  (restarting cannot help).
 Settings come from WORKER_* variables; the command-line options override them.
 """
 
@@ -86,6 +87,11 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
 
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
     handler = load_handler(args.handler_path, args.stage)
+    # A handler object may check its own settings first (glisk.handlers): a missing API token
+    # stops the worker here, with one line and exit 2, rather than failing every token.
+    check = getattr(handler, "check", None)
+    if callable(check):
+        check()
     if settings.database_url is not None:
         _serve(settings, args, handler, settings.database_url)
         return
