@@ -61,6 +61,11 @@ class Lazy(Generic[T]):
         self._value: T | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def built(self) -> T | None:
+        """The value if it was built, else None (builds nothing)."""
+        return self._value
+
     async def get(self) -> T:
         if self._value is None:
             async with self._lock:

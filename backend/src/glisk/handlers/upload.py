@@ -86,26 +86,39 @@ class _Parts:
 class UploadStage:
     """The upload stage's handler; ``upload`` below is the one ``glisk worker`` runs."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, settings: Settings | None = None, uow_factory: UnitOfWorkFactory | None = None
+    ) -> None:
+        """``settings`` and ``uow_factory`` default to ``load_settings()`` and the worker's
+        database, read on first use (nothing happens here)."""
+        self._settings = settings
+        self._uow_factory = uow_factory
         self._parts = Lazy(self._build)
+
+    def _load(self) -> Settings:
+        from glisk.core.config import load_settings
+
+        return self._settings or load_settings()
 
     def check(self) -> None:
         """Validate the settings this handler needs (ConfigError naming the variable)."""
-        from glisk.core.config import load_settings
+        self._load().require_secret("pinata_jwt")
 
-        load_settings().require_secret("pinata_jwt")
+    async def aclose(self) -> None:
+        """Close the service client, if one was built."""
+        if self._parts.built is not None:
+            await self._parts.built.service.aclose()
 
     async def _build(self) -> _Parts:
-        from glisk.core.config import load_settings
         from glisk.services.pinata import PinataService
 
-        settings = load_settings()
+        settings = self._load()
         service = PinataService(
             jwt=settings.require_secret("pinata_jwt"),
             api_url=settings.pinata_api_url,
             timeout=settings.pinata_http_timeout,
         )
-        return _Parts(settings, service, uow_factory_for(settings))
+        return _Parts(settings, service, self._uow_factory or uow_factory_for(settings))
 
     async def __call__(self, claim: Claim) -> str:
         parts = await self._parts.get()
