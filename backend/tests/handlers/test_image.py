@@ -25,7 +25,7 @@ from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
 from tests.support import factories
 from tests.support.factories import expire_leases
-from tests.support.services import REPLICATE_TOKEN, handler_settings, replicate_standin
+from tests.support.services import REPLICATE_TOKEN, handler_settings, records_on, replicate_standin
 from tests.support.waiting import eventually
 
 IMAGE = STAGES[StageName.IMAGE]
@@ -49,7 +49,7 @@ async def stage(
     tmp_path: Path, uow_factory: UnitOfWorkFactory, control: StandinControl
 ) -> AsyncIterator[ImageStage]:
     handler = ImageStage(
-        handler_settings(tmp_path / "images", replicate_url=control.url), uow_factory
+        handler_settings(tmp_path / "images", replicate_url=control.url), records_on(uow_factory)
     )
     yield handler
     await handler.aclose()
@@ -92,6 +92,13 @@ async def _run(uow_factory: UnitOfWorkFactory, handler: ImageStage, **options: A
     return await asyncio.wait_for(worker.run(exit_when_idle=True), 30)
 
 
+def test_the_prompt_limit_is_the_authors_tables() -> None:
+    from glisk.handlers import image
+    from glisk.models.author import PROMPT_MAX
+
+    assert image.PROMPT_MAX == PROMPT_MAX
+
+
 def test_a_prompt_is_checked_before_any_call() -> None:
     assert validate_prompt("  two lines\n\tand a tab  ") == "two lines\n\tand a tab"
     for bad, rule in (
@@ -114,12 +121,16 @@ async def test_a_token_gets_one_prediction_and_its_image_stored_under_its_hash(
     row = await _row(uow_factory, token)
     path = Path(row["image_path"])
     assert path.parent == tmp_path / "images"
-    assert path.name == hashlib.sha256(path.read_bytes()).hexdigest() + ".png"
+    assert path.name == _sha256_of(path) + ".png"
     report = control.stats()
     assert report["created"] == 1
     (recorded,) = report["by_input"]
     assert f'"seed":{seed_for(token)}' in recorded and PROMPT in recorded
     assert await _jobs(uow_factory, token) == [(ImageJobStatus.COMPLETED.value, report_id(control))]
+
+
+def _sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def report_id(control: StandinControl) -> str:
@@ -237,7 +248,7 @@ async def test_a_prediction_past_its_timeout_is_canceled_and_the_next_attempt_ma
     settings = handler_settings(
         tmp_path / "images", replicate_url=control.url, replicate_prediction_timeout=0.3
     )
-    handler = ImageStage(settings, uow_factory)
+    handler = ImageStage(settings, records_on(uow_factory))
     token = await _token(uow_factory)
     try:
         stats = await _run(uow_factory, handler)

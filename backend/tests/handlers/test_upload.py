@@ -26,7 +26,7 @@ from glisk.workers import Worker
 from glisk.workers.run import connect_options_of
 from glisk.workers.stages import STAGES, StageName
 from tests.support import factories
-from tests.support.services import handler_settings, pinata_standin
+from tests.support.services import handler_settings, pinata_standin, records_on
 
 UPLOAD = STAGES[StageName.UPLOAD]
 PROMPT = "a lighthouse at dusk, drawn in ink"
@@ -48,7 +48,9 @@ def control(pinata: tuple[RunningStandin, StandinControl]) -> StandinControl:
 async def stage(
     tmp_path: Path, uow_factory: UnitOfWorkFactory, control: StandinControl
 ) -> AsyncIterator[UploadStage]:
-    handler = UploadStage(handler_settings(tmp_path, pinata_url=control.url), uow_factory)
+    handler = UploadStage(
+        handler_settings(tmp_path, pinata_url=control.url), records_on(uow_factory)
+    )
     yield handler
     await handler.aclose()
 
@@ -69,6 +71,11 @@ def _image(tmp_path: Path, extra: int = 0) -> Path:
     noise = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(extra // 32 + 1))
     path.write_bytes(render_png(b"an image", 64) + noise[:extra])
     return path
+
+
+def _gateway(control: StandinControl, cid: str) -> httpx.Response:
+    """GET /ipfs/CID from the stand-in (blocking: a test's one read)."""
+    return httpx.get(f"{control.url}/ipfs/{cid}")
 
 
 async def _run(uow_factory: UnitOfWorkFactory, handler: UploadStage) -> Any:
@@ -113,14 +120,14 @@ async def test_the_image_and_its_metadata_are_pinned_under_the_cids_computed_bef
     assert row["status"] == TokenStatus.READY
     assert row["metadata_cid"] == file_cid(expected)
     # Fetched back from the service: ERC-721 JSON pointing at the image, the image's bytes.
-    metadata = httpx.get(f"{control.url}/ipfs/{row['metadata_cid']}").json()
+    metadata = _gateway(control, row["metadata_cid"]).json()
     assert metadata == {
         "name": f"GLISK #{row['token_id']}",
         "description": PROMPT,
         "image": f"ipfs://{image_cid}",
         "attributes": [{"trait_type": "Author", "value": wallet}],
     }
-    assert httpx.get(f"{control.url}/ipfs/{image_cid}").content == image.read_bytes()
+    assert _gateway(control, image_cid).content == image.read_bytes()
     assert await _records(uow_factory, token) == {
         "image": ("completed", image_cid, None),
         "metadata": ("completed", row["metadata_cid"], None),

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from glisk.core.config import Settings
+from glisk.handlers.records import Records
 from glisk.standins.http_service import RunningStandin, StandinControl, standin_process
+from glisk.uow import UnitOfWorkFactory
+from glisk.workers.run import connect_options_of
 
 REPLICATE_TOKEN = "r8_test_token"
 PINATA_JWT = "pinata.test.jwt"
@@ -50,3 +53,8 @@ def handler_settings(
     }
     fields.update(overrides)
     return Settings(_env_file=None, **fields)  # pyright: ignore[reportCallIssue]
+
+
+def records_on(uow_factory: UnitOfWorkFactory) -> Records:
+    """The handlers' database access on the test database."""
+    return Records(connect_options_of(uow_factory))

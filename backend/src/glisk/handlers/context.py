@@ -1,19 +1,13 @@
-"""What both stage handlers build on first use: the settings, and the database they record
-their jobs in (the worker's own, DATABASE_URL or the embedded server)."""
+"""What both stage handlers share: the worker's database URL, and values built on first use."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
-from uuid import UUID
-
-from glisk.errors import PermanentError
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
-    from glisk.uow import UnitOfWorkFactory
 
 T = TypeVar("T")
 
@@ -27,30 +21,6 @@ def database_url(settings: Settings) -> str:
     from glisk.core.config import normalize_database_url
 
     return normalize_database_url(_url_for_tools(settings))
-
-
-def uow_factory_for(settings: Settings) -> UnitOfWorkFactory:
-    """A unit-of-work factory on the worker's database, pooled like a worker's (no I/O)."""
-    from glisk.core.database import setup_db_session
-    from glisk.uow import create_uow_factory
-
-    options = settings.engine_options("worker", concurrency=settings.worker_concurrency or 10)
-    return create_uow_factory(setup_db_session(database_url(settings), **options))
-
-
-@dataclass(frozen=True)
-class Author:
-    wallet: str
-    prompt: str
-
-
-async def author_of(uow_factory: UnitOfWorkFactory, author_id: UUID) -> Author:
-    """The token's author; PermanentError when it is gone (the token cannot be made)."""
-    async with uow_factory() as uow:
-        author = await uow.authors.get_by_id(author_id)
-    if author is None:
-        raise PermanentError(f"author {author_id} not found")
-    return Author(wallet=author.wallet_address, prompt=author.prompt_text)
 
 
 class Lazy(Generic[T]):

@@ -58,16 +58,14 @@ from glisk.errors import (
     ServiceRefused,
     ServiceUnavailable,
 )
-from glisk.handlers.context import Lazy, author_of, uow_factory_for
-from glisk.models.author import PROMPT_MAX
-from glisk.models.enums import ImageJobStatus, ImageService
+from glisk.handlers.context import Lazy
+from glisk.handlers.records import JobStatus, Records, records_for
 from glisk.workers.checkpoints import checkpoint
 from glisk.workers.claims import Claim
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
     from glisk.services.replicate import Prediction, ReplicateService
-    from glisk.uow import UnitOfWorkFactory
 
 log = structlog.get_logger("glisk.handlers.image")
 
@@ -78,6 +76,9 @@ CLOCK_SKEW = timedelta(minutes=2)
 REFUSAL_WORDS = ("nsfw", "safety", "content policy", "inappropriate")
 EXTENSIONS = {"image/png": "png", "image/webp": "webp", "image/jpeg": "jpg", "image/gif": "gif"}
 ALLOWED_CONTROLS = frozenset("\t\n")
+# The authors table's rule (glisk.models.author.PROMPT_MAX), not imported: the ORM stays unloaded
+# in worker processes. tests/handlers checks that the two agree.
+PROMPT_MAX = 500
 
 
 class PromptRefused(PermanentError):
@@ -121,19 +122,17 @@ def store_image(directory: Path, data: bytes, content_type: str) -> Path:
 class _Parts:
     settings: Settings
     service: ReplicateService
-    uow_factory: UnitOfWorkFactory
+    records: Records
 
 
 class ImageStage:
     """The image stage's handler; ``generate`` below is the one ``glisk worker`` runs."""
 
-    def __init__(
-        self, settings: Settings | None = None, uow_factory: UnitOfWorkFactory | None = None
-    ) -> None:
-        """``settings`` and ``uow_factory`` default to ``load_settings()`` and the worker's
+    def __init__(self, settings: Settings | None = None, records: Records | None = None) -> None:
+        """``settings`` and ``records`` default to ``load_settings()`` and the worker's
         database, read on first use (nothing happens here)."""
         self._settings = settings
-        self._uow_factory = uow_factory
+        self._records = records
         self._parts = Lazy(self._build)
 
     def _load(self) -> Settings:
@@ -146,9 +145,10 @@ class ImageStage:
         self._load().require_secret("replicate_api_token")
 
     async def aclose(self) -> None:
-        """Close the service client, if one was built."""
+        """Close the service client and the database connection, if they were opened."""
         if self._parts.built is not None:
             await self._parts.built.service.aclose()
+            await self._parts.built.records.close()
 
     async def _build(self) -> _Parts:
         from glisk.services.replicate import ReplicateService
@@ -161,7 +161,7 @@ class ImageStage:
             base_url=settings.replicate_base_url,
             timeout=settings.replicate_http_timeout,
         )
-        return _Parts(settings, service, self._uow_factory or uow_factory_for(settings))
+        return _Parts(settings, service, self._records or records_for(settings))
 
     async def __call__(self, claim: Claim) -> str:
         parts = await self._parts.get()
@@ -178,7 +178,7 @@ class _Generation:
         self.claim = claim
         self.settings = parts.settings
         self.service = parts.service
-        self.uow_factory = parts.uow_factory
+        self.records = parts.records
         # The checkpoint as the previous holder (or attempt) left it, then as this call writes it.
         self.state: dict[str, Any] = dict((claim.checkpoint or {}).get("replicate") or {})
 
@@ -197,25 +197,23 @@ class _Generation:
 
     async def _record(
         self,
-        status: ImageJobStatus,
+        status: JobStatus,
         prediction_id: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        async with self.uow_factory() as uow:
-            await uow.image_jobs.record(
-                uuid.UUID(self.state["job"]),
-                self.claim.token_uuid,
-                service=ImageService.REPLICATE,
-                status=status,
-                external_job_id=prediction_id,
-                error=error,
-            )
+        await self.records.image_job(
+            uuid.UUID(self.state["job"]),
+            self.claim.token_uuid,
+            status,
+            prediction_id=prediction_id,
+            error=error,
+        )
 
     async def _intend(self) -> None:
         """Record the intent to create a prediction: a new job, the input, the time."""
         previous_input = self.state.get("input")
         if previous_input is None:
-            author = await author_of(self.uow_factory, self.claim.author_id)
+            author = await self.records.author(self.claim.author_id)
             previous_input = {
                 **self.settings.replicate_input,
                 "prompt": validate_prompt(author.prompt),
@@ -228,7 +226,7 @@ class _Generation:
             "since": datetime.now(UTC).isoformat(),
         }
         await self._save()
-        await self._record(ImageJobStatus.PENDING)
+        await self._record("pending")
 
     # -- the prediction -------------------------------------------------------------------------
 
@@ -256,10 +254,10 @@ class _Generation:
             status=prediction.status,
         )
         if prediction.status == "failed" and not _refused(prediction):
-            await self._record(ImageJobStatus.FAILED, prediction.id, _error_of(prediction))
+            await self._record("failed", prediction.id, _error_of(prediction))
             return None  # an ordinary failure: this attempt makes a new prediction
         if prediction.status == "canceled":
-            await self._record(ImageJobStatus.FAILED, prediction.id, {"status": "canceled"})
+            await self._record("failed", prediction.id, {"status": "canceled"})
             return None
         return prediction
 
@@ -275,7 +273,7 @@ class _Generation:
         created = prediction.created_at.timestamp() if prediction.created_at else time.time()
         self.state = {**self.state, "prediction": prediction.id, "created": created}
         await self._save()
-        await self._record(ImageJobStatus.RUNNING, prediction.id)
+        await self._record("running", prediction.id)
 
     async def _create(self) -> Prediction:
         if not self.state or self.state.get("prediction"):
@@ -295,7 +293,7 @@ class _Generation:
             log.info("image.adopted_lost_create", token_id=self.claim.token_id, prediction=found.id)
             prediction = found
         except ServiceRefused as exc:
-            await self._record(ImageJobStatus.FAILED, None, {"refused": str(exc)})
+            await self._record("failed", None, {"refused": str(exc)})
             raise PromptRefused(f"the model refused the input: {exc}") from exc
         await self._adopt(prediction)
         return prediction
@@ -307,7 +305,7 @@ class _Generation:
         while not prediction.done:
             if time.time() >= deadline:
                 await self.service.cancel(prediction.id)
-                await self._record(ImageJobStatus.FAILED, prediction.id, {"status": "timed out"})
+                await self._record("failed", prediction.id, {"status": "timed out"})
                 raise ServiceError(
                     "replicate",
                     f"prediction {prediction.id} still {prediction.status} after "
@@ -321,7 +319,7 @@ class _Generation:
         if prediction.status == "succeeded":
             urls = prediction.output_urls()
             if not urls:
-                await self._record(ImageJobStatus.FAILED, prediction.id, {"output": "none"})
+                await self._record("failed", prediction.id, {"output": "none"})
                 raise ServiceError("replicate", f"prediction {prediction.id} has no output URL")
             try:
                 data, content_type = await self.service.download(urls[0])
@@ -329,12 +327,12 @@ class _Generation:
                 # The output expired (or is unusable): the next attempt makes a new prediction.
                 self.state = {**self.state, "expired": True}
                 await self._save()
-                await self._record(ImageJobStatus.FAILED, prediction.id, {"output": str(exc)})
+                await self._record("failed", prediction.id, {"output": str(exc)})
                 raise ServiceError("replicate", f"prediction {prediction.id}: {exc}") from exc
             path = await asyncio.to_thread(store_image, self.settings.image_dir, data, content_type)
-            await self._record(ImageJobStatus.COMPLETED, prediction.id)
+            await self._record("completed", prediction.id)
             return str(path)
-        await self._record(ImageJobStatus.FAILED, prediction.id, _error_of(prediction))
+        await self._record("failed", prediction.id, _error_of(prediction))
         if _refused(prediction):
             raise PromptRefused(f"the model refused the prompt: {_reason(prediction)}")
         raise ServiceError(

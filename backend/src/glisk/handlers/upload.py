@@ -34,7 +34,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -46,21 +46,22 @@ from glisk.errors import (
     ServiceRefused,
     ServiceUnavailable,
 )
-from glisk.handlers.context import Lazy, author_of, uow_factory_for
-from glisk.models.enums import IPFSRecordType, IPFSUploadStatus
+from glisk.handlers.context import Lazy
+from glisk.handlers.records import Records, UploadStatus, records_for
 from glisk.workers.checkpoints import checkpoint
 from glisk.workers.claims import Claim
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
     from glisk.services.pinata import PinataService
-    from glisk.uow import UnitOfWorkFactory
 
 log = structlog.get_logger("glisk.handlers.upload")
 
 COLLECTION = "GLISK"
 # A lost reply or a 5xx while pinning is tried again this many times, after these pauses.
 PIN_RETRY_DELAYS = (0.2, 1.0)
+Part = Literal["image", "metadata"]
+PARTS: tuple[Part, ...] = ("image", "metadata")
 CONTENT_TYPES = {".png": "image/png", ".webp": "image/webp", ".jpg": "image/jpeg"}
 
 
@@ -80,19 +81,17 @@ def metadata_document(token_id: int, image_cid: str, wallet: str, prompt: str) -
 class _Parts:
     settings: Settings
     service: PinataService
-    uow_factory: UnitOfWorkFactory
+    records: Records
 
 
 class UploadStage:
     """The upload stage's handler; ``upload`` below is the one ``glisk worker`` runs."""
 
-    def __init__(
-        self, settings: Settings | None = None, uow_factory: UnitOfWorkFactory | None = None
-    ) -> None:
-        """``settings`` and ``uow_factory`` default to ``load_settings()`` and the worker's
+    def __init__(self, settings: Settings | None = None, records: Records | None = None) -> None:
+        """``settings`` and ``records`` default to ``load_settings()`` and the worker's
         database, read on first use (nothing happens here)."""
         self._settings = settings
-        self._uow_factory = uow_factory
+        self._records = records
         self._parts = Lazy(self._build)
 
     def _load(self) -> Settings:
@@ -105,9 +104,10 @@ class UploadStage:
         self._load().require_secret("pinata_jwt")
 
     async def aclose(self) -> None:
-        """Close the service client, if one was built."""
+        """Close the service client and the database connection, if they were opened."""
         if self._parts.built is not None:
             await self._parts.built.service.aclose()
+            await self._parts.built.records.close()
 
     async def _build(self) -> _Parts:
         from glisk.services.pinata import PinataService
@@ -118,7 +118,7 @@ class UploadStage:
             api_url=settings.pinata_api_url,
             timeout=settings.pinata_http_timeout,
         )
-        return _Parts(settings, service, self._uow_factory or uow_factory_for(settings))
+        return _Parts(settings, service, self._records or records_for(settings))
 
     async def __call__(self, claim: Claim) -> str:
         parts = await self._parts.get()
@@ -134,7 +134,7 @@ class _Upload:
     def __init__(self, claim: Claim, parts: _Parts) -> None:
         self.claim = claim
         self.service = parts.service
-        self.uow_factory = parts.uow_factory
+        self.records = parts.records
         self.state: dict[str, Any] = dict((claim.checkpoint or {}).get("pinata") or {})
 
     async def run(self) -> str:
@@ -149,9 +149,9 @@ class _Upload:
         if self.state.get("image", {}).get("cid") != image_cid:
             await self._plan(image_cid)
         document = self.state["metadata"]["document"].encode()
-        parts = (
-            (IPFSRecordType.IMAGE, image, image_path.name, _content_type(image_path)),
-            (IPFSRecordType.METADATA, document, f"{self.claim.token_id}.json", "application/json"),
+        parts: tuple[tuple[Part, bytes, str, str], ...] = (
+            ("image", image, image_path.name, _content_type(image_path)),
+            ("metadata", document, f"{self.claim.token_id}.json", "application/json"),
         )
         for kind, data, name, content_type in parts:
             await self._pin(kind, data, name, content_type)
@@ -160,7 +160,7 @@ class _Upload:
     async def _plan(self, image_cid: str) -> None:
         """Compute the metadata and both CIDs, checkpoint them with new record ids, and record
         both uploads (before anything is pinned)."""
-        author = await author_of(self.uow_factory, self.claim.author_id)
+        author = await self.records.author(self.claim.author_id)
         document = metadata_document(self.claim.token_id, image_cid, author.wallet, author.prompt)
         self.state = {
             "image": {"record": str(uuid.uuid4()), "cid": image_cid, "pinned": False},
@@ -172,28 +172,22 @@ class _Upload:
             },
         }
         await checkpoint(self.claim, {"pinata": self.state})
-        for kind in (IPFSRecordType.IMAGE, IPFSRecordType.METADATA):
-            await self._record(kind, IPFSUploadStatus.UPLOADING)
+        for kind in PARTS:
+            await self._record(kind, "uploading")
 
     async def _record(
-        self, kind: IPFSRecordType, status: IPFSUploadStatus, error: dict[str, Any] | None = None
+        self, kind: Part, status: UploadStatus, error: dict[str, Any] | None = None
     ) -> None:
-        part = self.state[kind.value]
-        async with self.uow_factory() as uow:
-            await uow.ipfs_records.record(
-                uuid.UUID(part["record"]),
-                self.claim.token_uuid,
-                record_type=kind,
-                cid=part["cid"],
-                status=status,
-                error=error,
-            )
+        part = self.state[kind]
+        await self.records.upload(
+            uuid.UUID(part["record"]), self.claim.token_uuid, kind, part["cid"], status, error=error
+        )
 
-    async def _pin(self, kind: IPFSRecordType, data: bytes, name: str, content_type: str) -> None:
-        part = self.state[kind.value]
+    async def _pin(self, kind: Part, data: bytes, name: str, content_type: str) -> None:
+        part = self.state[kind]
         if part["pinned"]:
             return
-        keyvalues = {"token_id": str(self.claim.token_id), "part": kind.value}
+        keyvalues = {"token_id": str(self.claim.token_id), "part": kind}
         for delay in (*PIN_RETRY_DELAYS, None):
             try:
                 pinned = await self.service.pin_file(
@@ -208,16 +202,16 @@ class _Upload:
             raise AssertionError("unreachable")
         if pinned.cid != part["cid"]:
             error = {"expected": part["cid"], "pinned": pinned.cid}
-            await self._record(kind, IPFSUploadStatus.FAILED, error)
-            log.error("upload.cid_mismatch", token_id=self.claim.token_id, part=kind.value, **error)
+            await self._record(kind, "failed", error)
+            log.error("upload.cid_mismatch", token_id=self.claim.token_id, part=kind, **error)
             raise CIDMismatch(part["cid"], pinned.cid)
         part["pinned"] = True
         await checkpoint(self.claim, {"pinata": self.state})
-        await self._record(kind, IPFSUploadStatus.COMPLETED)
+        await self._record(kind, "completed")
         log.debug(
             "upload.pinned",
             token_id=self.claim.token_id,
-            part=kind.value,
+            part=kind,
             duplicate=pinned.duplicate,
         )
 
