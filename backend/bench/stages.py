@@ -26,6 +26,7 @@ from glisk.workers.stages import STAGES, StageName
 from glisk.workers.worker import Worker
 
 TOKEN = "bench-token"  # noqa: S105 - the stand-ins' throwaway credential
+READY = "SELECT count(*) FROM tokens_s0 WHERE status = 'ready'"
 EMPTY = "TRUNCATE authors, tokens_s0, image_generation_jobs, ipfs_upload_records CASCADE"
 
 
@@ -52,10 +53,18 @@ async def _through(url: str, image: Any, upload: Any, concurrency: int, tokens: 
         Worker(STAGES[StageName.IMAGE], image, connect, **options),
         Worker(STAGES[StageName.UPLOAD], upload, connect, **options),
     ]
+    stop = asyncio.Event()
     started = time.perf_counter()
-    await asyncio.gather(*(worker.run(exit_when_idle=True) for worker in workers))
+    running = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    # The upload stage idles until images arrive: both run until every token is ready.
+    while (await asyncio.to_thread(query, url, READY))[0][0] < tokens:
+        if any(task.done() for task in running):
+            break  # a worker died: its exception surfaces below
+        await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
-    (ready,) = query(url, "SELECT count(*) FROM tokens_s0 WHERE status = 'ready'")[0]
+    stop.set()
+    await asyncio.gather(*running)
+    (ready,) = query(url, READY)[0]
     assert ready == tokens, f"{ready} of {tokens} tokens ready"
     return elapsed
 

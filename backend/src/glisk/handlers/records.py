@@ -67,13 +67,27 @@ class Author:
 
 
 class Records:
-    """The handlers' database access: ``Records(ConnectOptions(url))``; no I/O until used."""
+    """The handlers' database access: ``Records(ConnectOptions(url))``; no I/O until used.
 
-    def __init__(self, connect: ConnectOptions) -> None:
-        self._link = Link(connect)
+    ``connections`` links, opened as needed: a statement goes to a free one (else the next in
+    turn), so handlers running at once commit side by side instead of queueing behind one
+    connection's commits."""
+
+    def __init__(self, connect: ConnectOptions, connections: int = 4) -> None:
+        self._links = [Link(connect) for _ in range(max(1, connections))]
+        self._turn = 0
+
+    @property
+    def _link(self) -> Link:
+        for link in self._links:
+            if not link.lock.locked():
+                return link
+        self._turn = (self._turn + 1) % len(self._links)
+        return self._links[self._turn]
 
     async def close(self) -> None:
-        await self._link.close()
+        for link in self._links:
+            await link.close()
 
     async def author(self, author_id: UUID) -> Author:
         """The token's author; PermanentError when it is gone (the token cannot be made)."""
