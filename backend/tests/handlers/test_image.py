@@ -259,3 +259,32 @@ async def test_a_prediction_past_its_timeout_is_canceled_and_the_next_attempt_ma
     assert report["created"] == 2
     assert report["by_status"] == {"canceled": 1, "succeeded": 1}
     assert [status for status, _ in await _jobs(uow_factory, token)] == ["completed", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "REPLICATE_API_TOKEN: is required by this stage's handler"),
+        (
+            {"REPLICATE_API_TOKEN": "r8_secret_value", "REPLICATE_MODEL": "no-slash"},
+            "REPLICATE_MODEL: must be owner/name",
+        ),
+    ],
+)
+def test_the_worker_refuses_to_start_without_its_settings(
+    env: dict[str, str], message: str
+) -> None:
+    import subprocess
+
+    from tests.support.processes import GLISK, glisk_env
+
+    result = subprocess.run(
+        [*GLISK, "worker", "image", "--handler", "glisk.handlers.image:generate"],
+        env=glisk_env("REPLICATE_*", **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "r8_secret_value" not in result.stdout + result.stderr
