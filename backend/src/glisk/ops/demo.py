@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from glisk.ops.demo_stages import StageFacts
 
 STAGES = ("image", "upload", "reveal")
+# Under chaos, a worker is killed only once it has run this long.
+MIN_AGE = 3.0
 
 SEED = """
 INSERT INTO authors (id, wallet_address, prompt_text, created_at)
@@ -75,6 +77,7 @@ class Pool:
     )
     kills: int = 0
     started: int = 0
+    born: dict[int, float] = field(default_factory=dict[int, float])  # pid -> monotonic start
 
     def spawn(self, stage: str) -> subprocess.Popen[bytes]:
         self.started += 1
@@ -98,6 +101,7 @@ class Pool:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        self.born[process.pid] = time.monotonic()
         return process
 
     def start(self) -> None:
@@ -105,9 +109,19 @@ class Pool:
             self.processes[stage] = [self.spawn(stage) for _ in range(self.workers)]
 
     def kill_one(self, rng: random.Random) -> None:
-        stage = rng.choice(STAGES)
+        """SIGKILL a random worker that has run at least MIN_AGE seconds (a machine slow to start
+        processes would otherwise kill workers before they ever claim), and start another."""
+        now = time.monotonic()
+        old = [
+            (stage, index)
+            for stage in STAGES
+            for index, process in enumerate(self.processes[stage])
+            if now - self.born.get(process.pid, now) >= MIN_AGE
+        ]
+        if not old:
+            return
+        stage, index = rng.choice(old)
         victims = self.processes[stage]
-        index = rng.randrange(len(victims))
         victims[index].kill()
         victims[index].wait()
         self.kills += 1
