@@ -14,6 +14,16 @@ COMMANDS = {
     "mint": ("runtime", {"seconds": 3.0}),
     "http": ("serving", {"seconds": 10}),
     "startup": ("serving", {"repeat": 3, "skip_suite": False, "imports_only": False}),
+    "stages": (
+        "stages",
+        {
+            "tokens": 1000,
+            "concurrency": "16,64",
+            "prediction_seconds": 30.0,
+            "in_flight_concurrency": 64,
+            "window": 20.0,
+        },
+    ),
 }
 
 parser = argparse.ArgumentParser("python -m bench", description=__doc__)

@@ -14,6 +14,9 @@
     │   │   ├── UniqueViolation, ForeignKeyViolation, CheckViolation, NotNullViolation
     │   └── DatabaseTimeout      a worker's statement did not answer within its bound
     ├── PermanentError, RetryLater   what a stage handler raises to steer its token
+    │   └── CIDMismatch          (a PermanentError) a pin came back under another CID
+    ├── ServiceError             a paid service failed a request (glisk.services)
+    │   ├── ServiceRateLimited, ServiceUnavailable, ServiceRefused
     ├── LeaseLost                a checkpoint was refused: the claim is no longer held
     └── ChainError, InvalidTransaction, RevealNotConfirmed   the stand-ins (glisk.standins)
 
@@ -312,3 +315,45 @@ class LeaseLost(GliskError):
     """A checkpoint was refused: this worker no longer holds every claim it named (the lease ran
     out, another worker may hold the token now). A handler that gets it must stop before any
     external effect; raised out of a handler, the worker drops the result as refused."""
+
+
+# --- the paid services the stages call (glisk.services) ----------------------------------------
+
+
+class ServiceError(GliskError):
+    """A request to an external service (the image model, the pinning service) failed. Messages
+    name the service and the HTTP status or transport error; never a credential or a prompt."""
+
+    def __init__(self, service: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(f"{service}: {message}")
+        self.service = service
+        self.status = status
+
+
+class ServiceRateLimited(ServiceError):
+    """HTTP 429: call again after ``retry_after`` seconds (the ``Retry-After`` header)."""
+
+    def __init__(self, service: str, retry_after: float) -> None:
+        super().__init__(service, f"rate limited, retry after {retry_after:g} s", status=429)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(ServiceError):
+    """No usable answer: a refused or dropped connection, a timeout, a reply cut off, an HTTP 5xx.
+    For a request that creates something (a prediction, a pin) the outcome is unknown: it may
+    have been done."""
+
+
+class ServiceRefused(ServiceError):
+    """The service answered that this request cannot succeed as sent (a 4xx such as an input
+    that fails validation, or a prompt the model refuses): sending it again will not help."""
+
+
+class CIDMismatch(PermanentError):
+    """A pinning service pinned the bytes under another CID than the one computed for them
+    before pinning: the record is refused and the token does not move on."""
+
+    def __init__(self, expected: str, pinned: str) -> None:
+        super().__init__(f"pinned as {pinned}, but the bytes' CID is {expected}")
+        self.expected = expected
+        self.pinned = pinned

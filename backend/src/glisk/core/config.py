@@ -8,10 +8,11 @@ environment variable and the rule it broke.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from glisk.errors import ConfigError
@@ -165,6 +166,31 @@ class Settings(BaseSettings):
     # A worker's Prometheus endpoint (glisk worker --metrics-port); unset: none.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
+    # The image stage's handler (glisk.handlers.image): Replicate's HTTP API. Secrets are
+    # SecretStr: their repr, logs and error messages show '**********'.
+    replicate_api_token: SecretStr | None = None
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_model: str = "black-forest-labs/flux-schnell"
+    # None: the model's latest version (POST /v1/models/{owner}/{name}/predictions).
+    replicate_version: str | None = None
+    # Extra model inputs (a JSON object) sent with every prediction, e.g. {"output_format":"png"}.
+    replicate_input: dict[str, Any] = Field(default_factory=dict[str, Any])
+    # The model input that takes a seed; each token gets its own, derived from its id, so a
+    # prediction whose reply was lost can be recognised among the account's predictions.
+    # Empty: the model takes no seed (a create whose reply was lost may then be paid twice).
+    replicate_seed_input: str = "seed"
+    replicate_poll_interval: float = Field(default=1.0, gt=0, le=60)
+    replicate_prediction_timeout: float = Field(default=300.0, gt=0, le=86400)
+    replicate_http_timeout: float = Field(default=30.0, gt=0, le=600)
+    # Where generated images are stored, named after their sha256 (None: .glisk/images under
+    # project_dir()). The upload stage's workers read them from there: share it between them.
+    glisk_image_dir: Path | None = None
+
+    # The upload stage's handler (glisk.handlers.upload): Pinata's pinning API.
+    pinata_jwt: SecretStr | None = None
+    pinata_api_url: str = "https://api.pinata.cloud"
+    pinata_http_timeout: float = Field(default=60.0, gt=0, le=600)
+
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
     postgres_user: str = "glisk"
@@ -185,6 +211,45 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # `WORKER_LISTEN=` in a .env file means "not set", not an invalid boolean.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator(
+        "replicate_api_token", "replicate_version", "pinata_jwt", "glisk_image_dir", mode="before"
+    )
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("replicate_base_url", "pinata_api_url")
+    @classmethod
+    def _service_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        scheme, _, host = value.partition("://")
+        if scheme not in ("http", "https") or not host:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("replicate_model")
+    @classmethod
+    def _replicate_model(cls, value: str) -> str:
+        owner, sep, name = value.strip().partition("/")
+        if not sep or not owner or not name or "/" in name or ":" in name:
+            raise ValueError("must be owner/name (the version goes in REPLICATE_VERSION)")
+        return f"{owner}/{name}"
+
+    @field_validator("replicate_version")
+    @classmethod
+    def _replicate_version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value.strip()):
+            raise ValueError("must be a version id: 64 lowercase hexadecimal characters")
+        return None if value is None else value.strip()
+
+    @field_validator("replicate_seed_input")
+    @classmethod
+    def _seed_input(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be an input name (letters, digits, _) or empty")
+        return value
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -247,7 +312,31 @@ class Settings(BaseSettings):
             )
         if "*" in self.cors_origins:
             raise ValueError("CORS_ORIGINS may not contain '*' when APP_ENV=production")
+        for name in ("replicate_base_url", "pinata_api_url"):
+            if not getattr(self, name).startswith("https://"):
+                raise ValueError(
+                    f"{name.upper()} must use https:// when APP_ENV=production "
+                    "(the API token travels with every request)"
+                )
         return self
+
+    def require_secret(self, name: Literal["replicate_api_token", "pinata_jwt"]) -> str:
+        """The secret setting ``name``, for a handler that needs it. Raises ConfigError naming the
+        variable when it is unset, or a placeholder when APP_ENV=production. The value is never
+        part of a message."""
+        secret: SecretStr | None = getattr(self, name)
+        value = secret.get_secret_value().strip() if secret is not None else ""
+        if not value:
+            raise ConfigError(f"{name.upper()}: is required by this stage's handler")
+        if self.app_env == "production" and value.lower() in PLACEHOLDER_SECRETS:
+            raise ConfigError(f"{name.upper()}: is a placeholder; set the real token")
+        return value
+
+    @property
+    def image_dir(self) -> Path:
+        """Where the image stage stores images: GLISK_IMAGE_DIR, else .glisk/images under
+        project_dir()."""
+        return self.glisk_image_dir or project_dir() / ".glisk" / "images"
 
     @property
     def embedded(self) -> bool:

@@ -1,12 +1,16 @@
 """``glisk demo``: the whole pipeline on this machine, in worker processes, with nothing to set.
 
 A throwaway embedded PostgreSQL (never DATABASE_URL: the demo must not write into a real
-database), migrated; one author and N minted tokens; the fake chain in its own process; for each
-stage ``--workers`` ``glisk worker`` processes running ``glisk.ops.demo_handlers``. Progress is
+database), migrated; one author and N minted tokens; the fake chain in its own process, the
+Replicate and Pinata stand-ins in theirs; for each stage ``--workers`` ``glisk worker``
+processes: the image and upload stages run the real handlers (``glisk.handlers``) against the
+stand-ins (``glisk.ops.demo_stages``), the reveal stage ``glisk.ops.demo_handlers``. Progress is
 ``glisk status``'s table, refreshed in place. ``--chaos`` SIGKILLs a random worker about every
 second and starts a new one in its place: leases expire, tokens are rescued, a reveal in flight
-is reconciled, and every token must still be revealed exactly once. Ends with a verification
-table; exit 0 only if every token is revealed, in exactly one confirmed transaction.
+is reconciled, and every token must still be revealed exactly once; the stand-ins inject 429s,
+5xx, lost replies and slow predictions. Ends with a verification table; exit 0 only if every
+token is revealed, in exactly one confirmed transaction, after exactly one prediction, with
+every file pinned under the CID computed for it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glisk.errors import ConfigError, OperatorError
+from glisk.ops.demo_stages import HANDLERS
 from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
+    from glisk.ops.demo_stages import StageFacts
 
+# Under chaos, a worker is killed only once it has run this long.
+MIN_AGE = 3.0
 
 SEED = """
 INSERT INTO authors (id, wallet_address, prompt_text, created_at)
@@ -69,6 +77,7 @@ class Pool:
     )
     kills: int = 0
     started: int = 0
+    born: dict[int, float] = field(default_factory=dict[int, float])  # pid -> monotonic start
 
     def spawn(self, stage: str) -> subprocess.Popen[bytes]:
         self.started += 1
@@ -84,7 +93,7 @@ class Pool:
                 "worker",
                 stage,
                 "--handler",
-                f"glisk.ops.demo_handlers:{stage}",
+                HANDLERS.get(stage, f"glisk.ops.demo_handlers:{stage}"),
                 *options,
             ],
             env=self.env,
@@ -92,6 +101,7 @@ class Pool:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        self.born[process.pid] = time.monotonic()
         return process
 
     def start(self) -> None:
@@ -99,9 +109,19 @@ class Pool:
             self.processes[stage] = [self.spawn(stage) for _ in range(self.workers)]
 
     def kill_one(self, rng: random.Random) -> None:
-        stage = rng.choice(list(STAGES))
+        """SIGKILL a random worker that has run at least MIN_AGE seconds (a machine slow to start
+        processes would otherwise kill workers before they ever claim), and start another."""
+        now = time.monotonic()
+        old = [
+            (stage, index)
+            for stage in STAGES
+            for index, process in enumerate(self.processes[stage])
+            if now - self.born.get(process.pid, now) >= MIN_AGE
+        ]
+        if not old:
+            return
+        stage, index = rng.choice(old)
         victims = self.processes[stage]
-        index = rng.randrange(len(victims))
         victims[index].kill()
         victims[index].wait()
         self.kills += 1
@@ -137,6 +157,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
 
     from glisk import migrations
     from glisk.embedded_pg import ephemeral_server
+    from glisk.ops.demo_stages import gather_stage_facts, stage_services
     from glisk.ops.status import collect, render
     from glisk.standins.chain_client import fake_chain_process
     from glisk.workers.connection import libpq_url
@@ -152,9 +173,17 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(SEED.replace("%(tokens)s", str(int(args.tokens))).encode())
         console.print(f"Minted {args.tokens:,} tokens on a throwaway PostgreSQL; files in {work}")
-        with fake_chain_process() as chain:
+        with (
+            fake_chain_process() as chain,
+            stage_services(work, chaos=args.chaos, seed=args.seed) as services,
+        ):
             env = {
-                **os.environ,
+                **{
+                    k: v
+                    for k, v in os.environ.items()
+                    if not k.startswith(("REPLICATE_", "PINATA_"))
+                },
+                **services.env,
                 "DATABASE_URL": url,
                 "GLISK_ENV_FILE": os.devnull,
                 "LOG_LEVEL": "WARNING",
@@ -212,7 +241,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                 elapsed = time.monotonic() - started
                 final = collect(conn, exact=True)
             report = asyncio.run(_chain_report(chain.url))
-        return _verify(console, args, final, report, pool, elapsed, finished)
+            stage_facts = gather_stage_facts(dsn, services, args.tokens)
+        return _verify(console, args, final, report, pool, elapsed, finished, stage_facts)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -232,8 +262,11 @@ def _verify(
     pool: Pool,
     elapsed: float,
     finished: bool,
+    stage_facts: StageFacts,
 ) -> bool:
     from rich.table import Table
+
+    from glisk.ops.demo_stages import stage_verdict
 
     console.print()
     confirmed_per_token: dict[int, int] = {}
@@ -260,6 +293,9 @@ def _verify(
     table.add_row("in more than one confirmed transaction", f"{more:,}")
     for group in final.failed:
         table.add_row(f"failed: {group.stage or '-'} / {group.reason or '-'}", f"{group.count:,}")
+    for check, value, holds in stage_verdict(stage_facts):
+        table.add_row(check, value if holds else f"[red]{value}[/red]")
+        ok = ok and holds
     table.add_row("reveal transactions confirmed", f"{len(report.confirmed):,}")
     # How often each token went out in a transaction (rebroadcasts of the same one included).
     sends = [

@@ -6,7 +6,8 @@ Exit codes, for a supervisor (systemd ``RestartPreventExitStatus=2``, Kubernetes
   the worker stopped after giving up results it could not record (a database outage outlasted
   their leases, or the drain): ERROR lines ``worker.results_given_up`` name the tokens;
 - 2: configuration or usage error: bad setting, unknown stage, a handler path that cannot be
-  imported or is not an async function (restarting cannot help).
+  imported or is not an async function, a handler whose ``check()`` refuses the settings
+  (restarting cannot help).
 Settings come from WORKER_* variables; the command-line options override them.
 """
 
@@ -89,6 +90,11 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
 
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
     handler = load_handler(args.handler_path, args.stage)
+    # A handler object may check its own settings first (glisk.handlers): a missing API token
+    # stops the worker here, with one line and exit 2, rather than failing every token.
+    check = getattr(handler, "check", None)
+    if callable(check):
+        check()
     if settings.database_url is not None:
         _serve(settings, args, handler, settings.database_url)
         return

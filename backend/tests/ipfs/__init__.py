@@ -1,0 +1,1 @@
+"""Tests of glisk.ipfs: CIDs against IPFS's own importer."""
