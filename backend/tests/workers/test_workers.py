@@ -26,6 +26,7 @@ from glisk.workers.stages import STAGES, Stage, StageName
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.factories import expire_leases, seed_tokens
+from tests.support.locking import never_waiting_for_a_lock
 from tests.support.waiting import eventually
 
 S = TokenStatus
@@ -99,6 +100,31 @@ async def test_sixteen_concurrent_claimers_get_disjoint_batches(
     claimed = [c.token_uuid for b in batches for c in b.claims]
     assert len(claimed) == len(set(claimed)) == 80
     assert set(claimed) == set(ids[:80])
+
+
+async def test_two_claimers_skip_a_locked_row_and_take_disjoint_rows_without_waiting(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 4)
+    async with uow_factory() as locker:
+        # Another transaction holds the oldest token's row lock (a claim or an UPDATE in flight).
+        await locker.session.execute(
+            text("SELECT 1 FROM tokens_s0 WHERE id = :id FOR UPDATE"), {"id": ids[0]}
+        )
+        # Two claimers, each transaction left open while the next one claims.
+        async with uow_factory() as first, uow_factory() as second:
+            taken = []
+            for uow, holder in ((first, "a"), (second, "b")):
+                async with never_waiting_for_a_lock(uow, f"claimer {holder}"):
+                    batch = await uow.leases.claim(
+                        IMAGE, holder, batch=1, lease_seconds=60, max_attempts=3
+                    )
+                taken.append([c.token_uuid for c in batch.claims])
+    assert taken == [[ids[1]], [ids[2]]]
+    # The locked token was skipped, not lost: it is the next one claimed.
+    assert [c.token_uuid for c in (await _claim(uow_factory, holder="c", batch=1)).claims] == [
+        ids[0]
+    ]
 
 
 async def test_the_transactional_worker_queries_skip_tokens_under_a_claim(
