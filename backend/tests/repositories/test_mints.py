@@ -219,6 +219,25 @@ async def test_a_log_delivered_again_with_other_token_ids_is_refused(
     assert await counts(uow_factory) == (1, 1, 2)
 
 
+async def test_a_log_delivered_again_with_other_free_token_ids_and_a_new_author_writes_nothing(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    log = mint_log(1, quantity=2)
+    await record(uow_factory, log)
+    # The same log key, but token ids nobody holds and an author never seen: only the recorded
+    # key stops this delivery.
+    altered = replace(log, start_token_id=50, author=factories.wallet())
+    async with uow_factory() as uow:
+        with pytest.raises(MintConflict, match="recorded before with token ids 1 to 2"):
+            await uow.mint_events.record_mint(altered)
+        # The caller carries on in the same unit of work, which commits.
+        await uow.system_state.set_state("after_conflict", True)
+    assert await counts(uow_factory) == (1, 1, 2)
+    async with uow_factory() as uow:
+        assert await uow.authors.get_by_wallet(altered.author) is None
+        assert await uow.system_state.get_state("after_conflict") is True
+
+
 async def test_a_conflicting_log_racing_the_holder_fails_whole_once_the_holder_commits(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
