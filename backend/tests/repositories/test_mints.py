@@ -313,10 +313,15 @@ async def test_eight_connections_delivering_the_same_logs_at_once_record_each_on
     assert authors == 7
 
 
+@pytest.mark.parametrize("author", ["new", "known"])
 async def test_deliveries_in_flight_wait_for_the_first_writer_and_then_report_not_new(
-    uow_factory: UnitOfWorkFactory,
+    uow_factory: UnitOfWorkFactory, author: str
 ) -> None:
     log = mint_log(1, quantity=5)  # with a new author: the waiters queue on the author first
+    if author == "known":  # the author exists: the waiters queue on the log key
+        earlier = mint_log(10)
+        await record(uow_factory, earlier)
+        log = replace(log, author=earlier.author)
     uow, first = await held_open(uow_factory, lambda u: u.mint_events.record_mint(log))
     try:
         waiting = [asyncio.create_task(record(uow_factory, log)) for _ in range(7)]
@@ -328,7 +333,7 @@ async def test_deliveries_in_flight_wait_for_the_first_writer_and_then_report_no
     assert first.new and not any(r.new for r in later)
     assert {r.event_id for r in later} == {first.event_id}
     assert {r.author_id for r in later} == {first.author_id}
-    assert await counts(uow_factory) == (1, 1, 5)
+    assert await counts(uow_factory) == ((1, 2, 6) if author == "known" else (1, 1, 5))
 
 
 # -- validation, in the model and in the database -----------------------------------------------
