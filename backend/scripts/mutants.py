@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         with database(envs):
             every_test = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
             print(f"{len(every_test)} tests, without any mutant ...", flush=True)
-            baseline = pytest(roots[0], envs[roots[0]], every_test, processes=jobs)
+            # pytest-xdist pays a start-up per process: worth it for many tests only.
+            processes = jobs if len(every_test) > 8 else 0
+            baseline = pytest(roots[0], envs[roots[0]], every_test, processes=processes)
             if baseline.code != 0:
                 print(baseline.tail)
                 print("the tests fail without any mutant: fix them first")
