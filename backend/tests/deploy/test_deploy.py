@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +37,9 @@ DOCKERIGNORE = BACKEND_DIR / ".dockerignore"
 ASSIGNMENT = re.compile(r"^(?:# ?)?([A-Z][A-Z0-9_]*)=(.*)$")
 
 STARTUP_SECONDS = 20.0
-STOP_SECONDS = 8.0
+# The promise: SIGTERM stops the API before `docker stop` (and compose) give up waiting and
+# SIGKILL it, 10 s by default.
+DOCKER_STOP_GRACE_SECONDS = 10.0
 
 
 def setting_names() -> set[str]:
@@ -265,10 +266,14 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert any(b"uvicorn" in part for part in cmdline), cmdline
 
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        returncode = proc.wait(timeout=STOP_SECONDS)
-        elapsed = time.monotonic() - started
+        try:
+            returncode = proc.wait(timeout=DOCKER_STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"still running {DOCKER_STOP_GRACE_SECONDS:.0f} s after SIGTERM: docker stop "
+                "would SIGKILL it"
+            )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -277,7 +282,6 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
     output = log_path.read_text(errors="replace")
     # uvicorn exits 0, or re-raises the signal it handled (-SIGTERM; 143 in a shell).
     assert returncode in (0, -signal.SIGTERM), f"exit code {returncode}:\n{output}"
-    assert elapsed < 5, f"SIGTERM took {elapsed:.1f} s"
     assert not group_alive(proc.pid), "processes of the entrypoint survived SIGTERM"
     assert health_status(port) is None, "something still answers on the port"
     assert "Traceback" not in output, output

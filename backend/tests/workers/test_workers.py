@@ -193,25 +193,23 @@ async def test_a_completed_token_is_never_rescued(uow_factory: UnitOfWorkFactory
 async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await seed_tokens(uow_factory, 6)
-    stop = asyncio.Event()
+    ids = await seed_tokens(uow_factory, 2)
+    lease = 1.5  # heartbeats every half second: only a stall of a second could let a thief in
     rescues: list[list[Claim]] = []
 
     async def slow(claim: Claim) -> str:
-        # Six tokens of a quarter lease each, each shorter than the heartbeat period (lease/3)
-        # but 1.5 leases together: the batch must be kept alive as a whole, not per handler.
-        # Only a stall of two thirds of a second could let the thief in.
-        rescues.append((await _claim(uow_factory, holder="thief", lease=1.0)).claims)
-        await asyncio.sleep(0.25)
-        if claim.token_uuid == ids[-1]:
-            stop.set()
+        # Two handlers at once, each running for one and a half leases, while a thief tries to
+        # claim every quarter of a lease: only heartbeats keep the tokens.
+        for _ in range(6):
+            rescues.append((await _claim(uow_factory, holder="thief", lease=lease)).claims)
+            await asyncio.sleep(lease / 4)
         return f"/slow/{claim.token_id}.png"
 
     stats = await run_worker(
-        IMAGE, slow, uow_factory, batch=6, lease_seconds=1.0, stop=stop, worker_id="slow"
+        IMAGE, slow, uow_factory, batch=2, lease_seconds=lease, exit_when_idle=True
     )
-    assert all(r == [] for r in rescues)
-    assert (stats.completed, stats.refused) == (6, 0)
+    assert len(rescues) == 12 and all(r == [] for r in rescues)
+    assert (stats.completed, stats.refused) == (2, 0)
     for token_uuid in ids:
         assert (await _token(uow_factory, token_uuid)).image_path is not None
 
