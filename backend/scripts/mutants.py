@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -105,31 +106,56 @@ def mutated(root: Path, mutant: Mutant, serial: int) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Outcome:
-    code: int  # pytest's exit code; -1 when it timed out
-    failed: list[str]  # "FAILED tests/...::test - reason" lines
+    code: int  # pytest's exit code; -1 when it timed out, -2 when stopped
+    failed: list[str]  # "FAILED tests/...::test - reason" and "ERROR ..." lines
     tail: str
     seconds: float
 
 
+STOPPING = threading.Event()  # Ctrl-C or SIGTERM: end the runs in flight, start no other
+
+
 def pytest(root: Path, env: dict[str, str], tests: tuple[str, ...], processes: int = 0) -> Outcome:
-    """Run ``tests`` in the copy at ``root`` (``processes``: pytest-xdist's -n)."""
+    """Run ``tests`` in the copy at ``root`` (``processes``: pytest-xdist's -n), in a process
+    group of its own, ended early (code -2) when STOPPING is set."""
     started = time.monotonic()
-    try:
-        result = subprocess.run(
+    with tempfile.TemporaryFile("w+") as output:
+        child = subprocess.Popen(
             [sys.executable, *PYTEST, "-n", str(processes), *tests],
             cwd=root,
             env=env,
-            capture_output=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        return Outcome(-1, [], partial[-3000:], time.monotonic() - started)
-    output = result.stdout + result.stderr
-    failed = [line for line in output.splitlines() if re.match(r"(FAILED|ERROR) ", line)]
-    return Outcome(result.returncode, failed, output[-3000:], time.monotonic() - started)
+        code: int | None = None
+        try:
+            while code is None:
+                try:
+                    code = child.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    late = time.monotonic() - started > RUN_TIMEOUT
+                    if STOPPING.is_set() or late:
+                        end_group(child)
+                        code = -2 if STOPPING.is_set() else -1
+        except BaseException:  # stopped while this thread waited
+            end_group(child)
+            raise
+        output.seek(0)
+        text = output.read()
+    failed = [line for line in text.splitlines() if re.match(r"(FAILED|ERROR) ", line)]
+    return Outcome(code, failed, text[-3000:], time.monotonic() - started)
+
+
+def end_group(child: subprocess.Popen[str]) -> None:
+    """SIGTERM the run's process group (pytest and what it started), SIGKILL what lingers."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
+            return
 
 
 def copy_tree(root: Path) -> Path:
@@ -147,8 +173,10 @@ def copy_tree(root: Path) -> Path:
 def judge(mutant: Mutant, outcome: Outcome) -> tuple[str, str | None]:
     """What to print for ``mutant``'s run, and how to name it among the survivors (None: it
     was killed)."""
-    if outcome.code == 1 and outcome.failed:
-        return f"killed ({outcome.seconds:.0f} s): {outcome.failed[0]}", None
+    # Killed: a test failed. An error in a fixture (setup, teardown) means no test ran to its end.
+    killers = [line for line in outcome.failed if line.startswith("FAILED ")]
+    if outcome.code == 1 and killers:
+        return f"killed ({outcome.seconds:.0f} s): {killers[0]}", None
     if outcome.code == 0:
         return f"SURVIVED: its {len(mutant.tests)} test(s) passed", f"{mutant.name} (survived)"
     why = "timed out" if outcome.code < 0 else f"pytest exited {outcome.code}"
@@ -197,6 +225,11 @@ def database(envs: dict[Path, dict[str, str]]) -> Iterator[None]:
         yield
 
 
+def stop(signum: int, frame: object) -> None:
+    STOPPING.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mutants.sh", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -229,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all {len(mutants)} mutants apply exactly once")
         return 0
 
-    # SIGTERM unwinds like Ctrl-C: the copies and the database are removed on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Ctrl-C and SIGTERM stop the runs and unwind: the copies and the database go on the way out.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     started = time.monotonic()
     jobs = max(1, min(args.jobs, len(mutants)))
     with tempfile.TemporaryDirectory(prefix="glisk-mutants-") as scratch:
@@ -256,12 +290,16 @@ def main(argv: list[str] | None = None) -> int:
                 free.put(root)
 
             def attempt(serial: int, mutant: Mutant) -> str | None:
+                if STOPPING.is_set():
+                    return None
                 root = free.get()
                 try:
                     with mutated(root, mutant, serial):
                         outcome = pytest(root, envs[root], mutant.tests)
                 finally:
                     free.put(root)
+                if STOPPING.is_set():
+                    return None
                 verdict, survivor = judge(mutant, outcome)
                 print(f"[{serial}/{len(mutants)}] {mutant.name}\n  {verdict}", flush=True)
                 return survivor
@@ -269,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             pool = ThreadPoolExecutor(max_workers=jobs)
             try:
                 results = list(pool.map(attempt, range(1, len(mutants) + 1), mutants))
-            finally:  # on Ctrl-C, start nothing more (the runs in flight get the SIGINT too)
+            finally:  # when stopped: end the runs in flight, start nothing more
                 pool.shutdown(wait=True, cancel_futures=True)
             survivors = [survivor for survivor in results if survivor is not None]
     elapsed = time.monotonic() - started
@@ -283,4 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("stopped; the working tree was not touched", file=sys.stderr)
+        sys.exit(130)
