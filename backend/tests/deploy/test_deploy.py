@@ -24,7 +24,7 @@ from glisk.core.config import BACKEND_DIR, Settings
 from glisk.embedded_pg import free_port
 from glisk.testing import connect, throwaway_database
 from tests.support.database import Database
-from tests.support.processes import health_status, wait_serving
+from tests.support.processes import SERVE_START_SECONDS, health_status, wait_serving
 
 REPO_ROOT = BACKEND_DIR.parent
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -36,7 +36,6 @@ DOCKERIGNORE = BACKEND_DIR / ".dockerignore"
 # never start with an upper-case word directly followed by "=".
 ASSIGNMENT = re.compile(r"^(?:# ?)?([A-Z][A-Z0-9_]*)=(.*)$")
 
-STARTUP_SECONDS = 20.0
 # The promise: SIGTERM stops the API before `docker stop` (and compose) give up waiting and
 # SIGKILL it, 10 s by default.
 DOCKER_STOP_GRACE_SECONDS = 10.0
@@ -253,7 +252,7 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
         wait_serving(
             proc,
             port,
-            STARTUP_SECONDS,
+            SERVE_START_SECONDS,
             what="the entrypoint",
             poll=0.1,
             timeout=2,

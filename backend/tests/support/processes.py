@@ -16,6 +16,10 @@ from typing import Any
 import httpx
 
 GLISK = (sys.executable, "-m", "glisk.cli")  # this interpreter's glisk, whatever is on PATH
+# How long a test waits for `glisk serve` (or the container entrypoint) to answer /health: a hang
+# guard, not a speed. It starts in seconds, but far slower while a loaded 2-core machine also runs
+# other suites, and a slow start is no failure.
+SERVE_START_SECONDS = 90.0
 
 
 def glisk_env(*drop: str, **extra: str) -> dict[str, str]:
