@@ -3,10 +3,10 @@ worker makes for that claim afterwards (result, failure, heartbeat, checkpoint, 
 refused by the live-lease condition alone, since the claim id still matches. The token stays as it
 was and the next claim takes it over.
 
-The handler blocks its event loop for twice the lease (a CPU-bound step, a synchronous call, a
-long GC pause): no heartbeat can run meanwhile, so the lease really runs out, in a fraction of a
-second. One slot (``concurrency=1``) keeps the worker from taking its own token back, and the
-handler sets ``stop`` as it starts, so the worker writes what it has and returns.
+The handler blocks its event loop (a CPU-bound step, a synchronous call, a long GC pause) until
+the database says its lease ran out: no heartbeat can run meanwhile, so the lease really runs out,
+in a fraction of a second. One slot (``concurrency=1``) keeps the worker from taking its own token
+back, and the handler sets ``stop`` as it starts, so the worker writes what it has and returns.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from glisk.testing import connect
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, Worker, WorkerStats, checkpoint, queries, record_reveal
-from glisk.workers.run import connect_options_of
+from glisk.workers.run import connect_options_of, database_url_of
 from glisk.workers.stages import STAGES, Stage, StageName
 from tests.support.factories import make_ready, seed_tokens, tx_hash
 from tests.support.waiting import eventually
@@ -31,11 +32,23 @@ LEASE = 0.3  # seconds; the heartbeat runs every third of it
 HOLDER = "paused"
 
 
-def outlive_the_lease() -> float:
-    """Block the event loop (and with it the heartbeat) for twice the lease; returns when the
-    pause ended (time.monotonic). The lease ran out at least one lease ago."""
-    time.sleep(2 * LEASE)
-    return time.monotonic()
+def outlive_the_lease(url: str, claims: Sequence[Claim]) -> float:
+    """Block the event loop (and with it the heartbeat) until the database says every one of
+    ``claims`` has a lease that ran out; returns when that was (time.monotonic)."""
+    deadline = time.monotonic() + 10
+    time.sleep(LEASE)
+    with connect(url) as conn:
+        while True:
+            row = conn.execute(
+                f"SELECT bool_or(lease_expires_at > {queries.NOW}) FROM tokens_s0 "
+                "WHERE claim_id = ANY(%s)",
+                ([c.claim_id for c in claims],),
+            ).fetchone()
+            if row is not None and row[0] is False:
+                return time.monotonic()
+            if time.monotonic() > deadline:  # the test then fails on what the worker wrote
+                raise AssertionError("the lease did not run out")
+            time.sleep(0.02)
 
 
 def _worker(uow_factory: UnitOfWorkFactory, stage: Stage, handler: Any, batch: int = 1) -> Worker:
@@ -90,13 +103,14 @@ async def test_a_result_that_outlived_its_lease_is_refused_though_nobody_took_ov
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     await seed_tokens(uow_factory, 1)
+    url = database_url_of(uow_factory)
     stop = asyncio.Event()
     seen: list[Claim] = []
 
     async def late(claim: Claim) -> str:
         stop.set()
         seen.append(claim)
-        outlive_the_lease()
+        outlive_the_lease(url, [claim])
         return "/late.png"
 
     stats = await _run(_worker(uow_factory, IMAGE, late), stop)
@@ -108,13 +122,14 @@ async def test_a_failure_that_outlived_its_lease_is_refused_though_nobody_took_o
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     await seed_tokens(uow_factory, 1)
+    url = database_url_of(uow_factory)
     stop = asyncio.Event()
     seen: list[Claim] = []
 
     async def late(claim: Claim) -> str:
         stop.set()
         seen.append(claim)
-        outlive_the_lease()
+        outlive_the_lease(url, [claim])
         raise RuntimeError("the image service timed out")
 
     stats = await _run(_worker(uow_factory, IMAGE, late), stop)
@@ -126,6 +141,7 @@ async def test_a_heartbeat_after_the_lease_ran_out_does_not_extend_it(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     await seed_tokens(uow_factory, 1)
+    url = database_url_of(uow_factory)
     stop = asyncio.Event()
     seen: list[Claim] = []
     heartbeats: list[float] = []  # when each heartbeat statement that has returned was sent
@@ -134,7 +150,7 @@ async def test_a_heartbeat_after_the_lease_ran_out_does_not_extend_it(
     async def late(claim: Claim) -> str:
         stop.set()
         seen.append(claim)
-        resumed = outlive_the_lease()
+        resumed = outlive_the_lease(url, [claim])
         # The handler carries on; the worker's next heartbeat finds the lease run out.
         await eventually(
             lambda: any(sent >= resumed for sent in heartbeats), 5, "a heartbeat after the pause"
@@ -164,6 +180,7 @@ async def test_a_checkpoint_after_the_lease_ran_out_is_refused_and_stops_the_han
     uow_factory: UnitOfWorkFactory,
 ) -> None:
     await seed_tokens(uow_factory, 1)
+    url = database_url_of(uow_factory)
     stop = asyncio.Event()
     seen: list[Claim] = []
     effects: list[int] = []
@@ -171,7 +188,7 @@ async def test_a_checkpoint_after_the_lease_ran_out_is_refused_and_stops_the_han
     async def late(claim: Claim) -> str:
         stop.set()
         seen.append(claim)
-        outlive_the_lease()
+        outlive_the_lease(url, [claim])
         await checkpoint(claim, {"about_to": "call the image service"})  # raises LeaseLost
         effects.append(claim.token_id)
         return "/late.png"
@@ -187,6 +204,7 @@ async def test_a_reveal_recorded_after_the_lease_ran_out_is_refused_and_nothing_
 ) -> None:
     tokens = await seed_tokens(uow_factory, 2)
     await make_ready(uow_factory, tokens)
+    url = database_url_of(uow_factory)
     stop = asyncio.Event()
     seen: list[Claim] = []
     sent: list[str] = []
@@ -194,7 +212,7 @@ async def test_a_reveal_recorded_after_the_lease_ran_out_is_refused_and_nothing_
     async def late(claims: Sequence[Claim]) -> str:
         stop.set()
         seen.extend(claims)
-        outlive_the_lease()
+        outlive_the_lease(url, claims)
         tx = tx_hash()
         await record_reveal(claims, tx, {"nonce": 0})  # raises LeaseLost
         sent.append(tx)
