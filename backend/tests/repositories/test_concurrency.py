@@ -181,7 +181,8 @@ async def test_eight_processes_push_2000_tokens_through_the_pipeline_exactly_onc
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=8, mp_context=context) as pool:
         futures = [
-            loop.run_in_executor(pool, run_pipeline_worker, postgres_container.url, 45.0)
+            # 180 s: a hang guard (a lost token never finishes), not a speed.
+            loop.run_in_executor(pool, run_pipeline_worker, postgres_container.url, 180.0)
             for _ in range(8)
         ]
         reports = await asyncio.gather(*futures)
