@@ -6,7 +6,8 @@ stage ``--workers`` ``glisk worker`` processes running ``glisk.ops.demo_handlers
 ``glisk status``'s table, refreshed in place. ``--chaos`` SIGKILLs a random worker about every
 second and starts a new one in its place: leases expire, tokens are rescued, a reveal in flight
 is reconciled, and every token must still be revealed exactly once. Ends with a verification
-table; exit 0 only if every token is revealed, in exactly one confirmed transaction.
+table; exit 0 only if every token is revealed, in exactly one confirmed transaction, with the
+database and the chain agreeing on which, and no reveal left pending.
 
 The verdict is a pure function of facts gathered once the workers stopped (``DemoFacts``: what
 the database and the chain say, and how the run went): ``verdict(facts)`` decides, the gathering
