@@ -36,7 +36,10 @@ def glisk_env(*drop: str, **extra: str) -> dict[str, str]:
 
 def serve_env(**extra: str) -> dict[str, str]:
     """The environment of ``glisk serve`` and ``glisk db`` in the CLI tests: on its own embedded
-    server or the DATABASE_URL given, directly (no pooler, no LISTEN setting), quiet."""
+    server or the DATABASE_URL given, directly (no pooler, no LISTEN setting), quiet. Each API
+    process checks its database at start-up within DB_CONNECT_TIMEOUT: given room here, since a
+    process importing the app on a loaded 2-core machine can take longer than the 5 s default."""
+    extra = {"DB_CONNECT_TIMEOUT": "60", **extra}
     return glisk_env("DB_POOLER", "WORKER_LISTEN", LOG_LEVEL="WARNING", **extra)
 
 
