@@ -4,7 +4,8 @@
 #   bash backend/scripts/check_containers.sh
 #
 #   1. hadolint on backend/Dockerfile (every finding fails, style level included).
-#   2. shellcheck on backend/docker/entrypoint.sh, scripts/check_wheel.sh and this script.
+#   2. shellcheck on backend/docker/entrypoint.sh, scripts/check_wheel.sh, scripts/mutants.sh
+#      and this script.
 #   3. docker-compose.yml, rendered with .env.example as the .env (exactly what
 #      `cp .env.example .env && docker compose up` sees):
 #        - `docker compose config` when the Compose v2 plugin is installed, else Debian's
@@ -95,6 +96,7 @@ must_fail "shellcheck on an unquoted expansion" shellcheck "$WORK/canary.sh"
 must_pass "shellcheck: docker/entrypoint.sh" shellcheck "$ENTRYPOINT"
 must_pass "shellcheck: scripts/check_containers.sh" shellcheck "$SELF"
 must_pass "shellcheck: scripts/check_wheel.sh" shellcheck "$BACKEND_DIR/scripts/check_wheel.sh"
+must_pass "shellcheck: scripts/mutants.sh" shellcheck "$BACKEND_DIR/scripts/mutants.sh"
 if [[ -x "$ENTRYPOINT" ]]; then
     ok "docker/entrypoint.sh is executable"
 else

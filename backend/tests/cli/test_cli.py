@@ -16,6 +16,7 @@ from glisk.embedded_pg import free_port, password_file, read_password, scratch_p
 from glisk.testing import throwaway_database
 from tests.support.database import Database
 from tests.support.processes import (
+    SERVE_START_SECONDS,
     alive,
     owned_scratch_dir,
     postmaster_pid,
@@ -63,7 +64,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
 
     first = start_serve(data_dir, http_port, pg_port=pg_port)
     try:
-        wait_serving(first, http_port, 15.0)
+        wait_serving(first, http_port, SERVE_START_SECONDS)
         postgres = postmaster_pid(data_dir)
         secret = read_password(password_file(data_dir))
         assert secret is not None
@@ -100,7 +101,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
 
     second = start_serve(data_dir, http_port, pg_port=pg_port)
     try:
-        wait_serving(second, http_port, 15.0)
+        wait_serving(second, http_port, SERVE_START_SECONDS)
         assert read_password(password_file(data_dir)) == secret
         with psycopg.connect(out.strip()) as c:
             assert c.execute("SELECT state_value FROM system_state").fetchone() == (41,)

@@ -19,6 +19,7 @@ from glisk.testing import libpq_kwargs
 from tests.support.database import Database
 from tests.support.processes import (
     GLISK,
+    SERVE_START_SECONDS,
     child_pids,
     owned_scratch_dir,
     postmaster_pid,
@@ -29,7 +30,6 @@ from tests.support.processes import (
     wait_serving,
 )
 
-START_SECONDS = 30.0  # two interpreters importing the app on a loaded 2-core machine
 GONE_SECONDS = 15.0
 
 
@@ -66,7 +66,7 @@ def _serving(process: subprocess.Popen[str], data_dir: Path, port: int) -> set[i
     wait_serving(
         process,
         port,
-        START_SECONDS,
+        SERVE_START_SECONDS,
         what="glisk serve --workers 2",
         also=both_api_processes,
         poll=0.2,

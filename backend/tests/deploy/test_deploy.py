@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from glisk.core.config import BACKEND_DIR, Settings
 from glisk.embedded_pg import free_port
 from glisk.testing import connect, throwaway_database
 from tests.support.database import Database
-from tests.support.processes import health_status, wait_serving
+from tests.support.processes import SERVE_START_SECONDS, health_status, wait_serving
 
 REPO_ROOT = BACKEND_DIR.parent
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -37,8 +36,9 @@ DOCKERIGNORE = BACKEND_DIR / ".dockerignore"
 # never start with an upper-case word directly followed by "=".
 ASSIGNMENT = re.compile(r"^(?:# ?)?([A-Z][A-Z0-9_]*)=(.*)$")
 
-STARTUP_SECONDS = 20.0
-STOP_SECONDS = 8.0
+# The promise: SIGTERM stops the API before `docker stop` (and compose) give up waiting and
+# SIGKILL it, 10 s by default.
+DOCKER_STOP_GRACE_SECONDS = 10.0
 
 
 def setting_names() -> set[str]:
@@ -252,7 +252,7 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
         wait_serving(
             proc,
             port,
-            STARTUP_SECONDS,
+            SERVE_START_SECONDS,
             what="the entrypoint",
             poll=0.1,
             timeout=2,
@@ -265,10 +265,14 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert any(b"uvicorn" in part for part in cmdline), cmdline
 
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        returncode = proc.wait(timeout=STOP_SECONDS)
-        elapsed = time.monotonic() - started
+        try:
+            returncode = proc.wait(timeout=DOCKER_STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"still running {DOCKER_STOP_GRACE_SECONDS:.0f} s after SIGTERM: docker stop "
+                "would SIGKILL it"
+            )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -277,7 +281,6 @@ def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
     output = log_path.read_text(errors="replace")
     # uvicorn exits 0, or re-raises the signal it handled (-SIGTERM; 143 in a shell).
     assert returncode in (0, -signal.SIGTERM), f"exit code {returncode}:\n{output}"
-    assert elapsed < 5, f"SIGTERM took {elapsed:.1f} s"
     assert not group_alive(proc.pid), "processes of the entrypoint survived SIGTERM"
     assert health_status(port) is None, "something still answers on the port"
     assert "Traceback" not in output, output

@@ -159,7 +159,7 @@ def test_data_and_password_survive_a_restart_and_a_replaced_password_is_reported
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_a_taken_port_is_reported_clearly_and_quickly() -> None:
+def test_a_taken_port_is_reported_clearly_without_waiting_for_the_startup_timeout() -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
@@ -170,7 +170,7 @@ def test_a_taken_port_is_reported_clearly_and_quickly() -> None:
             EmbeddedPostgresError, match=f"port {port} on 127.0.0.1 is already in use"
         ):
             pg.start()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < pg.startup_timeout / 2, "waited for the timeout"
         assert pg.pid is None
 
 

@@ -21,6 +21,7 @@ from glisk.uow import UnitOfWork, UnitOfWorkFactory
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.factories import BASE_TIME
+from tests.support.locking import never_waiting_for_a_lock
 from tests.support.pipeline_proc import run_pipeline_worker
 
 S = TokenStatus
@@ -68,6 +69,28 @@ async def test_concurrent_workers_get_disjoint_tokens_that_together_are_the_olde
     # Rows are taken in mint order and only skipped when someone else holds them,
     # so together the workers hold exactly the oldest workers * per_worker tokens.
     assert set(claimed) == set(seeded[: workers * per_worker])
+
+
+@pytest.mark.parametrize("query", list(QUERIES))
+async def test_two_workers_skip_a_locked_row_and_take_disjoint_rows_without_waiting(
+    uow_factory: UnitOfWorkFactory, query: str
+) -> None:
+    seeded = await _seed(uow_factory, 4, QUERIES[query])
+    async with uow_factory() as locker:
+        # Another transaction holds the oldest token's row lock.
+        await locker.session.execute(
+            text("SELECT 1 FROM tokens_s0 WHERE id = :id FOR UPDATE"), {"id": seeded[0]}
+        )
+        # Two workers, each transaction left open while the next one asks.
+        async with uow_factory() as first, uow_factory() as second:
+            taken = []
+            for uow, name in ((first, "first"), (second, "second")):
+                async with never_waiting_for_a_lock(uow, f"the {name} worker's {query}"):
+                    tokens = await getattr(uow.tokens, query)(limit=1)
+                taken.append([t.id for t in tokens])
+    assert taken == [[seeded[1]], [seeded[2]]]
+    async with uow_factory() as uow:  # the locked token was skipped, not lost
+        assert [t.id for t in await getattr(uow.tokens, query)(limit=1)] == [seeded[0]]
 
 
 async def test_more_workers_than_tokens_leaves_the_rest_with_empty_lists(
@@ -158,7 +181,8 @@ async def test_eight_processes_push_2000_tokens_through_the_pipeline_exactly_onc
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=8, mp_context=context) as pool:
         futures = [
-            loop.run_in_executor(pool, run_pipeline_worker, postgres_container.url, 45.0)
+            # 180 s: a hang guard (a lost token never finishes), not a speed.
+            loop.run_in_executor(pool, run_pipeline_worker, postgres_container.url, 180.0)
             for _ in range(8)
         ]
         reports = await asyncio.gather(*futures)

@@ -219,6 +219,25 @@ async def test_a_log_delivered_again_with_other_token_ids_is_refused(
     assert await counts(uow_factory) == (1, 1, 2)
 
 
+async def test_a_log_delivered_again_with_other_free_token_ids_and_a_new_author_writes_nothing(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    log = mint_log(1, quantity=2)
+    await record(uow_factory, log)
+    # The same log key, but token ids nobody holds and an author never seen: only the recorded
+    # key stops this delivery.
+    altered = replace(log, start_token_id=50, author=factories.wallet())
+    async with uow_factory() as uow:
+        with pytest.raises(MintConflict, match="recorded before with token ids 1 to 2"):
+            await uow.mint_events.record_mint(altered)
+        # The caller carries on in the same unit of work, which commits.
+        await uow.system_state.set_state("after_conflict", True)
+    assert await counts(uow_factory) == (1, 1, 2)
+    async with uow_factory() as uow:
+        assert await uow.authors.get_by_wallet(altered.author) is None
+        assert await uow.system_state.get_state("after_conflict") is True
+
+
 async def test_a_conflicting_log_racing_the_holder_fails_whole_once_the_holder_commits(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
@@ -294,10 +313,15 @@ async def test_eight_connections_delivering_the_same_logs_at_once_record_each_on
     assert authors == 7
 
 
+@pytest.mark.parametrize("author", ["new", "known"])
 async def test_deliveries_in_flight_wait_for_the_first_writer_and_then_report_not_new(
-    uow_factory: UnitOfWorkFactory,
+    uow_factory: UnitOfWorkFactory, author: str
 ) -> None:
     log = mint_log(1, quantity=5)  # with a new author: the waiters queue on the author first
+    if author == "known":  # the author exists: the waiters queue on the log key
+        earlier = mint_log(10)
+        await record(uow_factory, earlier)
+        log = replace(log, author=earlier.author)
     uow, first = await held_open(uow_factory, lambda u: u.mint_events.record_mint(log))
     try:
         waiting = [asyncio.create_task(record(uow_factory, log)) for _ in range(7)]
@@ -309,7 +333,7 @@ async def test_deliveries_in_flight_wait_for_the_first_writer_and_then_report_no
     assert first.new and not any(r.new for r in later)
     assert {r.event_id for r in later} == {first.event_id}
     assert {r.author_id for r in later} == {first.author_id}
-    assert await counts(uow_factory) == (1, 1, 5)
+    assert await counts(uow_factory) == ((1, 2, 6) if author == "known" else (1, 1, 5))
 
 
 # -- validation, in the model and in the database -----------------------------------------------

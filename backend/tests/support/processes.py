@@ -16,6 +16,10 @@ from typing import Any
 import httpx
 
 GLISK = (sys.executable, "-m", "glisk.cli")  # this interpreter's glisk, whatever is on PATH
+# How long a test waits for `glisk serve` (or the container entrypoint) to answer /health: a hang
+# guard, not a speed. It starts in seconds, but far slower while a loaded 2-core machine also runs
+# other suites, and a slow start is no failure.
+SERVE_START_SECONDS = 90.0
 
 
 def glisk_env(*drop: str, **extra: str) -> dict[str, str]:
@@ -32,7 +36,10 @@ def glisk_env(*drop: str, **extra: str) -> dict[str, str]:
 
 def serve_env(**extra: str) -> dict[str, str]:
     """The environment of ``glisk serve`` and ``glisk db`` in the CLI tests: on its own embedded
-    server or the DATABASE_URL given, directly (no pooler, no LISTEN setting), quiet."""
+    server or the DATABASE_URL given, directly (no pooler, no LISTEN setting), quiet. Each API
+    process checks its database at start-up within DB_CONNECT_TIMEOUT: given room here, since a
+    process importing the app on a loaded 2-core machine can take longer than the 5 s default."""
+    extra = {"DB_CONNECT_TIMEOUT": "60", **extra}
     return glisk_env("DB_POOLER", "WORKER_LISTEN", LOG_LEVEL="WARNING", **extra)
 
 

@@ -17,6 +17,7 @@ from glisk.uow import UnitOfWorkFactory
 from glisk.workers import (
     Claim,
     PendingReveal,
+    PermanentError,
     RevealState,
     Worker,
     checkpoint,
@@ -104,6 +105,64 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
     assert (stats.completed, stats.refused, stats.failed) == (0, 3, 0)
     for token in ids:
         assert await _column(uow_factory, "checkpoint", token) is None
+
+
+async def test_a_reveal_record_naming_one_lost_claim_writes_nothing_and_stops_the_handler(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 3)
+    go = asyncio.Event()
+    started = asyncio.Event()
+    sent: list[str] = []
+
+    async def reveal(claims: Sequence[Claim]) -> str:
+        started.set()
+        await go.wait()
+        tx_hash = "0x" + "2" * 64
+        await record_reveal(claims, tx_hash, {"nonce": 0})  # raises LeaseLost: one claim is gone
+        sent.append(tx_hash)
+        return tx_hash
+
+    worker = Worker(REVEAL, reveal, connect_options_of(uow_factory), batch=3)
+    await make_ready(uow_factory, ids)
+    task = asyncio.create_task(worker.run(exit_when_idle=True))
+    await asyncio.wait_for(started.wait(), 10)
+    await expire_leases(uow_factory, ids[1])
+    async with uow_factory() as uow:  # another worker takes the lost one over
+        await uow.leases.claim(REVEAL, "rescuer", batch=3, lease_seconds=60, max_attempts=3)
+    go.set()
+    stats = await asyncio.wait_for(task, 10)
+    assert sent == [], "a reveal was sent for a batch one of whose claims was lost"
+    assert (stats.completed, stats.refused, stats.failed) == (0, 3, 0)
+    assert await _reveal_rows(uow_factory) == []
+    for token in ids:
+        assert await _column(uow_factory, "checkpoint", token) is None
+
+
+async def test_a_workers_completion_and_final_failure_clear_the_checkpoint_and_a_retry_keeps_it(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    completed, failed, retried = await seed_tokens(uow_factory, 3)
+    stop = asyncio.Event()
+
+    async def handler(claim: Claim) -> str:
+        stop.set()  # these three, then stop
+        await checkpoint(claim, {"step": "rendered"})
+        if claim.token_uuid == failed:
+            raise PermanentError("prompt refused")
+        if claim.token_uuid == retried:
+            raise RuntimeError("service timeout")
+        return "/img.png"
+
+    worker = Worker(
+        IMAGE, handler, connect_options_of(uow_factory), concurrency=3, batch=3, backoff_base=600
+    )
+    stats = await asyncio.wait_for(worker.run(stop), 10)
+    assert (stats.completed, stats.failed) == (1, 2)
+    assert await _column(uow_factory, "status::text", failed) == "failed"
+    assert await _column(uow_factory, "checkpoint", completed) is None
+    assert await _column(uow_factory, "checkpoint", failed) is None
+    assert await _column(uow_factory, "checkpoint", retried) == {"step": "rendered"}
 
 
 class Chain:

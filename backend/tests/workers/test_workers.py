@@ -26,6 +26,7 @@ from glisk.workers.claims import Claim, ClaimBatch
 from tests.support import factories
 from tests.support.database import Database
 from tests.support.factories import expire_leases, seed_tokens
+from tests.support.locking import never_waiting_for_a_lock
 from tests.support.waiting import eventually
 
 S = TokenStatus
@@ -101,6 +102,31 @@ async def test_sixteen_concurrent_claimers_get_disjoint_batches(
     assert set(claimed) == set(ids[:80])
 
 
+async def test_two_claimers_skip_a_locked_row_and_take_disjoint_rows_without_waiting(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 4)
+    async with uow_factory() as locker:
+        # Another transaction holds the oldest token's row lock (a claim or an UPDATE in flight).
+        await locker.session.execute(
+            text("SELECT 1 FROM tokens_s0 WHERE id = :id FOR UPDATE"), {"id": ids[0]}
+        )
+        # Two claimers, each transaction left open while the next one claims.
+        async with uow_factory() as first, uow_factory() as second:
+            taken = []
+            for uow, holder in ((first, "a"), (second, "b")):
+                async with never_waiting_for_a_lock(uow, f"claimer {holder}"):
+                    batch = await uow.leases.claim(
+                        IMAGE, holder, batch=1, lease_seconds=60, max_attempts=3
+                    )
+                taken.append([c.token_uuid for c in batch.claims])
+    assert taken == [[ids[1]], [ids[2]]]
+    # The locked token was skipped, not lost: it is the next one claimed.
+    assert [c.token_uuid for c in (await _claim(uow_factory, holder="c", batch=1)).claims] == [
+        ids[0]
+    ]
+
+
 async def test_the_transactional_worker_queries_skip_tokens_under_a_claim(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
@@ -167,25 +193,23 @@ async def test_a_completed_token_is_never_rescued(uow_factory: UnitOfWorkFactory
 async def test_heartbeats_keep_a_slow_workers_token_from_being_rescued(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
-    ids = await seed_tokens(uow_factory, 6)
-    stop = asyncio.Event()
+    ids = await seed_tokens(uow_factory, 2)
+    lease = 1.5  # heartbeats every half second: only a stall of a second could let a thief in
     rescues: list[list[Claim]] = []
 
     async def slow(claim: Claim) -> str:
-        # Six tokens of a quarter lease each, each shorter than the heartbeat period (lease/3)
-        # but 1.5 leases together: the batch must be kept alive as a whole, not per handler.
-        # Only a stall of two thirds of a second could let the thief in.
-        rescues.append((await _claim(uow_factory, holder="thief", lease=1.0)).claims)
-        await asyncio.sleep(0.25)
-        if claim.token_uuid == ids[-1]:
-            stop.set()
+        # Two handlers at once, each running for one and a half leases, while a thief tries to
+        # claim every quarter of a lease: only heartbeats keep the tokens.
+        for _ in range(6):
+            rescues.append((await _claim(uow_factory, holder="thief", lease=lease)).claims)
+            await asyncio.sleep(lease / 4)
         return f"/slow/{claim.token_id}.png"
 
     stats = await run_worker(
-        IMAGE, slow, uow_factory, batch=6, lease_seconds=1.0, stop=stop, worker_id="slow"
+        IMAGE, slow, uow_factory, batch=2, lease_seconds=lease, exit_when_idle=True
     )
-    assert all(r == [] for r in rescues)
-    assert (stats.completed, stats.refused) == (6, 0)
+    assert len(rescues) == 12 and all(r == [] for r in rescues)
+    assert (stats.completed, stats.refused) == (2, 0)
     for token_uuid in ids:
         assert (await _token(uow_factory, token_uuid)).image_path is not None
 

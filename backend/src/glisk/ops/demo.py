@@ -9,8 +9,15 @@ stand-ins (``glisk.ops.demo_stages``), the reveal stage ``glisk.ops.demo_handler
 second and starts a new one in its place: leases expire, tokens are rescued, a reveal in flight
 is reconciled, and every token must still be revealed exactly once; the stand-ins inject 429s,
 5xx, lost replies and slow predictions. Ends with a verification table; exit 0 only if every
-token is revealed, in exactly one confirmed transaction, after exactly one prediction, with
-every file pinned under the CID computed for it.
+token is revealed, in exactly one confirmed transaction, with the database and the chain
+agreeing on which, no reveal left pending, after exactly one prediction, with every file pinned
+under the CID computed for it.
+
+The verdict is a pure function of facts gathered once the workers stopped (``DemoFacts``: what
+the database, the chain and the stand-ins say, and how the run went): ``verdict(facts)``
+decides, the gathering (``database_facts``, ``chain_facts``, ``gather_stage_facts``) reads, so
+the verdict is tested on crafted facts and stays the same whatever node the chain facts come
+from.
 """
 
 from __future__ import annotations
@@ -30,12 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glisk.errors import ConfigError, OperatorError
-from glisk.ops.demo_stages import HANDLERS
+from glisk.ops.demo_stages import HANDLERS, StageFacts, stage_verdict
 from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
-    from glisk.ops.demo_stages import StageFacts
 
 # Under chaos, a worker is killed only once it has run this long.
 MIN_AGE = 3.0
@@ -239,10 +245,22 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                 finally:
                     pool.stop()
                 elapsed = time.monotonic() - started
-                final = collect(conn, exact=True)
-            report = asyncio.run(_chain_report(chain.url))
+                database = database_facts(conn)
+            chain_seen = chain_facts(asyncio.run(_chain_report(chain.url)))
             stage_facts = gather_stage_facts(dsn, services, args.tokens)
-        return _verify(console, args, final, report, pool, elapsed, finished, stage_facts)
+        facts = DemoFacts(
+            minted=args.tokens,
+            finished=finished,
+            database=database,
+            chain=chain_seen,
+            kills=pool.kills,
+            workers_started=pool.started,
+            elapsed=elapsed,
+            stages=stage_facts,
+        )
+        decided = verdict(facts)
+        show(console, decided)
+        return decided.ok
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -254,62 +272,221 @@ async def _chain_report(url: str) -> Any:
     return await FakeChainControl(url).report()
 
 
-def _verify(
-    console: Any,
-    args: argparse.Namespace,
-    final: Any,
-    report: Any,
-    pool: Pool,
-    elapsed: float,
-    finished: bool,
-    stage_facts: StageFacts,
-) -> bool:
+# -- the verdict: facts gathered once the workers stopped, then a pure decision ------------------
+
+
+@dataclass(frozen=True)
+class ChainTx:
+    """A reveal transaction as the chain saw it."""
+
+    tx_hash: str
+    token_ids: tuple[int, ...]
+    confirmed: bool  # mined, and it succeeded
+    sends: int = 1  # how often it reached the node, rebroadcasts of the same one included
+
+
+@dataclass(frozen=True)
+class ChainFacts:
+    transactions: tuple[ChainTx, ...]  # every reveal transaction the node saw
+    revealed: dict[int, str]  # token id -> the transaction that revealed it, per the chain
+    send_calls: int = 0  # eth_sendRawTransaction calls, repeats and refusals included
+
+
+@dataclass(frozen=True)
+class DatabaseFacts:
+    statuses: dict[int, str]  # token id -> status
+    reveal_hashes: dict[int, str]  # token id -> reveal_tx_hash, for tokens that have one
+    pending_reveals: tuple[str, ...]  # tx hashes of reveal_transactions rows still pending
+    confirmed_reveals: tuple[str, ...]  # tx hashes of reveal_transactions rows confirmed
+    failed: tuple[tuple[str | None, str | None, int], ...] = ()  # (stage, reason, tokens)
+
+
+@dataclass(frozen=True)
+class DemoFacts:
+    minted: int  # tokens the demo minted
+    finished: bool  # every token was revealed or failed before --timeout
+    database: DatabaseFacts
+    chain: ChainFacts
+    kills: int = 0
+    workers_started: int = 0
+    elapsed: float = 0.0
+    # The image and upload stages against the Replicate and Pinata stand-ins (None: not run).
+    stages: StageFacts | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    rows: tuple[tuple[str, str], ...]  # the verification table: (check, value)
+    problems: tuple[str, ...]  # why it is not ok, one line each
+
+
+def database_facts(conn: Any) -> DatabaseFacts:
+    """What the database says (``conn``: a psycopg connection to the demo's database)."""
+    from glisk.ops.status import FAILED_BY_REASON
+
+    statuses: dict[int, str] = {}
+    hashes: dict[int, str] = {}
+    for token_id, status, tx_hash in conn.execute(
+        "SELECT token_id, status::text, reveal_tx_hash FROM tokens_s0"
+    ):
+        statuses[token_id] = status
+        if tx_hash is not None:
+            hashes[token_id] = tx_hash
+    reveals: dict[str, list[str]] = {"pending": [], "confirmed": []}
+    for status, tx_hash in conn.execute(
+        "SELECT status::text, tx_hash FROM reveal_transactions ORDER BY created_at"
+    ):
+        reveals.setdefault(status, []).append(tx_hash or "")
+    failed = tuple(
+        (stage, reason, int(count)) for stage, reason, count in conn.execute(FAILED_BY_REASON)
+    )
+    return DatabaseFacts(
+        statuses, hashes, tuple(reveals["pending"]), tuple(reveals["confirmed"]), failed
+    )
+
+
+def chain_facts(report: Any) -> ChainFacts:
+    """What the chain says, from the fake node's report (glisk.standins.chain_client)."""
+    return ChainFacts(
+        transactions=tuple(
+            ChainTx(
+                tx.hash,
+                tuple(tx.token_ids),
+                tx.state == "mined" and tx.status == "success",
+                tx.sends,
+            )
+            for tx in report.transactions
+        ),
+        revealed=dict(report.revealed),
+        send_calls=report.send_calls,
+    )
+
+
+def _some(token_ids: Any, limit: int = 5) -> str:
+    ordered = sorted(token_ids)
+    shown = ", ".join(str(t) for t in ordered[:limit])
+    return shown + (f" and {len(ordered) - limit} more" if len(ordered) > limit else "")
+
+
+def verdict(facts: DemoFacts) -> Verdict:
+    """Whether every minted token is revealed, in exactly one confirmed transaction, with the
+    database and the chain agreeing on which, and nothing left pending; the table to show and
+    every problem found (ok exactly when there is none)."""
+    db, chain = facts.database, facts.chain
+    minted = set(db.statuses)  # the token ids the demo minted, as the database holds them
+    confirmed = [tx for tx in chain.transactions if tx.confirmed]
+    carriers: dict[int, list[str]] = {}
+    for tx in confirmed:
+        for token_id in tx.token_ids:
+            carriers.setdefault(token_id, []).append(tx.tx_hash)
+    revealed_db = {t for t, status in db.statuses.items() if status == "revealed"}
+    once = {t for t, hashes in carriers.items() if len(hashes) == 1}
+    twice = {t for t, hashes in carriers.items() if len(hashes) > 1}
+    disagree = {
+        t for t in revealed_db & set(chain.revealed) if db.reveal_hashes.get(t) != chain.revealed[t]
+    }
+    confirmed_hashes = {tx.tx_hash for tx in confirmed}
+
+    problems: list[str] = []
+    if not facts.finished:
+        problems.append("the run gave up (--timeout) before every token was revealed or failed")
+    if len(minted) != facts.minted:
+        problems.append(f"the database holds {len(minted):,} tokens, {facts.minted:,} minted")
+    if minted - revealed_db:
+        problems.append(
+            f"{len(minted - revealed_db):,} tokens not revealed in the database: "
+            + _some(minted - revealed_db)
+        )
+    if minted - set(chain.revealed):
+        problems.append(
+            f"{len(minted - set(chain.revealed)):,} tokens not revealed on chain: "
+            + _some(minted - set(chain.revealed))
+        )
+    if set(chain.revealed) - minted:
+        problems.append(
+            "the chain revealed tokens never minted: " + _some(set(chain.revealed) - minted)
+        )
+    if twice:
+        problems.append(
+            f"{len(twice):,} tokens in more than one confirmed transaction: " + _some(twice)
+        )
+    if minted - once - twice:
+        problems.append(
+            f"{len(minted - once - twice):,} tokens in no confirmed transaction: "
+            + _some(minted - once - twice)
+        )
+    if disagree:
+        first = min(disagree)
+        problems.append(
+            f"{len(disagree):,} tokens revealed on chain by another transaction than the "
+            "database says: "
+            f"{_some(disagree)} (token {first}: database {db.reveal_hashes.get(first)}, "
+            f"chain {chain.revealed[first]})"
+        )
+    if db.pending_reveals:
+        problems.append(
+            f"{len(db.pending_reveals):,} reveal transactions still pending in the database: "
+            + ", ".join(db.pending_reveals[:3])
+        )
+    if set(db.confirmed_reveals) - confirmed_hashes:
+        problems.append(
+            "reveal transactions confirmed in the database but not on chain: "
+            + ", ".join(sorted(set(db.confirmed_reveals) - confirmed_hashes)[:3])
+        )
+
+    stage_rows: list[tuple[str, str]] = []
+    for check, value, holds in stage_verdict(facts.stages) if facts.stages is not None else []:
+        stage_rows.append((check, value))
+        if not holds:
+            problems.append(f"{check}: {value}")
+
+    # How often each revealed token went out in a transaction (rebroadcasts included).
+    sent: dict[int, int] = {}
+    for tx in chain.transactions:
+        for token_id in tx.token_ids:
+            sent[token_id] = sent.get(token_id, 0) + tx.sends
+    sends = [sent.get(token_id, 0) for token_id in chain.revealed]
+    mean = sum(sends) / len(sends) if sends else 0.0
+    rate = len(revealed_db) / facts.elapsed if facts.elapsed else 0.0
+    rows = [
+        ("tokens minted", f"{facts.minted:,}"),
+        ("revealed (database)", f"{len(revealed_db):,}"),
+        ("revealed on chain", f"{len(chain.revealed):,}"),
+        ("in exactly one confirmed transaction", f"{len(once):,}"),
+        ("in more than one confirmed transaction", f"{len(twice):,}"),
+        ("chain and database disagree on the transaction", f"{len(disagree):,}"),
+        ("reveal transactions pending (database)", f"{len(db.pending_reveals):,}"),
+        *(
+            (f"failed: {stage or '-'} / {reason or '-'}", f"{n:,}")
+            for stage, reason, n in db.failed
+        ),
+        *stage_rows,
+        ("reveal transactions confirmed", f"{len(confirmed):,}"),
+        ("sends per revealed token: mean / max", f"{mean:.2f} / {max(sends, default=0)}"),
+        ("eth_sendRawTransaction calls", f"{chain.send_calls:,}"),
+        ("workers killed (chaos)", f"{facts.kills:,}"),
+        ("worker processes started", f"{facts.workers_started:,}"),
+        ("time", f"{facts.elapsed:.1f} s ({rate:.0f} tokens/s)"),
+    ]
+    return Verdict(not problems, tuple(rows), tuple(problems))
+
+
+def show(console: Any, decided: Verdict) -> None:
+    """The verification table, every problem, and the one-line outcome."""
     from rich.table import Table
 
-    from glisk.ops.demo_stages import stage_verdict
-
     console.print()
-    confirmed_per_token: dict[int, int] = {}
-    for tx in report.confirmed:
-        for token_id in tx.token_ids:
-            confirmed_per_token[token_id] = confirmed_per_token.get(token_id, 0) + 1
-    revealed = final.statuses["revealed"]
-    once = sum(1 for n in confirmed_per_token.values() if n == 1)
-    more = sum(1 for n in confirmed_per_token.values() if n > 1)
-    ok = (
-        finished
-        and revealed == args.tokens
-        and once == args.tokens
-        and more == 0
-        and len(report.revealed) == args.tokens
-    )
     table = Table(title="verification", title_justify="left")
     table.add_column("check")
     table.add_column("value", justify="right")
-    table.add_row("tokens minted", f"{args.tokens:,}")
-    table.add_row("revealed (database)", f"{revealed:,}")
-    table.add_row("revealed on chain", f"{len(report.revealed):,}")
-    table.add_row("in exactly one confirmed transaction", f"{once:,}")
-    table.add_row("in more than one confirmed transaction", f"{more:,}")
-    for group in final.failed:
-        table.add_row(f"failed: {group.stage or '-'} / {group.reason or '-'}", f"{group.count:,}")
-    for check, value, holds in stage_verdict(stage_facts):
-        table.add_row(check, value if holds else f"[red]{value}[/red]")
-        ok = ok and holds
-    table.add_row("reveal transactions confirmed", f"{len(report.confirmed):,}")
-    # How often each token went out in a transaction (rebroadcasts of the same one included).
-    sends = [
-        sum(tx.sends for tx in report.transactions if token_id in tx.token_ids)
-        for token_id in report.revealed
-    ]
-    mean = sum(sends) / len(sends) if sends else 0.0
-    table.add_row("sends per revealed token: mean / max", f"{mean:.2f} / {max(sends, default=0)}")
-    table.add_row("eth_sendRawTransaction calls", f"{report.send_calls:,}")
-    table.add_row("workers killed (chaos)", f"{pool.kills:,}")
-    table.add_row("worker processes started", f"{pool.started:,}")
-    table.add_row("time", f"{elapsed:.1f} s ({revealed / elapsed if elapsed else 0:.0f} tokens/s)")
+    for check, value in decided.rows:
+        table.add_row(check, value)
     console.print(table)
+    for problem in decided.problems:
+        console.print(f"- {problem}", markup=False, highlight=False)
     console.print(
-        "OK: every token revealed once" if ok else "FAILED: not every token was revealed once"
+        "OK: every token revealed once"
+        if decided.ok
+        else "FAILED: not every token was revealed once"
     )
-    return ok
