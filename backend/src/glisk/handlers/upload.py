@@ -186,6 +186,9 @@ class _Upload:
     async def _pin(self, kind: Part, data: bytes, name: str, content_type: str) -> None:
         part = self.state[kind]
         if part["pinned"]:
+            # Pinned and checkpointed by an earlier holder, which may have died before it
+            # completed the record: completing it again is an idempotent upsert.
+            await self._record(kind, "completed")
             return
         keyvalues = {"token_id": str(self.claim.token_id), "part": kind}
         for delay in (*PIN_RETRY_DELAYS, None):
