@@ -8,7 +8,6 @@ import contextlib
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import make_url
 
 from glisk.api.health import DatabaseProbe
 from glisk.core.database import psycopg_connect_kwargs
@@ -18,8 +17,8 @@ from tests.support.waiting import eventually
 
 
 class HoldingProxy:
-    """A TCP proxy to PostgreSQL that can hold the server's answers (``hold``/``release``),
-    so a test decides when a query in flight gets its answer."""
+    """A TCP proxy to PostgreSQL (on TCP or on its Unix socket) that can hold the server's
+    answers (``hold``/``release``), so a test decides when a query in flight gets its answer."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
@@ -47,7 +46,11 @@ class HoldingProxy:
         task = asyncio.current_task()
         assert task is not None
         self.handlers.add(task)
-        server_r, server_w = await asyncio.open_connection(*self.target)
+        host, port = self.target
+        if host.startswith("/"):  # a socket directory
+            server_r, server_w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        else:
+            server_r, server_w = await asyncio.open_connection(host, port)
         await asyncio.gather(
             self._pipe(client_r, server_w, gate=False),
             self._pipe(server_r, client_w, gate=True),
@@ -81,8 +84,9 @@ def _kwargs(database: Database, **override: Any) -> dict[str, Any]:
 async def test_a_probe_arriving_while_a_select_is_in_flight_is_answered_by_the_next_one(
     postgres_container: Database,
 ) -> None:
-    url = make_url(postgres_container.url)
-    async with HoldingProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+    server = libpq_kwargs(postgres_container.url)
+    host, port = str(server.get("host", "127.0.0.1")), str(server.get("port", 5432))
+    async with HoldingProxy(host, int(port)) as proxy:
         probe = DatabaseProbe(_kwargs(postgres_container, host="127.0.0.1", port=proxy.port))
         try:
             await probe.check()  # the connection is open; one SELECT 1 sent

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-import structlog
 
-from glisk.cli import main
-from glisk.embedded_pg import free_port, password_file, read_password, scratch_parent
+from glisk.embedded_pg import (
+    binaries_cache_dir,
+    free_port,
+    password_file,
+    read_password,
+    scratch_parent,
+)
 from glisk.testing import throwaway_database
+from tests.support.cli import glisk_in_process
 from tests.support.database import Database
 from tests.support.processes import (
+    GLISK,
     alive,
     owned_scratch_dir,
     postmaster_pid,
@@ -38,20 +46,7 @@ def data_root(tmp_path: Path) -> Iterator[Path]:
 def _main_in_process(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
 ) -> tuple[int, str, str]:
-    """glisk.cli.main in this process (the subprocess tests cover the real entry point)."""
-    for name, value in serve_env(**env).items():
-        monkeypatch.setenv(name, value)
-    for name in ("DATABASE_URL", "APP_ENV"):
-        if name not in env:
-            monkeypatch.delenv(name, raising=False)
-    # main() configures logging for the process; put back what the rest of the suite expects.
-    saved = structlog.get_config()
-    try:
-        code = main(list(argv))
-    finally:
-        structlog.configure(**saved)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return glisk_in_process(monkeypatch, capsys, *argv, **env)
 
 
 def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_sigkill(
@@ -67,7 +62,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
         postgres = postmaster_pid(data_dir)
         secret = read_password(password_file(data_dir))
         assert secret is not None
-        # `glisk db url` prints the full URL (for psql) while serve runs; nothing else gets in.
+        # `glisk db url` prints the full URL (for tools) while serve runs; nothing else gets in.
         code, out, _ = _main_in_process(
             monkeypatch,
             capsys,
@@ -76,9 +71,11 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
             GLISK_PG_DATA=str(data_dir),
             GLISK_PG_PORT=str(pg_port),
         )
-        assert (code, out) == (0, f"postgresql://postgres:{secret}@127.0.0.1:{pg_port}/glisk\n")
+        assert code == 0
+        assert out.startswith(f"postgresql://postgres:{secret}@/glisk?host=")
+        assert "require_auth=scram-sha-256" in out
         with pytest.raises(psycopg.OperationalError, match="no password supplied"):
-            psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk")
+            psycopg.connect(host=str(data_dir), port=pg_port, user="postgres", dbname="glisk")
         with psycopg.connect(out.strip(), autocommit=True) as c:
             # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
             assert c.execute("show max_connections").fetchone() == ("260",)
@@ -94,7 +91,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
     assert f"http://127.0.0.1:{http_port}" in output
     assert str(data_dir) in output
     assert f"password in {password_file(data_dir)}" in output
-    assert f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_port}/glisk" in output
+    assert f"postgresql+psycopg://postgres:***@/glisk?host={data_dir}&port={pg_port}" in output
     assert secret not in output
     assert not wait_gone([postgres], 10), "postgres still running after glisk serve exited"
 
@@ -190,7 +187,11 @@ def test_db_url_prints_the_libpq_form_of_database_url(
 ) -> None:
     url = "postgresql+psycopg://glisk:s%40cret@db.example:5432/glisk?sslmode=require"
     code, out, _ = _main_in_process(monkeypatch, capsys, "db", "url", DATABASE_URL=url)
-    assert (code, out) == (0, "postgresql://glisk:s%40cret@db.example:5432/glisk?sslmode=require\n")
+    assert (code, out) == (
+        0,
+        "postgresql://glisk:s%40cret@db.example:5432/glisk?channel_binding=require"
+        "&require_auth=scram-sha-256&sslmode=require\n",
+    )
 
 
 def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
@@ -203,3 +204,136 @@ def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
     assert err.startswith(f"error: No embedded PostgreSQL password at {data_root}/pgdata.password")
     assert "glisk serve" in err
     assert not (data_root / "pgdata").exists(), "db url must start nothing"
+
+
+# --- bad input: one line naming the option or variable and its rule, never a traceback --------
+
+
+def _glisk(
+    *argv: str | bytes, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GLISK, *argv],
+        env=serve_env(**(env or {})),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=90,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "expected"),
+    [
+        (
+            ("tokens", "retry", "--since", "0001-01-01T00:00+01:00"),
+            {},
+            2,
+            "--since: must be a time from year 1 to 9999 in UTC",
+        ),
+        (("tokens", "retry", "--reason", b"\xff"), {}, 2, "--reason: must be text (UTF-8)"),
+        (
+            ("db", "current"),
+            {"DATABASE_URL": "postgresql://u:p@h:notaport/db", "APP_ENV": "production"},
+            2,
+            "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
+        ),
+        (
+            ("db", "current"),
+            {"DATABASE_URL": "postgresql://u:p@h:notaport/db"},
+            2,
+            "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
+        ),
+        (
+            ("db", "current"),
+            {"GLISK_PG_DATA": "/etc/passwd/x"},
+            1,
+            "/etc/passwd is not a directory",
+        ),
+        (
+            ("serve", "--port", "99999"),
+            {},
+            2,
+            "argument --port: must be a port number from 1 to 65535 (got '99999')",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--metrics-port", "99999"),
+            {},
+            2,
+            "argument --metrics-port: must be a port number from 1 to 65535",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--lease", "inf"),
+            {},
+            2,
+            "argument --lease: must be a number from more than 0 to 86400 (got 'inf')",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--lease", "1e300"),
+            {},
+            2,
+            "argument --lease: must be a number from more than 0 to 86400 (got '1e300')",
+        ),
+        (
+            ("db", "check", "--warn-at", "nan"),
+            {},
+            2,
+            "argument --warn-at: must be a percentage from 0 to 100 (got 'nan')",
+        ),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_naming_it_before_anything_starts(
+    argv: tuple[str | bytes, ...], env: dict[str, str], code: int, expected: str, data_root: Path
+) -> None:
+    result = _glisk(*argv, env={"GLISK_PG_DATA": str(data_root / "pgdata"), **env})
+    assert result.returncode == code, result.stderr
+    assert expected in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert not (data_root / "pgdata").exists(), "started the embedded server anyway"
+
+
+def test_a_relative_data_directory_is_refused_before_any_directory_is_made(
+    data_root: Path,
+) -> None:
+    result = _glisk("db", "current", cwd=data_root, env={"GLISK_PG_DATA": "relative/dir"})
+    assert result.returncode == 2
+    assert "GLISK_PG_DATA: must be an absolute path (got 'relative/dir')" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert list(data_root.iterdir()) == []
+
+
+def test_a_bindir_without_postgresql_is_refused_in_one_line_and_nothing_is_copied(
+    data_root: Path,
+) -> None:
+    # What GLISK_PG_BINDIR=/nonexistent made root copy: a bin/ and lib/ that are not PostgreSQL.
+    fake = data_root / "not-postgres"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "lib").mkdir()
+    (fake / "lib" / "big.so").write_bytes(b"\0" * 4096)
+    (fake / "bin" / "psql").write_text("#!/bin/sh\n")
+    result = _glisk("db", "current", env={"GLISK_PG_BINDIR": str(fake / "bin")})
+    assert result.returncode == 2, result.stderr
+    assert f"GLISK_PG_BINDIR: {fake / 'bin'} holds no PostgreSQL server binaries" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not binaries_cache_dir(fake / "bin").exists()
+
+
+def test_a_metrics_port_in_use_is_one_line(postgres_container: Database) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = _glisk(
+            "worker",
+            "image",
+            "--handler",
+            "noop",
+            "--metrics-port",
+            str(port),
+            env={"DATABASE_URL": postgres_container.url, "DB_POOLER": postgres_container.pooler},
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"--metrics-port {port}: cannot listen on it" in result.stderr
+    assert "Traceback" not in result.stderr

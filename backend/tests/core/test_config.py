@@ -109,7 +109,9 @@ def test_provider_url_forms_are_normalised_to_psycopg(
     monkeypatch: pytest.MonkeyPatch, scheme: str
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", f"{scheme}://u:p@db:5432/glisk")
-    assert load_settings(os.devnull).database_url == "postgresql+psycopg://u:p@db:5432/glisk"
+    assert load_settings(os.devnull).database_url == (
+        "postgresql+psycopg://u:p@db:5432/glisk?require_auth=scram-sha-256"
+    )
 
 
 @pytest.mark.parametrize(
