@@ -80,9 +80,11 @@ CLUSTER_NAME = "glisk"
 SOCKET_PATH_MAX = 107
 # The files in a data directory that glisk itself opens (the rest is the server's business).
 GLISK_READS = ("PG_VERSION", "pg_hba.conf", "postmaster.pid")
-# After a crash the supervisor retries a start that fails at once (the dead server's backends
-# may still hold its shared memory for a moment) for this long before it gives up.
+# After a crash the supervisor retries a start that fails because the dead server is not quite
+# gone (its backends still hold its shared memory, its lock files) for this long, then gives up.
 RESTART_WINDOW_SECONDS = 20.0
+# What postgres says when a start failed for that reason; any other failure is not retried.
+NOT_GONE_YET = ("pre-existing shared memory block", "lock file", "Address already in use")
 
 # The whole pg_hba.conf of an embedded server: a password (SCRAM) for every connection, on the
 # Unix socket and, when TCP is on, on loopback.
@@ -1305,8 +1307,9 @@ class EmbeddedPostgres:
             try:
                 self._launch(bindir, user)
                 return
-            except EmbeddedPostgresError:
-                if self._process is not None or time.monotonic() >= deadline:
+            except EmbeddedPostgresError as exc:
+                transient = any(marker in str(exc) for marker in NOT_GONE_YET)
+                if not transient or time.monotonic() >= deadline:
                     raise
             time.sleep(0.5)
 

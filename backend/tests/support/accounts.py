@@ -8,6 +8,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,10 +36,24 @@ def throwaway_account() -> Iterator[pwd.struct_passwd]:
         capture_output=True,
         timeout=60,
     )
+    account = pwd.getpwnam(name)
     try:
-        yield pwd.getpwnam(name)
+        yield account
     finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True, timeout=60)
+        _kill_processes_of(account.pw_uid)  # userdel refuses an account that still runs one
+        subprocess.run(["userdel", name], check=True, capture_output=True, timeout=60)
+
+
+def _kill_processes_of(uid: int) -> None:
+    """SIGKILL, by pid, every process the throwaway account ``uid`` still runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def as_account(account: pwd.struct_passwd | str, args: Sequence[str]) -> list[str]:

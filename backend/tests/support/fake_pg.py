@@ -9,6 +9,9 @@ Standard library only and no file access, so another account can run it from its
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -82,8 +85,13 @@ class PortThief:
     events collected from its output. ``wait_listening`` returns once it holds the port."""
 
     def __init__(self, command: list[str]) -> None:
+        # A session of its own: runuser forks, and the stand-in must die with it (stop()).
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -105,7 +113,9 @@ class PortThief:
         return [line.split(" ", 1)[1] for line in self.lines if line.startswith("password ")]
 
     def stop(self) -> None:
-        self.process.kill()
+        """Kill the stand-in and everything in its session (as root: another account's)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
         self._reader.join(10)
 
