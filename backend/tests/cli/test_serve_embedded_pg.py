@@ -79,11 +79,13 @@ def _stop(serve: subprocess.Popen[str]) -> str:
     return serve.communicate(timeout=60)[0]
 
 
-def _wait_restarted(serve: subprocess.Popen[str], data_dir: Path, http_port: int, old: int) -> int:
-    """Wait until /health answers 200 on a new postmaster; its pid."""
+def _wait_restarted(
+    serve: subprocess.Popen[str], data_dir: Path, http_port: int, old: int
+) -> int | None:
+    """Wait until /health answers 200 on a new postmaster: its pid, or None if that did not
+    happen within BACK_WITHIN_SECONDS (or serve exited)."""
     deadline = time.monotonic() + BACK_WITHIN_SECONDS
-    while time.monotonic() < deadline:
-        assert serve.poll() is None, f"glisk serve exited: {serve.communicate()[0]}"
+    while time.monotonic() < deadline and serve.poll() is None:
         try:
             pid = postmaster_pid(data_dir)
         except (OSError, ValueError, IndexError):
@@ -91,7 +93,7 @@ def _wait_restarted(serve: subprocess.Popen[str], data_dir: Path, http_port: int
         if pid != old and alive(pid) and health_status(http_port) == 200:
             return pid
         time.sleep(0.2)
-    raise AssertionError(f"/health did not come back within {BACK_WITHIN_SECONDS:.0f} s")
+    return None
 
 
 def test_a_process_holding_the_port_first_gets_nothing_from_serve_its_probe_or_the_commands(
@@ -130,9 +132,10 @@ def test_serve_restarts_a_killed_postmaster_and_a_thief_waiting_for_the_port_get
         with port_thief(pg_port) as thief:
             thief.wait_listening()
             second = _wait_restarted(serve, data_dir, http_port, first)
-            for _ in range(5):
-                assert health_status(http_port) == 200
-        assert thief.passwords() == []
+            healthy = [health_status(http_port) for _ in range(5)]
+        assert thief.passwords() == [], "the API's probe gave the password to the port's holder"
+        assert second is not None, f"/health did not come back within {BACK_WITHIN_SECONDS} s"
+        assert healthy == [200] * 5
     finally:
         output = _stop(serve)
     assert serve.returncode == 0, output
@@ -166,19 +169,22 @@ def test_no_command_sends_the_password_to_a_server_that_asks_for_it_in_clear() -
     url = f"postgresql://glisk:{secret}@127.0.0.1:{port}/glisk"
     with port_thief(port) as thief:
         thief.wait_listening()
-        for argv in (
-            ("db", "current"),
-            ("status", "--json"),
-            ("db", "psql", "-c", "SELECT 1"),
-            ("worker", "image", "--handler", "noop"),
-            ("serve", "--host", "127.0.0.1", "--port", str(free_port())),
-        ):
-            result = _glisk(*argv, DATABASE_URL=url)
-            assert result.returncode != 0, argv
-            assert "scram-sha-256" in result.stderr, (argv, result.stderr)
-            assert secret not in result.stderr
+        results = {
+            argv: _glisk(*argv, DATABASE_URL=url)
+            for argv in (
+                ("db", "current"),
+                ("status", "--json"),
+                ("db", "psql", "-c", "SELECT 1"),
+                ("worker", "image", "--handler", "noop"),
+                ("serve", "--host", "127.0.0.1", "--port", str(free_port())),
+            )
+        }
         assert "connection" in thief.lines  # they did knock
     assert thief.passwords() == []
+    for argv, result in results.items():
+        assert result.returncode != 0, argv
+        assert "scram-sha-256" in result.stderr, (argv, result.stderr)
+        assert secret not in result.stderr
 
 
 async def test_the_health_probe_never_sends_the_password_in_clear() -> None:

@@ -591,8 +591,9 @@ def test_the_server_log_is_private_even_when_an_older_glisk_made_it_readable(
 ) -> None:
     base = _owned_tmp(tmp_path)
     pg = EmbeddedPostgres(data_dir=base / "data", port=free_port(), ephemeral=True)
-    pg.log_file.write_text("an older glisk's log\n")
-    pg.log_file.chmod(0o644)
+    log = base / "data.log"  # beside the data directory
+    log.write_text("an older glisk's log\n")
+    log.chmod(0o644)
     try:
         pg.start()
         with (
@@ -600,9 +601,9 @@ def test_the_server_log_is_private_even_when_an_older_glisk_made_it_readable(
             contextlib.suppress(psycopg.Error),
         ):
             c.execute("SELECT 1/0 AS prompt_of_a_failing_row")  # lands in the server's log
-        assert pg.log_file.stat().st_mode & 0o777 == 0o600
-        assert pg.log_file.stat().st_uid == os.geteuid()
-        assert "prompt_of_a_failing_row" in pg.log_file.read_text()
+        assert log.stat().st_mode & 0o777 == 0o600
+        assert log.stat().st_uid == os.geteuid()
+        assert "prompt_of_a_failing_row" in log.read_text()
     finally:
         pg.stop()
         shutil.rmtree(base, ignore_errors=True)

@@ -156,8 +156,10 @@ def masked_url(db_url: str) -> str:
     not parse is shown as its scheme alone."""
     try:
         url = make_url(db_url)
-    except Exception:  # any parse failure: show nothing of it
-        return f"{db_url.partition('://')[0][:40]}://***"
+    except Exception:  # any parse failure: show nothing of it but a scheme
+        scheme, sep, _ = db_url.partition("://")
+        plain = sep and scheme[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
+        return f"{scheme}://***" if plain else "***"
     shown = url.set(query={}).render_as_string(hide_password=True)
     pairs = []
     for key, values in url.query.items():
