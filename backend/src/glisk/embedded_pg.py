@@ -1319,12 +1319,14 @@ class EmbeddedPostgres:
         with self._lock:
             self._stopping = True
             process, self._process = self._process, None
-            self._attached_to = None
+            attached, self._attached_to = self._attached_to, None
         if process is not None:
             _terminate(process, timeout)
         self._remove_private_bindir()
-        if self.owned_dir is not None:
+        if self.owned_dir is not None and attached is None:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
+            if self.socket_dir != self.data_dir:  # a throwaway server's own, in /tmp
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def _remove_private_bindir(self) -> None:
         private, self._private_bindir = self._private_bindir, None

@@ -29,7 +29,7 @@ from tests.support.processes import (
     wait_serving,
 )
 
-START_SECONDS = 30.0  # two interpreters importing the app on a loaded 2-core machine
+START_SECONDS = 60.0  # two interpreters importing the app on a loaded 2-core machine
 GONE_SECONDS = 15.0
 
 
