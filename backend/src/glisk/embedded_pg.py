@@ -262,6 +262,29 @@ def _owned_by_us_and_not_shared(path: Path) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
+def _controlled_by_others(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` (itself included) that an account other than
+    ours could change: one it owns, or one it may write to that is not sticky (in a sticky
+    directory like /tmp others may add entries, but not rename or remove ours). None when the
+    whole way is ours. Links on the way are judged as the directories they lead to."""
+    current = Path("/")
+    for part in path.absolute().parts[1:]:
+        current = current / part
+        try:
+            st = current.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                if st.st_uid != os.geteuid():
+                    return current
+                st = current.stat()
+        except OSError:
+            return current
+        if st.st_uid != os.geteuid():
+            return current
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return current
+    return None
+
+
 def _server_env() -> dict[str, str]:
     """The environment of every PostgreSQL process we start: no PG* variables of ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -911,13 +934,17 @@ class EmbeddedPostgres:
                     f"Cannot use {self.data_dir} for the embedded PostgreSQL data (GLISK_PG_DATA): "
                     f"{why}"
                 ) from None
-        if user is not None and not _owned_by_us_and_not_shared(parent):
-            # As root, a directory another user controls could swap the data directory for a
-            # link: refuse it rather than chown or start anything there.
-            raise EmbeddedPostgresError(
-                f"Refusing to use {parent} for the embedded PostgreSQL data: it must be owned by "
-                "root and not writable by group or others. Remove it or set GLISK_PG_DATA."
-            )
+        if user is not None:
+            # As root, a directory another user controls (the parent, or any above it) could
+            # swap the data directory for a link: refuse it rather than chown or start anything.
+            shared = parent if not _owned_by_us_and_not_shared(parent) else None
+            if (blocker := shared or _controlled_by_others(parent)) is not None:
+                raise EmbeddedPostgresError(
+                    f"Refusing to use {parent} for the embedded PostgreSQL data: {blocker} must "
+                    "be owned by root and not writable by group or others (so must every "
+                    "directory on the way, unless sticky like /tmp). Remove it or set "
+                    "GLISK_PG_DATA."
+                )
         try:
             st: os.stat_result | None = os.lstat(self.data_dir)
         except FileNotFoundError:

@@ -245,15 +245,21 @@ def test_the_server_dies_with_its_parent_even_on_sigkill() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rules apply when running as root")
-def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", ["parent", "grandparent"])
+def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(
+    tmp_path: Path, depth: str
+) -> None:
     user = service_user()
     assert user is not None
     shared = _owned_tmp(tmp_path)
     os.chown(shared, user.pw_uid, user.pw_gid)  # a folder another account controls
+    # Root's own folder inside it does not help: the other account can rename it away.
+    parent = shared if depth == "parent" else shared / "roots"
+    parent.mkdir(mode=0o755, exist_ok=True)
     try:
-        with pytest.raises(EmbeddedPostgresError, match="must be owned by root"):
-            EmbeddedPostgres(data_dir=shared / "data", port=free_port()).start()
-        assert not (shared / "data").exists()
+        with pytest.raises(EmbeddedPostgresError, match=f"{shared} must be owned by root"):
+            EmbeddedPostgres(data_dir=parent / "data", port=free_port()).start()
+        assert not (parent / "data").exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
