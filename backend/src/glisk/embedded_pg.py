@@ -1026,6 +1026,12 @@ class EmbeddedPostgres:
             return None  # being written, or damaged: postgres itself decides on start
         if pid <= 0 or not _alive_not_zombie(pid):
             return None
+        try:  # a pid reused since a crash by something else is no server of ours
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            argv0 = b"postgres"
+        if not argv0.endswith(b"postgres"):
+            return None
         return pid, port
 
     def _already_running(self, pid: int) -> EmbeddedPostgresError:
