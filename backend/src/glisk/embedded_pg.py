@@ -1178,6 +1178,9 @@ class EmbeddedPostgres:
                 cwd=tempfile.gettempdir(),
                 env=_server_env(),
                 preexec_fn=lambda: _parent_death_signal(parent),
+                # Its own process group: Ctrl-C in glisk's terminal reaches glisk, which stops
+                # the server itself (and is not mistaken by the supervisor for a crash).
+                process_group=0,
                 **_as_user(user),  # type: ignore[arg-type]
             )
         finally:
