@@ -213,19 +213,16 @@ def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
 # --- bad input: one line naming the option or variable and its rule, never a traceback --------
 
 
-def _glisk(
-    *argv: str | bytes, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GLISK, *argv],
-        env=serve_env(**(env or {})),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=90,
-        check=False,
-    )
+def _refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str]:
+    """(exit code, stderr) of ``glisk ARGV`` in this process, argparse's refusals included (an
+    exception escaping main() fails the test with its traceback, as it would reach a user)."""
+    try:
+        code, _, err = glisk_in_process(monkeypatch, capsys, *argv, **env)
+    except SystemExit as exc:
+        code, err = int(exc.code or 0), capsys.readouterr().err
+    return code, err
 
 
 @pytest.mark.parametrize(
@@ -237,7 +234,8 @@ def _glisk(
             2,
             "--since: must be a time from year 1 to 9999 in UTC",
         ),
-        (("tokens", "retry", "--reason", b"\xff"), {}, 2, "--reason: must be text (UTF-8)"),
+        # $'\xff' on a command line, as Python decodes it (surrogateescape).
+        (("tokens", "retry", "--reason", "\udcff"), {}, 2, "--reason: must be text (UTF-8)"),
         (
             ("db", "current"),
             {"DATABASE_URL": "postgresql://u:p@h:notaport/db", "APP_ENV": "production"},
@@ -289,27 +287,35 @@ def _glisk(
     ],
 )
 def test_bad_input_is_refused_in_one_line_naming_it_before_anything_starts(
-    argv: tuple[str | bytes, ...], env: dict[str, str], code: int, expected: str, data_root: Path
+    argv: tuple[str, ...],
+    env: dict[str, str],
+    code: int,
+    expected: str,
+    data_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    result = _glisk(*argv, env={"GLISK_PG_DATA": str(data_root / "pgdata"), **env})
-    assert result.returncode == code, result.stderr
-    assert expected in result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    env = {"GLISK_PG_DATA": str(data_root / "pgdata"), **env}
+    got, err = _refused(monkeypatch, capsys, *argv, **env)
+    assert got == code, err
+    assert expected in err
+    assert err.count("\n") == 1, err  # one line, no traceback
     assert not (data_root / "pgdata").exists(), "started the embedded server anyway"
 
 
 def test_a_relative_data_directory_is_refused_before_any_directory_is_made(
-    data_root: Path,
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = _glisk("db", "current", cwd=data_root, env={"GLISK_PG_DATA": "relative/dir"})
-    assert result.returncode == 2
-    assert "GLISK_PG_DATA: must be an absolute path (got 'relative/dir')" in result.stderr
-    assert result.stderr.count("\n") == 1
+    monkeypatch.chdir(data_root)
+    code, err = _refused(monkeypatch, capsys, "db", "current", GLISK_PG_DATA="relative/dir")
+    assert code == 2
+    assert "GLISK_PG_DATA: must be an absolute path (got 'relative/dir')" in err
+    assert err.count("\n") == 1
     assert list(data_root.iterdir()) == []
 
 
 def test_a_bindir_without_postgresql_is_refused_in_one_line_and_nothing_is_copied(
-    data_root: Path,
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # What GLISK_PG_BINDIR=/nonexistent made root copy: a bin/ and lib/ that are not PostgreSQL.
     fake = data_root / "not-postgres"
@@ -317,10 +323,10 @@ def test_a_bindir_without_postgresql_is_refused_in_one_line_and_nothing_is_copie
     (fake / "lib").mkdir()
     (fake / "lib" / "big.so").write_bytes(b"\0" * 4096)
     (fake / "bin" / "psql").write_text("#!/bin/sh\n")
-    result = _glisk("db", "current", env={"GLISK_PG_BINDIR": str(fake / "bin")})
-    assert result.returncode == 2, result.stderr
-    assert f"GLISK_PG_BINDIR: {fake / 'bin'} holds no PostgreSQL server binaries" in result.stderr
-    assert result.stderr.count("\n") == 1
+    code, err = _refused(monkeypatch, capsys, "db", "current", GLISK_PG_BINDIR=str(fake / "bin"))
+    assert code == 2, err
+    assert f"GLISK_PG_BINDIR: {fake / 'bin'} holds no PostgreSQL server binaries" in err
+    assert err.count("\n") == 1
     assert not binaries_cache_dir(fake / "bin").exists()
 
 
@@ -329,14 +335,14 @@ def test_a_metrics_port_in_use_is_one_line(postgres_container: Database) -> None
         blocker.bind(("", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        result = _glisk(
-            "worker",
-            "image",
-            "--handler",
-            "noop",
-            "--metrics-port",
-            str(port),
-            env={"DATABASE_URL": postgres_container.url, "DB_POOLER": postgres_container.pooler},
+        # A real process: the worker takes over the signals of whatever runs it.
+        result = subprocess.run(
+            [*GLISK, "worker", "image", "--handler", "noop", "--metrics-port", str(port)],
+            env=serve_env(DATABASE_URL=postgres_container.url, DB_POOLER=postgres_container.pooler),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
         )
     assert result.returncode == 1, result.stderr
     assert f"--metrics-port {port}: cannot listen on it" in result.stderr
