@@ -31,7 +31,7 @@ WORKER += "--no-listen --poll 0.2"
 LEFT = "SELECT count(*) FILTER (WHERE image_path IS NOT NULL), count(*) FILTER (WHERE claim_id IS "
 LEFT += "NOT NULL) FROM tokens_s0"
 PGBOUNCER = """[databases]
-* = host=127.0.0.1 port={pg_port}
+* = host={pg_socket_dir} port={pg_port}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
@@ -48,12 +48,14 @@ pidfile = {dir}/pgbouncer.pid
 """
 
 
-def pgbouncer(base: Path, pg_port: int, password: str) -> int:
-    """PgBouncer in front of the server (run by the postgres account when we are root); its port."""
+def pgbouncer(base: Path, pg_socket_dir: Path, pg_port: int, password: str) -> int:
+    """PgBouncer in front of the server, reaching it on its Unix socket (run by the postgres
+    account when we are root, the account that can enter the socket's directory); its port."""
     port = free_port()
     base.mkdir(mode=0o700)
     (base / "userlist.txt").write_text(f'"postgres" "{password}"\n')
-    (base / "pgbouncer.ini").write_text(PGBOUNCER.format(pg_port=pg_port, port=port, dir=base))
+    ini = PGBOUNCER.format(pg_socket_dir=pg_socket_dir, pg_port=pg_port, port=port, dir=base)
+    (base / "pgbouncer.ini").write_text(ini)
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         subprocess.run(["chown", "-R", "postgres:", str(base)], check=True)
@@ -116,10 +118,13 @@ def drain(url: str, target: str, console: str | None, args: Namespace, n: int) -
 def scaleout(args: Namespace) -> None:
     with database(100, bindir=PG15) as (server, url):
         base = args.logs = Path(server.data_dir).parent
-        port = pgbouncer(base / "pgbouncer", server.port, server.password)
+        port = pgbouncer(base / "pgbouncer", server.socket_dir, server.port, server.password)
         try:
             seed(url, args.tokens)
-            pooled = make_url(url).set(port=port)
+            # PgBouncer on TCP, SCRAM as with the server (no socket, no peer to require).
+            pooled = make_url(url).set(
+                host="127.0.0.1", port=port, query={"require_auth": "scram-sha-256"}
+            )
             console = libpq_url(pooled.set(database="pgbouncer").render_as_string(False))
             say("PgBouncer: transaction mode, default_pool_size 40, max_db_connections 60")
             rows = []

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from glisk.api import health
+from glisk.api.docs import OPENAPI_URL, install_docs
 from glisk.api.errors import install_error_handlers
 from glisk.api.middleware import (
     LifespanErrorMiddleware,
@@ -122,14 +123,18 @@ def create_app(settings: Settings | None = None, *, log_stream: TextIO | None = 
             await app.state.engine.dispose()
             log.info("app.stopped")
 
+    docs = settings.api_docs_enabled
     app = FastAPI(
         title="GLISK backend",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url="/redoc",
-        openapi_url="/openapi.json",
+        # FastAPI's own /docs and /redoc load their assets from a CDN: ours serve them locally.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_URL if docs else None,
     )
+    if docs:
+        install_docs(app)
     install_error_handlers(app)
     app.include_router(health.router)
     # GET /metrics and the request counters; the innermost middleware, where the route is known.

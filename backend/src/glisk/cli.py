@@ -1,18 +1,22 @@
 """The ``glisk`` command: ``serve``, ``worker``, ``status``, ``tokens`` and ``db ...``.
 
-Without DATABASE_URL both start the embedded PostgreSQL (data kept between runs) and stop it on
-exit. Configuration and connection problems end in one clear line on stderr and a non-zero exit.
+Without DATABASE_URL they start the embedded PostgreSQL (data kept between runs) and stop it on
+exit; a command other than ``serve`` uses the embedded server another glisk command of the same
+data directory already runs. Configuration and connection problems end in one clear line on
+stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NoReturn
 
 import psycopg
 from psycopg import sql
@@ -70,21 +74,38 @@ def _reachable(url: str, settings: Settings) -> str:
 
 
 @contextmanager
-def database(settings: Settings, *, api_processes: int = 1) -> Iterator[str]:
-    """Yield the URL of a database that answered SELECT 1: DATABASE_URL, or the embedded server
-    started for the duration of the block (sized for ``api_processes`` API processes). Raises
-    an OperatorError (DatabaseUnavailableError, EmbeddedPostgresError: one line) otherwise."""
+def database(
+    settings: Settings,
+    *,
+    api_processes: int = 1,
+    attach: bool = True,
+    on_failure: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Yield the URL of a database that answered SELECT 1: DATABASE_URL, or the embedded server.
+
+    The embedded server is started for the duration of the block (sized for ``api_processes``
+    API processes), or, with ``attach``, the one another glisk command already runs on the same
+    data directory is used (and left running). With ``on_failure``, a server started here is
+    supervised: restarted if it dies, ``on_failure`` called with one line if it cannot be.
+    Raises an OperatorError (DatabaseUnavailableError, EmbeddedPostgresError: one line)
+    otherwise."""
     if settings.database_url is not None:
         yield _reachable(settings.database_url, settings)
         return
     server = _embedded_server(settings, api_processes=api_processes)
-    server.start()
+    server.start(attach=attach)
     try:
+        where = f"{server.socket_dir} (Unix socket .s.PGSQL.{server.port}"
+        where += f", and 127.0.0.1:{server.port})" if settings.glisk_pg_tcp else ")"
+        if server.attached:
+            where += f", already running (pid {server.pid})"
         _say(
-            f"Embedded PostgreSQL on 127.0.0.1:{server.port}, data in {server.data_dir}, "
-            f"password in {server.password_file} (glisk db url prints the URL)"
+            f"Embedded PostgreSQL on {where}, data in {server.data_dir}, "
+            f"password in {server.password_file} (glisk db psql opens psql on it)"
         )
         _ensure_database(server, EMBEDDED_DATABASE)
+        if on_failure is not None and not server.attached:
+            server.supervise(on_failure, say=_say)
         yield _reachable(server.url_for(EMBEDDED_DATABASE), settings)
     finally:
         server.stop()
@@ -96,6 +117,7 @@ def _embedded_server(settings: Settings, *, api_processes: int = 1) -> EmbeddedP
         port=settings.glisk_pg_port,
         max_connections=settings.embedded_max_connections(api_processes=api_processes),
         bindir=settings.glisk_pg_bindir,
+        tcp=settings.glisk_pg_tcp,
     )
 
 
@@ -128,17 +150,36 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+class Supervision:
+    """What ``glisk serve`` and ``glisk worker`` do when their embedded PostgreSQL dies and cannot
+    be restarted: remember why and stop this process the way SIGTERM does, so that it exits
+    non-zero (``raise_if_failed``) for a process supervisor to restart the whole thing."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.failure = reason
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise OperatorError(self.failure)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    supervision = Supervision()
     try:
-        _serve(settings, args)
+        _serve(settings, args, supervision)
     except Terminated:
-        pass  # a requested stop is a clean exit
+        pass  # a requested stop is a clean exit; a supervision failure is raised below
     finally:
         signal.signal(signal.SIGTERM, previous)
+    supervision.raise_if_failed()
 
 
-def _serve(settings: Settings, args: argparse.Namespace) -> None:
+def _serve(settings: Settings, args: argparse.Namespace, supervision: Supervision) -> None:
     import uvicorn
 
     from glisk import migrations
@@ -146,7 +187,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
     host = args.host or settings.host
     port = args.port or settings.port
-    with database(settings, api_processes=args.workers) as url:
+    # serve owns its embedded server (one glisk serve per data directory) and restarts it.
+    with database(
+        settings, api_processes=args.workers, attach=False, on_failure=supervision
+    ) as url:
         _migrate(url, lambda: migrations.upgrade(url))
         _say(f"GLISK API on http://{host}:{port} (database {masked_url(url)})")
         if args.workers > 1:
@@ -216,6 +260,34 @@ def cmd_db_check(settings: Settings, url: str, warn_at: float) -> None:
         raise OperatorError("connections near the limit", EXIT_NEAR_LIMIT)
 
 
+def cmd_db_downgrade(settings: Settings, url: str, args: argparse.Namespace) -> None:
+    """Migrate down to ``args.revision``. First a dry run says what would be dropped; a downgrade
+    that drops data (a table with rows, a column with values) needs ``--yes``, and with
+    APP_ENV=production one that drops any table or data is refused unless ``--force`` too."""
+    from glisk import migrations
+
+    try:
+        plan = migrations.downgrade_plan(url, args.revision)
+    except Exception as exc:
+        raise OperatorError(
+            f"Migrations failed on {masked_url(url)}: {first_line(exc)} (found while trying the "
+            f"downgrade to {args.revision} in a transaction rolled back: nothing was changed)"
+        ) from None
+    _say(plan.describe())
+    production = settings.app_env == "production"
+    if production and (plan.drops_data or plan.tables) and not args.force:
+        raise ConfigError(
+            "APP_ENV=production: refusing a downgrade that drops tables or data (listed above); "
+            "take a backup, then run it again with --yes --force if that is really meant"
+        )
+    if plan.drops_data and not args.yes:
+        raise ConfigError(
+            "this downgrade drops data (listed above): run it again with --yes to go ahead"
+        )
+    _migrate(url, lambda: migrations.downgrade(url, args.revision))
+    _say(f"Database at {migrations.current_revision(url) or 'base (empty)'}")
+
+
 def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
     from glisk import migrations
 
@@ -225,6 +297,12 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
     with database(settings) as url:
         if args.db_command == "check":
             cmd_db_check(settings, url, args.warn_at)
+        elif args.db_command == "psql":
+            from glisk.ops.psql import run_psql
+
+            code = run_psql(url, args.psql_args, bindir=settings.glisk_pg_bindir)
+            if code != 0:
+                raise OperatorError(f"psql exited with code {code}", code)
         elif args.db_command == "upgrade":
             _migrate(url, lambda: migrations.upgrade(url, args.revision))
             _say(
@@ -232,8 +310,7 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> None:
                 f"(head {migrations.head_revision()})"
             )
         elif args.db_command == "downgrade":
-            _migrate(url, lambda: migrations.downgrade(url, args.revision))
-            _say(f"Database at {migrations.current_revision(url) or 'base (empty)'}")
+            cmd_db_downgrade(settings, url, args)
         else:
             current = migrations.current_revision(url)
             head = migrations.head_revision()
@@ -254,13 +331,42 @@ def _positive(value: str) -> int:
     return number
 
 
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 1-65535 (as PORT and WORKER_METRICS_PORT)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535 (got {value!r})")
+    return number
+
+
+def _percent(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number <= 100:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100 (got {value!r})")
+    return number
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (the option and its rule) instead of the usage
+    text first; ``--help`` still shows it. Exit code 2, as for any configuration error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glisk", description="GLISK backend")
+    parser = _Parser(prog="glisk", description="GLISK backend")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="apply migrations and serve the HTTP API")
     serve.add_argument("--host", help="bind address (default: HOST, 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (default: PORT, 8000)")
+    serve.add_argument("--port", type=port_number, help="port (default: PORT, 8000)")
     serve.add_argument(
         "--workers",
         type=_positive,
@@ -276,27 +382,56 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate up (default: to head)")
     up.add_argument("revision", nargs="?", default="head")
-    down = db_commands.add_parser("downgrade", help="migrate down to REVISION (e.g. -1, base)")
+    down = db_commands.add_parser(
+        "downgrade",
+        help="migrate down to REVISION (e.g. -1, base); says first what it would drop",
+    )
     down.add_argument("revision")
+    down.add_argument(
+        "--yes", action="store_true", help="go ahead when the downgrade drops data (rows, values)"
+    )
+    down.add_argument(
+        "--force",
+        action="store_true",
+        help="with APP_ENV=production, go ahead when it drops tables or data (needs --yes too)",
+    )
     db_commands.add_parser("current", help="show the database's revision")
     check = db_commands.add_parser(
         "check", help="connections in use per application_name against max_connections"
     )
     check.add_argument(
         "--warn-at",
-        type=float,
+        type=_percent,
         default=80.0,
         help=f"percent of usable connections that exits {EXIT_NEAR_LIMIT} (default 80)",
     )
     db_commands.add_parser(
-        "url", help='print the database URL with its password (psql "$(glisk db url)")'
+        "psql",
+        help="psql on the database, the password in a private passfile (never on a command line);"
+        " other arguments go to psql",
+    )
+    db_commands.add_parser(
+        "url",
+        help="print the database URL with its password (a secret: never put it on a command line)",
     )
     db.set_defaults(handler=cmd_db)
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed; ``glisk db psql`` passes the arguments it does not know to
+    psql (``args.psql_args``), every other command refuses them (exit 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "db_command", None) == "psql":
+        args.psql_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     enforce_utc()
     try:
         settings = load_settings()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import make_url
 
 from glisk.core.config import normalize_database_url
@@ -26,20 +27,14 @@ from glisk.embedded_pg import EmbeddedPostgres, ephemeral_server
 
 
 def libpq_kwargs(url: str) -> dict[str, object]:
-    """psycopg.connect() keywords for ``url`` (any accepted scheme). Nothing is prepared on the
-    server: the same URL may point at a transaction-mode pooler, where the next statement can
-    run on another server connection."""
-    parsed = make_url(normalize_database_url(url))
-    kwargs: dict[str, object] = {
-        "host": parsed.host or "127.0.0.1",
-        "port": parsed.port or 5432,
-        "user": parsed.username,
-        "dbname": parsed.database or "postgres",
-        "prepare_threshold": None,
-    }
-    if parsed.password:
-        kwargs["password"] = parsed.password
-    return kwargs
+    """psycopg.connect() keywords for ``url`` (any accepted scheme), read as SQLAlchemy's psycopg
+    dialect reads it: host and port, or the socket directory in ``?host=``, and the other query
+    parameters (``require_auth``, ``sslmode``...). Nothing is prepared on the server: the same
+    URL may point at a transaction-mode pooler, where the next statement can run on another
+    server connection."""
+    _, kwargs = PGDialect_psycopg().create_connect_args(make_url(normalize_database_url(url)))
+    kwargs.setdefault("dbname", "postgres")
+    return {**kwargs, "prepare_threshold": None}
 
 
 def connect(url: str) -> psycopg.Connection[tuple[object, ...]]:

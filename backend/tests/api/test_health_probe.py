@@ -12,13 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
-from sqlalchemy.engine import make_url
 
 from glisk.api.health import DatabaseProbe
 from glisk.core.database import psycopg_connect_kwargs
 from glisk.testing import libpq_kwargs
 from tests.support.database import Database
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, target_of
 from tests.support.waiting import eventually
 
 
@@ -28,8 +27,7 @@ def _kwargs(database: Database, **override: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def proxy(postgres_container: Database) -> AsyncIterator[Proxy]:
-    url = make_url(postgres_container.url)
-    async with Proxy(url.host or "127.0.0.1", url.port or 5432) as running:
+    async with Proxy(*target_of(postgres_container.url)) as running:
         yield running
 
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-import structlog
 
-from glisk.cli import main
-from glisk.embedded_pg import free_port, password_file, read_password, scratch_parent
+from glisk.embedded_pg import (
+    binaries_cache_dir,
+    free_port,
+    password_file,
+    read_password,
+    scratch_parent,
+)
 from glisk.testing import throwaway_database
+from tests.support.cli import glisk_in_process
 from tests.support.database import Database
 from tests.support.processes import (
+    GLISK,
     SERVE_START_SECONDS,
     alive,
     owned_scratch_dir,
@@ -25,6 +33,9 @@ from tests.support.processes import (
     wait_gone,
     wait_serving,
 )
+
+# A bound that is a promise (serve comes up), not a speed: generous for a loaded 2-core machine,
+# where importing the app and a first initdb alone have taken 15 s.
 
 
 @pytest.fixture
@@ -39,20 +50,7 @@ def data_root(tmp_path: Path) -> Iterator[Path]:
 def _main_in_process(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
 ) -> tuple[int, str, str]:
-    """glisk.cli.main in this process (the subprocess tests cover the real entry point)."""
-    for name, value in serve_env(**env).items():
-        monkeypatch.setenv(name, value)
-    for name in ("DATABASE_URL", "APP_ENV"):
-        if name not in env:
-            monkeypatch.delenv(name, raising=False)
-    # main() configures logging for the process; put back what the rest of the suite expects.
-    saved = structlog.get_config()
-    try:
-        code = main(list(argv))
-    finally:
-        structlog.configure(**saved)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return glisk_in_process(monkeypatch, capsys, *argv, **env)
 
 
 def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_sigkill(
@@ -68,7 +66,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
         postgres = postmaster_pid(data_dir)
         secret = read_password(password_file(data_dir))
         assert secret is not None
-        # `glisk db url` prints the full URL (for psql) while serve runs; nothing else gets in.
+        # `glisk db url` prints the full URL (for tools) while serve runs; nothing else gets in.
         code, out, _ = _main_in_process(
             monkeypatch,
             capsys,
@@ -77,9 +75,11 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
             GLISK_PG_DATA=str(data_dir),
             GLISK_PG_PORT=str(pg_port),
         )
-        assert (code, out) == (0, f"postgresql://postgres:{secret}@127.0.0.1:{pg_port}/glisk\n")
+        assert code == 0
+        assert out.startswith(f"postgresql://postgres:{secret}@/glisk?host=")
+        assert "require_auth=scram-sha-256" in out
         with pytest.raises(psycopg.OperationalError, match="no password supplied"):
-            psycopg.connect(host="127.0.0.1", port=pg_port, user="postgres", dbname="glisk")
+            psycopg.connect(host=str(data_dir), port=pg_port, user="postgres", dbname="glisk")
         with psycopg.connect(out.strip(), autocommit=True) as c:
             # The pool (200 + 10 by default) plus headroom for migrations, psql and workers.
             assert c.execute("show max_connections").fetchone() == ("260",)
@@ -95,7 +95,7 @@ def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_s
     assert f"http://127.0.0.1:{http_port}" in output
     assert str(data_dir) in output
     assert f"password in {password_file(data_dir)}" in output
-    assert f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_port}/glisk" in output
+    assert f"postgresql+psycopg://postgres:***@/glisk?host={data_dir}&port={pg_port}" in output
     assert secret not in output
     assert not wait_gone([postgres], 10), "postgres still running after glisk serve exited"
 
@@ -191,7 +191,11 @@ def test_db_url_prints_the_libpq_form_of_database_url(
 ) -> None:
     url = "postgresql+psycopg://glisk:s%40cret@db.example:5432/glisk?sslmode=require"
     code, out, _ = _main_in_process(monkeypatch, capsys, "db", "url", DATABASE_URL=url)
-    assert (code, out) == (0, "postgresql://glisk:s%40cret@db.example:5432/glisk?sslmode=require\n")
+    assert (code, out) == (
+        0,
+        "postgresql://glisk:s%40cret@db.example:5432/glisk?channel_binding=require"
+        "&require_auth=scram-sha-256&sslmode=require\n",
+    )
 
 
 def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
@@ -204,3 +208,142 @@ def test_db_url_before_the_embedded_server_ever_started_says_how_to_start_it(
     assert err.startswith(f"error: No embedded PostgreSQL password at {data_root}/pgdata.password")
     assert "glisk serve" in err
     assert not (data_root / "pgdata").exists(), "db url must start nothing"
+
+
+# --- bad input: one line naming the option or variable and its rule, never a traceback --------
+
+
+def _refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str]:
+    """(exit code, stderr) of ``glisk ARGV`` in this process, argparse's refusals included (an
+    exception escaping main() fails the test with its traceback, as it would reach a user)."""
+    try:
+        code, _, err = glisk_in_process(monkeypatch, capsys, *argv, **env)
+    except SystemExit as exc:
+        code, err = int(exc.code or 0), capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "code", "expected"),
+    [
+        (
+            ("tokens", "retry", "--since", "0001-01-01T00:00+01:00"),
+            {},
+            2,
+            "--since: must be a time from year 1 to 9999 in UTC",
+        ),
+        # $'\xff' on a command line, as Python decodes it (surrogateescape).
+        (("tokens", "retry", "--reason", "\udcff"), {}, 2, "--reason: must be text (UTF-8)"),
+        (
+            ("db", "current"),
+            {"DATABASE_URL": "postgresql://u:p@h:notaport/db", "APP_ENV": "production"},
+            2,
+            "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
+        ),
+        (
+            ("db", "current"),
+            {"DATABASE_URL": "postgresql://u:p@h:notaport/db"},
+            2,
+            "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
+        ),
+        (
+            ("db", "current"),
+            {"GLISK_PG_DATA": "/etc/passwd/x"},
+            1,
+            "/etc/passwd is not a directory",
+        ),
+        (
+            ("serve", "--port", "99999"),
+            {},
+            2,
+            "argument --port: must be a port number from 1 to 65535 (got '99999')",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--metrics-port", "99999"),
+            {},
+            2,
+            "argument --metrics-port: must be a port number from 1 to 65535",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--lease", "inf"),
+            {},
+            2,
+            "argument --lease: must be a number from more than 0 to 86400 (got 'inf')",
+        ),
+        (
+            ("worker", "image", "--handler", "noop", "--lease", "1e300"),
+            {},
+            2,
+            "argument --lease: must be a number from more than 0 to 86400 (got '1e300')",
+        ),
+        (
+            ("db", "check", "--warn-at", "nan"),
+            {},
+            2,
+            "argument --warn-at: must be a percentage from 0 to 100 (got 'nan')",
+        ),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_naming_it_before_anything_starts(
+    argv: tuple[str, ...],
+    env: dict[str, str],
+    code: int,
+    expected: str,
+    data_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = {"GLISK_PG_DATA": str(data_root / "pgdata"), **env}
+    got, err = _refused(monkeypatch, capsys, *argv, **env)
+    assert got == code, err
+    assert expected in err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert not (data_root / "pgdata").exists(), "started the embedded server anyway"
+
+
+def test_a_relative_data_directory_is_refused_before_any_directory_is_made(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(data_root)
+    code, err = _refused(monkeypatch, capsys, "db", "current", GLISK_PG_DATA="relative/dir")
+    assert code == 2
+    assert "GLISK_PG_DATA: must be an absolute path (got 'relative/dir')" in err
+    assert err.count("\n") == 1
+    assert list(data_root.iterdir()) == []
+
+
+def test_a_bindir_without_postgresql_is_refused_in_one_line_and_nothing_is_copied(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What GLISK_PG_BINDIR=/nonexistent made root copy: a bin/ and lib/ that are not PostgreSQL.
+    fake = data_root / "not-postgres"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "lib").mkdir()
+    (fake / "lib" / "big.so").write_bytes(b"\0" * 4096)
+    (fake / "bin" / "psql").write_text("#!/bin/sh\n")
+    code, err = _refused(monkeypatch, capsys, "db", "current", GLISK_PG_BINDIR=str(fake / "bin"))
+    assert code == 2, err
+    assert f"GLISK_PG_BINDIR: {fake / 'bin'} holds no PostgreSQL server binaries" in err
+    assert err.count("\n") == 1
+    assert not binaries_cache_dir(fake / "bin").exists()
+
+
+def test_a_metrics_port_in_use_is_one_line(postgres_container: Database) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        # A real process: the worker takes over the signals of whatever runs it.
+        result = subprocess.run(
+            [*GLISK, "worker", "image", "--handler", "noop", "--metrics-port", str(port)],
+            env=serve_env(DATABASE_URL=postgres_container.url, DB_POOLER=postgres_container.pooler),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"--metrics-port {port}: cannot listen on it" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -86,7 +86,7 @@ def test_serve_with_two_workers_runs_two_api_processes_and_sigterm_stops_them_an
         for _ in range(20):
             assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         with psycopg.connect(
-            host="127.0.0.1",
+            host=str(data_dir),  # the socket, in the data directory
             port=postmaster_port(data_dir),
             user="postgres",
             dbname="glisk",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from glisk.core.config import DEFAULT_ENV_FILE, REPO_ROOT, ConfigError, load_settings
+from glisk.core.database import masked_url
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,11 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             "DB_POOLER",
             "WORKER_LISTEN",
             "WORKER_DB_POOL_SIZE",
+            "DB_REQUIRE_AUTH",
+            "API_DOCS",
+            "GLISK_PG_DATA",
+            "GLISK_PG_BINDIR",
+            "GLISK_PG_TCP",
         }:
             monkeypatch.delenv(name)
 
@@ -109,7 +115,9 @@ def test_provider_url_forms_are_normalised_to_psycopg(
     monkeypatch: pytest.MonkeyPatch, scheme: str
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", f"{scheme}://u:p@db:5432/glisk")
-    assert load_settings(os.devnull).database_url == "postgresql+psycopg://u:p@db:5432/glisk"
+    assert load_settings(os.devnull).database_url == (
+        "postgresql+psycopg://u:p@db:5432/glisk?require_auth=scram-sha-256"
+    )
 
 
 @pytest.mark.parametrize(
@@ -232,3 +240,99 @@ def test_the_embedded_server_is_sized_for_every_api_process() -> None:
     settings = load_settings(os.devnull)
     assert settings.embedded_max_connections() == 260
     assert settings.embedded_max_connections(api_processes=3) == 3 * 210 + 50
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql://u:p@db:5432/glisk",
+            "postgresql+psycopg://u:p@db:5432/glisk?require_auth=scram-sha-256",
+        ),
+        (  # over TLS to PostgreSQL itself, SCRAM is bound to the TLS session too
+            "postgresql://u:p@db/glisk?sslmode=verify-full",
+            "postgresql+psycopg://u:p@db/glisk?sslmode=verify-full"
+            "&require_auth=scram-sha-256&channel_binding=require",
+        ),
+        (  # the URL's own choice wins
+            "postgresql://u:p@db/glisk?require_auth=md5&sslmode=require",
+            "postgresql+psycopg://u:p@db/glisk?require_auth=md5&sslmode=require",
+        ),
+    ],
+)
+def test_every_database_url_requires_scram_unless_it_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch, url: str, expected: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert load_settings(os.devnull).database_url == expected
+
+
+def test_db_require_auth_relaxes_the_requirement_and_refuses_what_libpq_would_not_know(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/glisk")
+    monkeypatch.setenv("DB_REQUIRE_AUTH", "none")  # a trust-auth server
+    assert load_settings(os.devnull).database_url == (
+        "postgresql+psycopg://u@db/glisk?require_auth=none"
+    )
+    monkeypatch.setenv("DB_REQUIRE_AUTH", "any")
+    assert load_settings(os.devnull).database_url == "postgresql+psycopg://u@db/glisk"
+    for bad in ("scram", "md5,!password", "cleartext"):
+        monkeypatch.setenv("DB_REQUIRE_AUTH", bad)
+        with pytest.raises(ConfigError, match="DB_REQUIRE_AUTH: must be 'any' or libpq"):
+            load_settings(os.devnull)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GLISK_PG_DATA", "relative/dir", "GLISK_PG_DATA: must be an absolute path"),
+        ("GLISK_PG_BINDIR", "bin", "GLISK_PG_BINDIR: must be an absolute path"),
+        ("API_DOCS", "sometimes", "API_DOCS: Input should be a valid boolean"),
+        ("GLISK_PG_TCP", "maybe", "GLISK_PG_TCP: Input should be a valid boolean"),
+        (
+            "DATABASE_URL",
+            "postgresql://u:p@h:notaport/db",
+            "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
+        ),
+    ],
+)
+def test_values_that_used_to_pass_silently_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_api_docs_are_on_in_development_and_off_in_production_unless_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(os.devnull).api_docs_enabled
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://glisk:s3cr3t-Zq@db/glisk")
+    assert not load_settings(os.devnull).api_docs_enabled
+    monkeypatch.setenv("API_DOCS", "true")
+    assert load_settings(os.devnull).api_docs_enabled
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://u:hunter2@h:5432/db", "postgresql+psycopg://u:***@h:5432/db"),
+        (
+            "postgresql+psycopg://u@h/db?password=hunter2",
+            "postgresql+psycopg://u@h/db?password=***",
+        ),
+        (
+            "postgresql+psycopg://u@h/db?sslmode=require&sslpassword=hunter2&PASSWORD=hunter2",
+            "postgresql+psycopg://u@h/db?sslmode=require&sslpassword=***&PASSWORD=***",
+        ),
+        ("not a url with hunter2 in it", "***"),
+        ("postgresql+psycopg://u:hunter2@h:notaport/db", "postgresql+psycopg://***"),
+    ],
+)
+def test_masked_url_hides_every_credential_form(url: str, shown: str) -> None:
+    assert masked_url(url) == shown

@@ -1,15 +1,17 @@
-"""The embedded PostgreSQL launcher: reachable like any server with its password and not without,
-safe as root (from any directory), persistent when asked to be, never orphaned, and clear when it
-cannot start."""
+"""The embedded PostgreSQL launcher: reachable on its private socket with its password and not
+without, safe as root (from any directory), persistent when asked to be, never orphaned, and clear
+when it cannot start."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,8 @@ from glisk.embedded_pg import (
     scratch_parent,
     service_user,
 )
+from glisk.errors import ConfigError
+from tests.support.accounts import run_as, throwaway_account
 from tests.support.database import Database
 from tests.support.processes import alive, owned_scratch_dir, wait_gone
 
@@ -56,11 +60,17 @@ def _with_password(server: EmbeddedPostgres) -> dict[str, str]:
     return {**os.environ, "PGPASSWORD": server.password}
 
 
-def test_listens_on_loopback_for_a_second_process_and_psql(server: EmbeddedPostgres) -> None:
+def _socket(server: EmbeddedPostgres) -> dict[str, object]:
+    return {"host": str(server.socket_dir), "port": server.port, "user": "postgres"}
+
+
+def test_a_second_process_and_psql_reach_it_on_its_private_socket_and_tcp_is_off(
+    server: EmbeddedPostgres,
+) -> None:
     script = (
         "import psycopg, sys; "
-        f"c = psycopg.connect('host=127.0.0.1 port={server.port} user=postgres dbname=postgres'); "
-        "print(c.execute('select 40 + 2').fetchone()[0])"
+        f"c = psycopg.connect('host={server.socket_dir} port={server.port} user=postgres "
+        "dbname=postgres'); print(c.execute('select 40 + 2').fetchone()[0])"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -75,7 +85,7 @@ def test_listens_on_loopback_for_a_second_process_and_psql(server: EmbeddedPostg
         [
             str(psql),
             "-h",
-            "127.0.0.1",
+            str(server.socket_dir),
             "-p",
             str(server.port),
             "-U",
@@ -83,20 +93,25 @@ def test_listens_on_loopback_for_a_second_process_and_psql(server: EmbeddedPostg
             "-d",
             "postgres",
             "-Atc",
-            "show listen_addresses",
+            "select current_setting('listen_addresses') = '', "
+            "current_setting('unix_socket_permissions')",
         ],
         capture_output=True,
         text=True,
         timeout=30,
         env=_with_password(server),
     )
-    assert out.stdout.strip() == "127.0.0.1", out.stderr
-    assert server.url == (
-        f"postgresql+psycopg://postgres:{server.password}@127.0.0.1:{server.port}/postgres"
+    assert out.stdout.strip() == "t|0700", out.stderr  # no TCP at all; the socket its owner's
+    assert server.socket_dir == server.data_dir
+    account = (service_user() or pwd.getpwuid(os.geteuid())).pw_name
+    query = (
+        f"host={str(server.data_dir).replace('/', '%2F')}&port={server.port}"
+        f"&require_auth=scram-sha-256&requirepeer={account}"
     )
-    assert server.conninfo("glisk") == (
-        f"postgresql://postgres:{server.password}@127.0.0.1:{server.port}/glisk"
-    )
+    assert server.url == f"postgresql+psycopg://postgres:{server.password}@/postgres?{query}"
+    assert server.conninfo("glisk") == f"postgresql://postgres:{server.password}@/glisk?{query}"
+    with socket.socket() as probe:  # nothing listens on the port over TCP
+        assert probe.connect_ex(("127.0.0.1", server.port)) != 0
 
 
 def test_runs_as_an_unprivileged_user_even_when_we_are_root(server: EmbeddedPostgres) -> None:
@@ -159,31 +174,43 @@ def test_data_and_password_survive_a_restart_and_a_replaced_password_is_reported
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_a_taken_port_is_reported_clearly_without_waiting_for_the_startup_timeout() -> None:
+def test_with_tcp_on_a_port_another_program_holds_is_reported_clearly_and_quickly(
+    tmp_path: Path,
+) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        pg = EmbeddedPostgres(data_dir=Path("/nonexistent-glisk-test/data"), port=port)
+        pg = EmbeddedPostgres(data_dir=_owned_tmp(tmp_path) / "data", port=port, tcp=True)
         started = time.monotonic()
-        with pytest.raises(
-            EmbeddedPostgresError, match=f"port {port} on 127.0.0.1 is already in use"
-        ):
-            pg.start()
-        assert time.monotonic() - started < pg.startup_timeout / 2, "waited for the timeout"
-        assert pg.pid is None
+        try:
+            with pytest.raises(
+                EmbeddedPostgresError,
+                match=f"port {port} on 127.0.0.1 is already in use by another program",
+            ):
+                pg.start()
+            assert time.monotonic() - started < pg.startup_timeout / 2, "waited for the timeout"
+            assert pg.pid is None
+        finally:
+            shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
+
+
+def test_a_named_bindir_without_postgresql_is_a_configuration_error_naming_it() -> None:
+    with pytest.raises(
+        ConfigError, match=r"GLISK_PG_BINDIR: /nonexistent/bin holds no PostgreSQL server binaries"
+    ):
+        find_bindir("/nonexistent/bin")
 
 
 def test_missing_binaries_are_reported_with_what_was_tried(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No wheel, no pg_config on PATH, no GLISK_PG_BINDIR: only the explicit (wrong) path is left.
+    # No wheel, no pg_config on PATH, no GLISK_PG_BINDIR: nothing is left to try.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.delenv("GLISK_PG_BINDIR", raising=False)
     with pytest.raises(
-        EmbeddedPostgresError,
-        match=r"No PostgreSQL server binaries found \(tried: /nonexistent/bin\)",
+        EmbeddedPostgresError, match=r"No PostgreSQL server binaries found \(tried: nothing\)"
     ):
-        find_bindir("/nonexistent/bin")
+        find_bindir()
 
 
 PARENT = textwrap.dedent(
@@ -220,15 +247,21 @@ def test_the_server_dies_with_its_parent_even_on_sigkill() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rules apply when running as root")
-def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", ["parent", "grandparent"])
+def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(
+    tmp_path: Path, depth: str
+) -> None:
     user = service_user()
     assert user is not None
     shared = _owned_tmp(tmp_path)
     os.chown(shared, user.pw_uid, user.pw_gid)  # a folder another account controls
+    # Root's own folder inside it does not help: the other account can rename it away.
+    parent = shared if depth == "parent" else shared / "roots"
+    parent.mkdir(mode=0o755, exist_ok=True)
     try:
-        with pytest.raises(EmbeddedPostgresError, match="must be owned by root"):
-            EmbeddedPostgres(data_dir=shared / "data", port=free_port()).start()
-        assert not (shared / "data").exists()
+        with pytest.raises(EmbeddedPostgresError, match=f"{shared} must be owned by root"):
+            EmbeddedPostgres(data_dir=parent / "data", port=free_port()).start()
+        assert not (parent / "data").exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -237,7 +270,7 @@ def test_as_root_a_data_directory_under_someone_elses_folder_is_refused(tmp_path
 
 
 def test_a_login_needs_the_password_and_nothing_is_trusted(server: EmbeddedPostgres) -> None:
-    plain = {"host": "127.0.0.1", "port": server.port, "user": "postgres", "dbname": "postgres"}
+    plain = {**_socket(server), "dbname": "postgres"}
     with pytest.raises(psycopg.OperationalError, match="no password supplied"):
         psycopg.connect(**plain, connect_timeout=5)  # type: ignore[arg-type]
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
@@ -272,7 +305,7 @@ def test_a_password_file_others_could_read_is_refused_not_used(tmp_path: Path, m
     with pytest.raises(EmbeddedPostgresError, match=r"Refusing the password file .*mode 0600"):
         _ = pg.url
     pg.password_file.chmod(0o600)
-    assert pg.conninfo("glisk") == f"postgresql://postgres:s3cret@127.0.0.1:{pg.port}/glisk"
+    assert pg.conninfo("glisk").startswith("postgresql://postgres:s3cret@/glisk?host=")
 
 
 def _run_as_service_user(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -318,9 +351,7 @@ def test_a_data_directory_an_older_version_made_with_trust_requires_the_password
 
         assert pg.password_file.stat().st_mode & 0o777 == 0o600
         with pytest.raises(psycopg.OperationalError, match="no password supplied"):
-            psycopg.connect(
-                host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres"
-            ).close()
+            psycopg.connect(**_socket(pg), dbname="postgres").close()  # type: ignore[arg-type]
         with psycopg.connect(pg.conninfo()) as c:
             assert c.execute("SELECT v FROM kept").fetchone() == ("from before",)
             rules = c.execute("SELECT DISTINCT auth_method FROM pg_hba_file_rules").fetchall()
@@ -332,29 +363,34 @@ def test_a_data_directory_an_older_version_made_with_trust_requires_the_password
             shutil.rmtree(private_copy, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="another local account can only be tried as root")
-def test_as_root_another_local_account_can_neither_log_in_nor_read_the_password(
+def test_as_root_another_local_account_cannot_reach_the_socket_or_read_the_password_or_log(
     server: EmbeddedPostgres,
 ) -> None:
     assert server.bindir_in_use is not None
-    psql = ["runuser", "-u", "nobody", "--", str(server.bindir_in_use / "psql"), "-w"]
-    psql += ["-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", "-d", "postgres"]
-    psql += ["-c", "COPY (SELECT 1) TO PROGRAM 'id'"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    refused = subprocess.run(psql, capture_output=True, text=True, timeout=30, env=env)
-    assert refused.returncode != 0
-    assert "no password supplied" in refused.stderr, refused.stderr
-    guessed = subprocess.run(
-        psql, capture_output=True, text=True, timeout=30, env={**env, "PGPASSWORD": "postgres"}
-    )
-    assert "password authentication failed" in guessed.stderr, guessed.stderr
-    read = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "cat", str(server.password_file)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert read.returncode != 0 and "Permission denied" in read.stderr
+    with throwaway_account() as other:
+        psql = [str(server.bindir_in_use / "psql"), "-w", "-U", "postgres", "-d", "postgres"]
+        psql += ["-c", "COPY (SELECT 1) TO PROGRAM 'id'"]
+        refused = run_as(other, *psql, "-h", str(server.socket_dir), "-p", str(server.port))
+        assert refused.returncode != 0
+        assert "Permission denied" in refused.stderr, refused.stderr
+        over_tcp = run_as(other, *psql, "-h", "127.0.0.1", "-p", str(server.port))
+        assert "Connection refused" in over_tcp.stderr, over_tcp.stderr
+        for secret in (server.password_file, server.log_file):
+            read = run_as(other, "cat", str(secret))
+            assert read.returncode != 0 and "Permission denied" in read.stderr, secret
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another local account can only be tried as root")
+def test_as_root_with_tcp_on_another_local_account_still_needs_the_password() -> None:
+    with throwaway_account() as other, ephemeral_server(max_connections=20, tcp=True) as pg:
+        assert pg.bindir_in_use is not None
+        psql = [str(pg.bindir_in_use / "psql"), "-w", "-h", "127.0.0.1", "-p", str(pg.port)]
+        psql += ["-U", "postgres", "-d", "postgres", "-c", "COPY (SELECT 1) TO PROGRAM 'id'"]
+        refused = run_as(other, *psql)
+        assert refused.returncode != 0
+        assert "no password supplied" in refused.stderr, refused.stderr
+        guessed = run_as(other, "env", "PGPASSWORD=postgres", *psql)
+        assert "password authentication failed" in guessed.stderr, guessed.stderr
 
 
 # --- as root, binaries in a directory the service user cannot enter ----------------------------
@@ -459,3 +495,252 @@ def test_as_root_a_binaries_copy_someone_else_could_have_planted_is_never_run(
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
         shutil.rmtree(traces, ignore_errors=True)
+
+
+# --- as root, nothing the service account plants in the data directory is followed -----------
+
+
+@pytest.fixture
+def stopped_cluster(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A data directory with a cluster in it, its server stopped (what glisk serve leaves)."""
+    base = _owned_tmp(tmp_path)
+    pg = EmbeddedPostgres(data_dir=base / "data", port=free_port(), ephemeral=True)
+    try:
+        pg.start()
+        pg.stop()
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service account differs from us only as root")
+def test_as_root_links_the_service_account_plants_in_the_data_directory_are_never_followed(
+    stopped_cluster: EmbeddedPostgres,
+) -> None:
+    user = service_user()
+    assert user is not None
+    data = stopped_cluster.data_dir
+    # Root's files, where the service account cannot go: what a planted link points at.
+    vault = Path(tempfile.mkdtemp(prefix="glisk-test-vault-"))
+    victim, absent = vault / "ld.so.preload", vault / "created-by-glisk"
+    victim.write_text("root's own\n")
+    try:
+        # As the service account: links where glisk writes (the name older versions used),
+        # and a pg_hba.conf glisk will want to rewrite.
+        for name, target in (("pg_hba.conf.glisk-new", victim), (".pg_hba.conf.tmp", absent)):
+            planted = run_as(user, "ln", "-s", str(target), str(data / name))
+            assert planted.returncode == 0, planted.stderr
+        edited = run_as(
+            user, "sh", "-c", f"echo 'host all all 0.0.0.0/0 trust' >> {data}/pg_hba.conf"
+        )
+        assert edited.returncode == 0, edited.stderr
+
+        stopped_cluster.start()
+        try:
+            with psycopg.connect(stopped_cluster.conninfo()) as c:
+                rules = c.execute("SELECT DISTINCT auth_method FROM pg_hba_file_rules").fetchall()
+                assert rules == [("scram-sha-256",)]
+        finally:
+            stopped_cluster.stop()
+
+        assert victim.read_text() == "root's own\n"
+        assert victim.stat().st_uid == 0
+        assert not absent.exists() and not absent.is_symlink()
+        hba = (data / "pg_hba.conf").lstat()
+        assert stat.S_ISREG(hba.st_mode) and hba.st_uid == user.pw_uid
+        assert hba.st_mode & 0o777 == 0o600
+    finally:
+        shutil.rmtree(vault, ignore_errors=True)
+
+
+START_IN_A_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from glisk.embedded_pg import EmbeddedPostgres
+    from glisk.errors import OperatorError
+    pg = EmbeddedPostgres(data_dir=Path(sys.argv[1]), port=int(sys.argv[2]), ephemeral=True)
+    try:
+        pg.start()
+    except OperatorError as exc:
+        print(exc)
+        sys.exit(3)
+    pg.stop()
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service account differs from us only as root")
+@pytest.mark.parametrize("name", ["pg_hba.conf", "PG_VERSION"])
+def test_as_root_a_data_directory_whose_files_are_links_is_refused_at_once(
+    stopped_cluster: EmbeddedPostgres, name: str
+) -> None:
+    user = service_user()
+    assert user is not None
+    data = stopped_cluster.data_dir
+    # A link to /dev/zero: an older glisk, reading it as root, never returned.
+    moved = run_as(user, "mv", str(data / name), str(data / f"{name}.bak"))
+    planted = run_as(user, "ln", "-s", "/dev/zero", str(data / name))
+    assert moved.returncode == 0 and planted.returncode == 0, planted.stderr
+    started = subprocess.run(
+        [sys.executable, "-c", START_IN_A_CHILD, str(data), str(stopped_cluster.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 3, started.stdout + started.stderr
+    assert f"Refusing the data directory {data}: {name} is a symbolic link" in started.stdout
+    assert not (data / "postmaster.pid").exists()
+
+
+def test_the_server_log_is_private_even_when_an_older_glisk_made_it_readable(
+    tmp_path: Path,
+) -> None:
+    base = _owned_tmp(tmp_path)
+    pg = EmbeddedPostgres(data_dir=base / "data", port=free_port(), ephemeral=True)
+    log = base / "data.log"  # beside the data directory
+    log.write_text("an older glisk's log\n")
+    log.chmod(0o644)
+    try:
+        pg.start()
+        with (
+            psycopg.connect(pg.conninfo(), autocommit=True) as c,
+            contextlib.suppress(psycopg.Error),
+        ):
+            c.execute("SELECT 1/0 AS prompt_of_a_failing_row")  # lands in the server's log
+        assert log.stat().st_mode & 0o777 == 0o600
+        assert log.stat().st_uid == os.geteuid()
+        assert "prompt_of_a_failing_row" in log.read_text()
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- two servers, one port number; a running one; a long path -----------------------------------
+
+
+def test_two_servers_with_the_same_port_in_different_directories_both_run(tmp_path: Path) -> None:
+    # Two checkouts with the default GLISK_PG_PORT: without TCP each has its own socket.
+    base = _owned_tmp(tmp_path)
+    port = free_port()
+    first = EmbeddedPostgres(data_dir=base / "one", port=port, ephemeral=True)
+    second = EmbeddedPostgres(data_dir=base / "two", port=port, ephemeral=True)
+    try:
+        first.start()
+        second.start()
+        for pg in (first, second):
+            with psycopg.connect(pg.conninfo()) as c:
+                row = c.execute("SELECT current_setting('data_directory')").fetchone()
+                assert row == (str(pg.data_dir),)
+    finally:
+        first.stop()
+        second.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_with_tcp_on_a_port_held_by_another_glisk_server_says_so_and_how_to_choose_another(
+    tmp_path: Path,
+) -> None:
+    base = _owned_tmp(tmp_path)
+    port = free_port()
+    first = EmbeddedPostgres(data_dir=base / "one", port=port, ephemeral=True, tcp=True)
+    second = EmbeddedPostgres(data_dir=base / "two", port=port, ephemeral=True, tcp=True)
+    try:
+        first.start()
+        with pytest.raises(EmbeddedPostgresError) as refused:
+            second.start()
+        message = str(refused.value)
+        assert (
+            f"port {port} on 127.0.0.1 is held by another glisk embedded PostgreSQL "
+            f"(pid {first.pid}, data in {first.data_dir})"
+        ) in message
+        assert "GLISK_PG_PORT=" in message and "\n" not in message
+        assert second.pid is None
+    finally:
+        first.stop()
+        second.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_second_start_of_a_running_data_directory_attaches_or_names_who_runs_it(
+    server: EmbeddedPostgres,
+) -> None:
+    other = EmbeddedPostgres(data_dir=server.data_dir, port=free_port(), ephemeral=True)
+    with pytest.raises(EmbeddedPostgresError, match=rf"already running \(pid {server.pid}"):
+        other.start()
+    other.start(attach=True)
+    assert other.attached and other.pid == server.pid and other.port == server.port
+    with psycopg.connect(other.conninfo()) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+    other.stop()  # leaves the server it attached to running
+    assert server.pid is not None and alive(server.pid)
+    with psycopg.connect(server.conninfo()) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_data_directory_too_long_for_a_socket_gets_a_private_socket_directory(
+    tmp_path: Path,
+) -> None:
+    base = _owned_tmp(tmp_path)
+    deep = base / ("d" * 60) / ("e" * 40)
+    deep.mkdir(parents=True, mode=0o755)
+    for part in (base / ("d" * 60), deep):
+        part.chmod(0o755)  # as root, the service user must traverse them
+    pg = EmbeddedPostgres(data_dir=deep / "data", port=free_port(), ephemeral=True)
+    try:
+        pg.start()
+        assert pg.socket_dir != pg.data_dir
+        st = pg.socket_dir.stat()
+        assert st.st_mode & 0o777 == 0o700
+        assert st.st_uid == (service_user() or pwd.getpwuid(os.geteuid())).pw_uid
+        with psycopg.connect(pg.conninfo()) as c:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.socket_dir, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- as root, what is copied for the service user ---------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binaries are copied only for the service user")
+def test_as_root_a_partial_copy_left_by_a_killed_glisk_is_removed_and_others_are_left_alone(
+    private_wheel: Path,
+) -> None:
+    user = service_user()
+    assert user is not None
+    cache = binaries_cache_dir(private_wheel)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    ours = cache.parent / f"{cache.name}.new-{dead.pid}-abandoned"
+    theirs = cache.parent / f"{cache.name}.new-{dead.pid}-planted"
+    live = cache.parent / f"{cache.name}.new-{os.getpid()}-in-progress"
+    for directory in (ours, theirs, live):
+        directory.mkdir()
+        (directory / "lib").mkdir()
+        (directory / "lib" / "half-copied.so").write_bytes(b"\0" * 1024)
+    os.chown(theirs, user.pw_uid, user.pw_gid)
+    try:
+        bindir, private = runnable_bindir(private_wheel, user)
+        assert private is None and bindir.is_relative_to(cache)
+        assert not ours.exists()
+        assert theirs.exists() and live.exists()
+    finally:
+        for directory in (ours, theirs, live):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binaries are copied only for the service user")
+def test_as_root_an_installation_too_big_to_be_postgresql_is_not_copied(
+    private_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from glisk import embedded_pg
+
+    monkeypatch.setattr(embedded_pg, "COPY_LIMIT_BYTES", 1024)  # the wheel is ~45 MB
+    user = service_user()
+    before = set(Path(tempfile.gettempdir()).glob("glisk-pgbin-*"))
+    with pytest.raises(EmbeddedPostgresError, match="Refusing to copy the PostgreSQL installation"):
+        runnable_bindir(private_wheel, user)
+    assert set(Path(tempfile.gettempdir()).glob("glisk-pgbin-*")) == before

@@ -4,6 +4,8 @@ read from a real worker run."""
 from __future__ import annotations
 
 import asyncio
+import random
+import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from glisk.ops.metrics import WorkerMetrics
+from glisk.ops.metrics import UNMATCHED, WorkerMetrics
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, Worker
 from glisk.workers.reveal import Reconciler
@@ -21,6 +23,9 @@ from glisk.workers.run import database_url_of
 from tests.support.api import api_settings, create_logged_app, logging_restored, serving
 from tests.support.database import Database
 from tests.support.seeding import EXPECTED_STAGES, seed, sql
+
+# RFC 9110's methods and PATCH: the only method labels, whatever clients send.
+STANDARD_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
 def samples(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -174,3 +179,34 @@ async def test_a_worker_serves_its_metrics_over_http(uow_factory: UnitOfWorkFact
     assert response.status_code == 200
     got = samples(response.text)
     assert got[("glisk_worker_claims_total", (("stage", "upload"), ("worker", worker.holder)))] == 0
+
+
+async def test_random_methods_and_paths_add_no_series_to_the_request_metrics(
+    postgres_container: Database, restored_logging: None
+) -> None:
+    app, _ = create_logged_app(api_settings(postgres_container.url))
+    rng = random.Random(22)
+
+    def word(longest: int) -> str:
+        return "".join(rng.choices(string.ascii_uppercase, k=rng.randint(1, longest)))
+
+    async def burst(requests: int) -> None:
+        for _ in range(requests):
+            await client.request(word(300), f"/{word(40).lower()}/{rng.randrange(10**9)}")
+            await client.request(word(300), "/health")
+            await client.get(f"/{word(60).lower()}")
+
+    def series(body: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+        return {key for key in samples(body) if key[0].startswith("glisk_http_")}
+
+    async with serving(app) as client:
+        await client.get("/metrics")  # a scrape counts itself once it has answered
+        await burst(10)
+        before = series((await client.get("/metrics")).text)
+        await burst(300)
+        after = series((await client.get("/metrics")).text)
+    assert after == before, sorted(after - before)[:5]
+    labels = [dict(key[1]) for key in after]
+    assert {label["method"] for label in labels} <= STANDARD_METHODS | {"OTHER"}
+    assert {label["method"] for label in labels} >= {"GET", "OTHER"}
+    assert {label["route"] for label in labels} <= {"/health", "/metrics", UNMATCHED}

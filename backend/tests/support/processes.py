@@ -91,7 +91,8 @@ def wait_serving(
     output: Callable[[], str] | None = None,
 ) -> float:
     """Wait until /health on ``port`` answers 200 and ``also()`` holds; return the seconds that
-    took. Fails at once, with what the process said (``output()``, or its stdout), if it exits."""
+    took. Fails at once, with what the process said (``output()``, or its stdout), if it exits;
+    after ``seconds``, stops it (SIGTERM) and fails with what it said."""
     started = time.monotonic()
     status = None
     while time.monotonic() - started < seconds:
@@ -102,7 +103,16 @@ def wait_serving(
         if status == 200 and also():
             return time.monotonic() - started
         time.sleep(poll)
-    said = output() if output else ""
+    if output is not None:
+        said = output()
+    elif process.stdout is not None:  # what it said before it hung: stop it, then read it all
+        process.terminate()
+        try:
+            said = str(process.communicate(timeout=30)[0])
+        except subprocess.TimeoutExpired:
+            said = "(no output: it did not stop within 30 s of SIGTERM)"
+    else:
+        said = ""
     raise AssertionError(f"{what}: /health answered {status} after {seconds:.0f} s\n{said}")
 
 

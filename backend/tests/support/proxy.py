@@ -9,7 +9,8 @@ from typing import Any
 
 
 class Proxy:
-    """``async with Proxy(host, port) as proxy``: connect to 127.0.0.1:``proxy.port``.
+    """``async with Proxy(host, port) as proxy``: connect to 127.0.0.1:``proxy.port``. ``host``
+    is a name, an address or a Unix socket directory (see ``target_of``).
 
     ``hold()``/``release()``: answers on the connections open now wait in the proxy (their
     queries get no answer); connections opened later are not held.
@@ -61,7 +62,11 @@ class Proxy:
         assert task is not None
         self.handlers.add(task)
         try:
-            server_r, server_w = await asyncio.open_connection(*self.target)
+            host, port = self.target
+            if host.startswith("/"):  # a socket directory (the embedded server's default)
+                server_r, server_w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+            else:
+                server_r, server_w = await asyncio.open_connection(host, port)
         except OSError:
             client_w.transport.abort()
             return
@@ -108,3 +113,11 @@ class Proxy:
 
     async def restore(self) -> None:
         await self._listen()
+
+
+def target_of(url: str) -> tuple[str, int]:
+    """The (host or socket directory, port) a libpq URL connects to."""
+    from glisk.testing import libpq_kwargs
+
+    server = libpq_kwargs(url)
+    return str(server.get("host") or "127.0.0.1"), int(str(server.get("port") or 5432))

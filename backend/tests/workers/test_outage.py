@@ -25,7 +25,7 @@ from glisk.workers.connection import libpq_url
 from glisk.workers.outage import Backoff, Outage, unreachable
 from tests.support.database import Database
 from tests.support.factories import seed_tokens
-from tests.support.proxy import Proxy
+from tests.support.proxy import Proxy, target_of
 from tests.support.waiting import eventually
 
 IMAGE = STAGES[StageName.IMAGE]
@@ -128,13 +128,17 @@ async def test_a_loop_backs_off_to_the_cap_and_the_end_of_an_outage_wakes_it_at_
 
 @pytest.fixture
 async def proxy(postgres_container: Database) -> AsyncIterator[Proxy]:
-    server = make_url(postgres_container.url)
-    async with Proxy(server.host or "127.0.0.1", server.port or 5432) as running:
+    async with Proxy(*target_of(postgres_container.url)) as running:
         yield running
 
 
 def _through(proxy: Proxy, database: Database, **options: Any) -> ConnectOptions:
-    url = make_url(database.url).set(host="127.0.0.1", port=proxy.port)
+    # The proxy's TCP port instead of the server's address (or socket directory, in the query).
+    url = (
+        make_url(database.url)
+        .difference_update_query(["host", "port"])
+        .set(host="127.0.0.1", port=proxy.port)
+    )
     return ConnectOptions(
         libpq_url(url.render_as_string(hide_password=False)),
         pooler=database.pooler,

@@ -11,13 +11,20 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from glisk.errors import ConfigError
 
-__all__ = ["ConfigError", "Settings", "load_settings", "normalize_database_url"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "normalize_database_url",
+    "with_connection_requirements",
+]
 
 # In a source checkout (an editable install): backend/src/glisk/core/config.py -> backend/, and
 # the repository root, which holds the one .env every service shares. An installed wheel has no
@@ -91,22 +98,57 @@ class EngineOptions(TypedDict):
     pooler: PoolerMode
 
 
+# libpq's require_auth methods (DB_REQUIRE_AUTH); "any" adds no requirement.
+AUTH_METHODS = frozenset({"password", "md5", "gss", "sspi", "scram-sha-256", "none"})
+# sslmode values under which the connection is always encrypted, so SCRAM can bind to it.
+TLS_REQUIRED = frozenset({"require", "verify-ca", "verify-full"})
+
+
 def normalize_database_url(url: str) -> str:
     """Accept the URL forms hosting providers hand out and return the psycopg 3 async form.
 
     ``postgres://`` and ``postgresql://`` become ``postgresql+psycopg://``; any other driver
-    (``+asyncpg``, ``sqlite``) is refused because the application only ships psycopg.
+    (``+asyncpg``, ``sqlite``) is refused because the application only ships psycopg, and so is
+    a port that is not a number from 1 to 65535.
     """
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     if not sep or not rest:
         raise ValueError("must be a URL like postgresql+psycopg://user:password@host:5432/dbname")
-    if scheme in ("postgres", "postgresql", DRIVER):
-        return f"{DRIVER}://{rest}"
-    raise ValueError(
-        f"must use the postgresql+psycopg:// scheme (got '{scheme}://'); "
-        "postgres:// and postgresql:// are accepted and converted"
-    )
+    if scheme not in ("postgres", "postgresql", DRIVER):
+        raise ValueError(
+            f"must use the postgresql+psycopg:// scheme (got '{scheme}://'); "
+            "postgres:// and postgresql:// are accepted and converted"
+        )
+    try:
+        # Raises for a port that is not a number, or outside 0-65535.
+        port = urlsplit(f"postgresql://{rest}").port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        hostport = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+        raise ValueError(
+            f"the port must be a number from 1 to 65535 (got '{hostport.rpartition(':')[2]}')"
+        )
+    return f"{DRIVER}://{rest}"
+
+
+def with_connection_requirements(url: str, require_auth: str, *, pooler: PoolerMode) -> str:
+    """``url`` with what libpq must insist on, unless the URL says otherwise itself:
+    ``require_auth`` (DB_REQUIRE_AUTH; "any": nothing), and ``channel_binding=require`` when the
+    requirement is SCRAM over a connection that is always encrypted (sslmode require or
+    verify-*) to PostgreSQL itself (a pooler in between ends the TLS session SCRAM binds to)."""
+    query = parse_qs(urlsplit(url).query)
+    extra: dict[str, str] = {}
+    if require_auth != "any" and "require_auth" not in query:
+        extra["require_auth"] = require_auth
+    scram = query.get("require_auth", [require_auth])[-1] == "scram-sha-256"
+    tls = query.get("sslmode", [""])[-1] in TLS_REQUIRED
+    if scram and tls and pooler == "none" and "channel_binding" not in query:
+        extra["channel_binding"] = "require"
+    if not extra:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{urlencode(extra)}"
 
 
 class Settings(BaseSettings):
@@ -128,6 +170,9 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0, le=5000)
     db_connect_timeout: float = Field(default=5.0, gt=0, le=300)
     db_pooler: PoolerMode = "none"
+    # What libpq insists on when glisk connects to DATABASE_URL (its require_auth): by default
+    # SCRAM, so the password never goes in clear to whatever answers at that address.
+    db_require_auth: str = "scram-sha-256"
 
     # Application
     app_env: Literal["development", "production"] = "development"
@@ -140,11 +185,16 @@ class Settings(BaseSettings):
     )
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    # /docs, /redoc and /openapi.json; None means "not set": on in development, off in
+    # production (see api_docs_enabled).
+    api_docs: bool | None = None
 
     # Embedded PostgreSQL (only used when DATABASE_URL is unset)
     glisk_pg_port: int = Field(default=54320, ge=1024, le=65535)
     glisk_pg_data: Path | None = None
     glisk_pg_bindir: Path | None = None
+    # Also listen on 127.0.0.1:GLISK_PG_PORT (off: the private Unix socket only).
+    glisk_pg_tcp: bool = False
 
     # Worker coordination (leased claims)
     worker_lease_seconds: float = Field(default=60.0, gt=0, le=86400)
@@ -206,7 +256,14 @@ class Settings(BaseSettings):
     def _lower_pooler(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("worker_listen", "worker_db_pool_size", mode="before")
+    @field_validator(
+        "worker_listen",
+        "worker_db_pool_size",
+        "api_docs",
+        "glisk_pg_data",
+        "glisk_pg_bindir",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `WORKER_LISTEN=` in a .env file means "not set", not an invalid boolean.
@@ -251,6 +308,31 @@ class Settings(BaseSettings):
             raise ValueError("must be an input name (letters, digits, _) or empty")
         return value
 
+    @field_validator("glisk_pg_data", "glisk_pg_bindir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # A relative path would depend on where the command runs (and create directories there).
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"must be an absolute path (got '{value}')")
+        return value
+
+    @field_validator("db_require_auth", mode="before")
+    @classmethod
+    def _require_auth(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        methods = [m.strip() for m in value.split(",")]
+        negated = {m.startswith("!") for m in methods}
+        if value == "any" or (
+            len(negated) == 1 and all(m.lstrip("!") in AUTH_METHODS for m in methods)
+        ):
+            return value
+        raise ValueError(
+            "must be 'any' or libpq require_auth methods separated by commas, all or none "
+            f"negated with '!' (from {', '.join(sorted(AUTH_METHODS))}; got '{value}')"
+        )
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _database_url(cls, value: Any) -> Any:
@@ -273,6 +355,14 @@ class Settings(BaseSettings):
                     )
             return origins
         return value
+
+    @model_validator(mode="after")
+    def _connection_requirements(self) -> Settings:
+        if self.database_url is not None:
+            self.database_url = with_connection_requirements(
+                self.database_url, self.db_require_auth, pooler=self.db_pooler
+            )
+        return self
 
     @model_validator(mode="after")
     def _pooler_rules(self) -> Settings:
@@ -341,6 +431,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def api_docs_enabled(self) -> bool:
+        """Whether the API serves /docs, /redoc and /openapi.json: API_DOCS when set, else only
+        in development (the schema maps every route for whoever asks)."""
+        if self.api_docs is not None:
+            return self.api_docs
+        return self.app_env == "development"
 
     def worker_options(self) -> WorkerOptions:
         """Keyword arguments for glisk.workers.run_worker from WORKER_* settings."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
+from urllib.parse import quote
 from weakref import WeakKeyDictionary
 
 import psycopg
@@ -145,9 +146,27 @@ def engine_of(session_factory: async_sessionmaker[AsyncSession]) -> AsyncEngine:
     return bind
 
 
+# libpq parameters that carry a secret when given in a URL's query.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def masked_url(db_url: str) -> str:
-    """The URL with its password hidden, for logs and error messages."""
-    return make_url(db_url).render_as_string(hide_password=True)
+    """The URL with every credential hidden, for logs and error messages: the password of the
+    user part and the query's ``password`` and ``sslpassword`` become ``***``. A URL that does
+    not parse is shown as its scheme alone."""
+    try:
+        url = make_url(db_url)
+    except Exception:  # any parse failure: show nothing of it but a scheme
+        scheme, sep, _ = db_url.partition("://")
+        plain = sep and scheme[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
+        return f"{scheme}://***" if plain else "***"
+    shown = url.set(query={}).render_as_string(hide_password=True)
+    pairs = []
+    for key, values in url.query.items():
+        for value in (values,) if isinstance(values, str) else values:
+            masked = "***" if key.lower() in SECRET_PARAMETERS else quote(value, safe="/")
+            pairs.append(f"{quote(key)}={masked}")
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 # --- the connection budget ------------------------------------------------------------------

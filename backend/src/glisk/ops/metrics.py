@@ -1,9 +1,10 @@
 """Prometheus metrics: the API's ``/metrics`` and a worker's own endpoint.
 
-Counts and durations only: no label ever holds a wallet, a prompt, a URL or a token id (routes
-are labelled by their template, ``/tokens/{token_id}``, and requests that match no route by
-``<unmatched>``). Each app and each worker builds its own ``CollectorRegistry``: nothing is
-registered at import.
+Counts and durations only: no label ever holds a wallet, a prompt, a URL or a token id, and
+every label value comes from a fixed set, whatever clients send: routes are labelled by their
+template (``/tokens/{token_id}``) and requests that match no route by ``<unmatched>``; methods are
+the standard verbs, any other by ``OTHER``; statuses are the ones the app answers with. Each app
+and each worker builds its own ``CollectorRegistry``: nothing is registered at import.
 
 API (``install_api_metrics``):
 - ``glisk_http_requests_total{method, route, status}``
@@ -60,6 +61,12 @@ if TYPE_CHECKING:
 
 TOKEN_GAUGE_TTL = 10.0
 UNMATCHED = "<unmatched>"
+# The request methods a label may name (RFC 9110's, and PATCH); anything else a client sends is
+# counted as OTHER, so random methods cannot add series.
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+OTHER_METHOD = "OTHER"
 _STATUSES = ("detected", "generating", "uploading", "ready", "revealed", "failed")
 
 
@@ -134,7 +141,7 @@ class ApiMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "glisk_http_requests",
-            "HTTP requests by route template and status",
+            "HTTP requests by method (standard verbs, else OTHER), route template and status",
             ["method", "route", "status"],
             registry=self.registry,
         )
@@ -174,7 +181,7 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
 

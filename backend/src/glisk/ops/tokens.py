@@ -59,6 +59,13 @@ class RetryFilter:
                 ) from None
             if not parsed_ids:
                 raise v.FieldValidationError("--ids", "must name at least one token id", ids)
+        if reason is not None:
+            # The shell hands over bytes; a value that is not UTF-8 arrives with surrogates that
+            # no database text can hold.
+            try:
+                reason.encode("utf-8")
+            except UnicodeEncodeError:
+                raise v.FieldValidationError("--reason", "must be text (UTF-8)", reason) from None
         if stage is not None and stage not in STAGES:
             raise v.FieldValidationError("--stage", f"must be one of: {', '.join(STAGES)}", stage)
         parsed_since: datetime | None = None
@@ -70,7 +77,12 @@ class RetryFilter:
                     "--since", "must be an ISO date or time, e.g. 2026-11-26T03:00", since
                 ) from None
             if parsed_since.tzinfo is not None:  # the columns hold naive UTC
-                parsed_since = parsed_since.astimezone(UTC).replace(tzinfo=None)
+                try:
+                    parsed_since = parsed_since.astimezone(UTC).replace(tzinfo=None)
+                except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+                    raise v.FieldValidationError(
+                        "--since", "must be a time from year 1 to 9999 in UTC", since
+                    ) from None
         if parsed_ids is None and reason is None and stage is None and parsed_since is None:
             raise v.FieldValidationError(
                 "filters", "give at least one of --ids, --reason, --stage, --since", None

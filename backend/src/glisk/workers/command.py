@@ -2,7 +2,8 @@
 
 Exit codes, for a supervisor (systemd ``RestartPreventExitStatus=2``, Kubernetes restart policy):
 - 0: stopped by SIGTERM or SIGINT after draining (handlers in hand finished, results written);
-- 1: the database could not be reached or is not migrated at start-up (worth restarting); or
+- 1: the database could not be reached or is not migrated at start-up, the metrics port is in
+  use, or the embedded PostgreSQL died and could not be restarted (worth restarting); or
   the worker stopped after giving up results it could not record (a database outage outlasted
   their leases, or the drain): ERROR lines ``worker.results_given_up`` name the tokens;
 - 2: configuration or usage error: bad setting, unknown stage, a handler path that cannot be
@@ -17,6 +18,8 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from glisk.errors import ConfigError, FieldValidationError, HandlerError, OperatorError, first_line
@@ -27,6 +30,26 @@ if TYPE_CHECKING:
     from glisk.workers.worker import Handler
 
 NOOP = "noop"
+
+
+def _bounded(kind: Callable[[str], float], low: float, high: float, *, above: bool = False) -> Any:
+    """An argparse type: a finite number from ``low`` (excluded when ``above``) to ``high``,
+    the same range as the WORKER_* setting the option overrides."""
+
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan
+        low_ok = number > low if above else number >= low
+        if not (math.isfinite(number) and low_ok and number <= high):
+            bound = f"more than {low:g}" if above else f"{low:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be a number from {bound} to {high:g} (got {value!r})"
+            )
+        return number
+
+    return parse
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -43,15 +66,31 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         required=True,
         help="package.module:function, an async function; 'noop' for the built-in no-op handler",
     )
-    worker.add_argument("--concurrency", type=int, help="handlers at once (WORKER_CONCURRENCY)")
-    worker.add_argument("--batch", type=int, help="tokens per claim at most (WORKER_BATCH)")
-    worker.add_argument("--lease", type=float, help="lease seconds (WORKER_LEASE_SECONDS)")
-    worker.add_argument("--max-attempts", type=int, help="claims per token and stage")
+    from glisk.cli import port_number
+
+    worker.add_argument(
+        "--concurrency",
+        type=_bounded(int, 1, 10000),
+        help="handlers at once (WORKER_CONCURRENCY)",
+    )
+    worker.add_argument(
+        "--batch", type=_bounded(int, 1, 100), help="tokens per claim at most (WORKER_BATCH)"
+    )
+    worker.add_argument(
+        "--lease",
+        type=_bounded(float, 0, 86400, above=True),
+        help="lease seconds (WORKER_LEASE_SECONDS)",
+    )
+    worker.add_argument(
+        "--max-attempts", type=_bounded(int, 1, 100), help="claims per token and stage"
+    )
     worker.add_argument(
         "--no-listen", action="store_true", help="poll only, no LISTEN (WORKER_LISTEN=false)"
     )
     worker.add_argument("--worker-id", help="holder name recorded on claims (default host:pid:rnd)")
-    worker.add_argument("--metrics-port", type=int, help="serve /metrics (WORKER_METRICS_PORT)")
+    worker.add_argument(
+        "--metrics-port", type=port_number, help="serve /metrics (WORKER_METRICS_PORT)"
+    )
     return worker
 
 
@@ -98,13 +137,16 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
     if settings.database_url is not None:
         _serve(settings, args, handler, settings.database_url)
         return
-    # Development without DATABASE_URL: the embedded server, migrated, for this process's life.
+    # Development without DATABASE_URL: the embedded server, migrated, for this process's life
+    # (or the one `glisk serve` of this checkout runs), restarted if it dies.
     from glisk import migrations
-    from glisk.cli import _migrate, database
+    from glisk.cli import Supervision, _migrate, database
 
-    with database(settings) as url:
+    supervision = Supervision()
+    with database(settings, on_failure=supervision) as url:
         _migrate(url, lambda: migrations.upgrade(url))
         _serve(settings, args, handler, url)
+    supervision.raise_if_failed()
 
 
 def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: str) -> None:
@@ -137,7 +179,12 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
         raise ConfigError(str(exc)) from None
     if metrics is not None and port is not None:
         metrics.attach(worker)
-        metrics.serve(port)
+        try:
+            metrics.serve(port)
+        except OSError as exc:
+            raise OperatorError(
+                f"--metrics-port {port}: cannot listen on it: {exc.strerror or exc}"
+            ) from None
     asyncio.run(_run(worker, connect))
 
 

@@ -52,6 +52,10 @@ DB_RETRY_DELAY = 0.5
 # Why results are given up (the ERROR line's reason).
 LEASE_RAN_OUT = "the lease ran out while the database could not be reached"
 STOPPED_UNREACHABLE = "the worker stopped while the database could not be reached"
+# The ranges of the WORKER_* settings (glisk.core.config), enforced for callers of the API too.
+MAX_LEASE_SECONDS = 86400.0
+MAX_POLL_SECONDS = 3600.0
+MAX_BACKOFF_SECONDS = 86400.0 * 7
 
 
 @dataclass
@@ -181,20 +185,22 @@ class Worker:
             # Per-token stages run a claimed batch at once; a reveal runs one batch at a time.
             concurrency = 1 if self.stage.whole_batch else self.batch
         self.concurrency = v.int_at_least("concurrency", concurrency, 1)
-        for name, value in (
-            ("lease_seconds", lease_seconds),
-            ("poll_interval", poll_interval),
-            ("reconnect_cap", reconnect_cap),
+        # Finite and bounded as the WORKER_* settings are: a lease of 1e300 seconds is no lease,
+        # and PostgreSQL's interval refuses it on every claim ("interval out of range").
+        for name, value, most in (
+            ("lease_seconds", lease_seconds, MAX_LEASE_SECONDS),
+            ("poll_interval", poll_interval, MAX_POLL_SECONDS),
+            ("reconnect_cap", reconnect_cap, MAX_POLL_SECONDS),
         ):
-            if not value > 0:
-                raise v.FieldValidationError(name, "must be > 0", value)
-        for name, value in (
-            ("backoff_base", backoff_base),
-            ("backoff_cap", backoff_cap),
-            ("completion_window", completion_window),
+            if not 0 < value <= most:
+                raise v.FieldValidationError(name, f"must be > 0 and at most {most:g}", value)
+        for name, value, most in (
+            ("backoff_base", backoff_base, MAX_BACKOFF_SECONDS),
+            ("backoff_cap", backoff_cap, MAX_BACKOFF_SECONDS),
+            ("completion_window", completion_window, MAX_POLL_SECONDS),
         ):
-            if not value >= 0:
-                raise v.FieldValidationError(name, "must be >= 0", value)
+            if not 0 <= value <= most:
+                raise v.FieldValidationError(name, f"must be >= 0 and at most {most:g}", value)
         self.lease_seconds = lease_seconds
         self.max_attempts = v.int_at_least("max_attempts", max_attempts, 1)
         self.poll_interval = poll_interval
