@@ -5,7 +5,8 @@
     │   ├── ConfigError          a setting breaks its rule (also a ValueError); exit 2
     │   │   └── HandlerError     `glisk worker --handler` names nothing usable
     │   ├── DatabaseUnavailableError   the database cannot be reached at start-up
-    │   └── EmbeddedPostgresError      the embedded server cannot be found or started
+    │   ├── EmbeddedPostgresError      the embedded server cannot be found or started
+    │   └── AnvilError           the anvil node cannot be found, started or reached
     ├── FieldValidationError     a value breaks a model rule; names the field and the rule
     ├── InvalidStateTransition   the token state machine refused a status change
     ├── MintConflict             a mint log claims token ids another log already minted
@@ -83,6 +84,10 @@ class HandlerError(ConfigError):
 
 class DatabaseUnavailableError(OperatorError):
     """The database could not be reached at start-up; names the cause and the masked URL."""
+
+
+class AnvilError(OperatorError, RuntimeError):
+    """The anvil node (glisk.chain.anvil) cannot be found, started, or answered an error."""
 
 
 class EmbeddedPostgresError(OperatorError, RuntimeError):
