@@ -207,7 +207,10 @@ class Token(Entity, table=True):
         ready). A failure that names no known stage (the transactional path's mark_failed) is
         sent back to the earliest stage whose input the token lacks nothing for: reveal if it
         has a metadata_cid, upload if it has an image_path, image otherwise. The token starts
-        that stage afresh: attempts, deferrals, backoff and checkpoint reset. A retry to the
+        that stage afresh: attempts, deferrals, backoff and checkpoint reset, except a checkpoint's
+        pointer at a reveal transaction (``checkpoint['reveal']``), which is kept: that
+        transaction may still be mined, so the reveal worker reconciles it before it puts the
+        token in a new one (confirmed: the token completes with it). A retry to the
         image stage clears image_path (that stage claims only tokens without one). The previous
         failure is appended to ``error_data['history']`` (with ``retried_at`` when ``at`` is
         given) and is the only thing error_data then holds.
@@ -256,7 +259,8 @@ class Token(Entity, table=True):
         self.attempts = 0
         self.deferrals = 0
         self.not_before = None
-        self.checkpoint = None
+        reveal = (self.checkpoint or {}).get("reveal")
+        self.checkpoint = {"reveal": reveal} if stage == "reveal" and reveal else None
         self.claim_id = None
         self.lease_expires_at = None
         self.error_data = {"history": history}

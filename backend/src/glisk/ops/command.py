@@ -129,9 +129,16 @@ def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
         outcome = retry_failed(conn, selection, dry_run=args.dry_run)
     verb = "would move" if args.dry_run else "moved"
     for moved in outcome.moved:
+        # A kept pointer at a reveal transaction that may still be mined: the reveal worker
+        # settles it with the chain before it sends anything for the token.
+        first = (
+            f", its reveal {moved.reveal[0]} ({moved.reveal[1]}) reconciled first"
+            if moved.reveal is not None
+            else ""
+        )
         print(
             f"token {moved.token_id}: failed ({moved.stage or '-'}: {moved.reason or '-'}) "
-            f"-> {moved.target} [{verb}]"
+            f"-> {moved.target}{first} [{verb}]"
         )
     for token_id, why in outcome.refused:
         print(f"token {token_id}: refused: {why}", file=sys.stderr)

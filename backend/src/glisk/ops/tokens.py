@@ -8,7 +8,7 @@ row-by-row in its rules: a token the method refuses is reported and left alone.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,6 +86,9 @@ class Moved:
     stage: str | None  # as recorded in the failure
     reason: str | None
     target: TokenStatus
+    # The reveal transaction the token's checkpoint still points at and its state ('pending':
+    # it may still be mined), kept so the reveal worker reconciles it before sending anything.
+    reveal: tuple[str, str] | None = None
 
 
 @dataclass
@@ -124,8 +127,13 @@ _WRITE = """
 -- retry: what Token.retry_from_failed changed, for a token still failed (locked above).
 UPDATE tokens_s0
 SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s, attempts = 0,
-    deferrals = 0, not_before = NULL, checkpoint = NULL, error_data = %(error_data)s
+    deferrals = 0, not_before = NULL, checkpoint = %(checkpoint)s, error_data = %(error_data)s
 WHERE id = %(id)s AND status = 'failed'
+"""
+
+_REVEALS = """
+-- retry_reveals: the reveal transactions retried tokens' checkpoints point at (no locks).
+SELECT id::text, tx_hash, status FROM reveal_transactions WHERE id = ANY(CAST(%(ids)s AS uuid[]))
 """
 
 
@@ -169,9 +177,11 @@ def retry_failed(
                     "id": token.id,
                     "status": target.value,
                     "image_path": token.image_path,
+                    "checkpoint": None if token.checkpoint is None else Jsonb(token.checkpoint),
                     "error_data": Jsonb(token.error_data),
                 }
             )
+        _say_which_reveals_are_reconciled(cur, outcome, writes)
         if dry_run:
             raise psycopg.Rollback(tx)  # leaves the block rolled back; not raised further
         if writes:
@@ -179,6 +189,26 @@ def retry_failed(
             for stage in sorted({STAGE_OF_TARGET[m.target] for m in outcome.moved}):
                 cur.execute("SELECT pg_notify(%s, '')", (f"glisk_stage_{stage}",))
     return outcome
+
+
+def _say_which_reveals_are_reconciled(
+    cur: psycopg.Cursor[dict[str, Any]], outcome: RetryOutcome, writes: list[dict[str, Any]]
+) -> None:
+    """Name, on each moved token, the reveal transaction its kept checkpoint points at."""
+    pointers: dict[int, str] = {}
+    for moved, write in zip(outcome.moved, writes, strict=True):
+        checkpoint = write["checkpoint"].obj if write["checkpoint"] is not None else {}
+        reveal_id = (checkpoint.get("reveal") or {}).get("id")
+        if reveal_id:
+            pointers[moved.token_id] = str(reveal_id)
+    if not pointers:
+        return
+    rows = cur.execute(_REVEALS.encode(), {"ids": sorted(set(pointers.values()))}).fetchall()
+    found = {row["id"]: (row["tx_hash"] or "?", str(row["status"])) for row in rows}
+    outcome.moved = [
+        replace(m, reveal=found.get(pointers[m.token_id])) if m.token_id in pointers else m
+        for m in outcome.moved
+    ]
 
 
 def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] | None:
