@@ -16,6 +16,8 @@
     │   └── DatabaseTimeout      a worker's statement did not answer within its bound
     ├── PermanentError, RetryLater   what a stage handler raises to steer its token
     ├── LeaseLost                a checkpoint was refused: the claim is no longer held
+    ├── ChainError               the reveal keeper's dealings with the chain (glisk.chain)
+    │   └── RevealFailed         a reveal reverted or its nonce went to another transaction
     └── ChainError, InvalidTransaction, RevealNotConfirmed   the stand-ins (glisk.standins)
 
 Driver errors are translated once, where glisk meets the driver: SQLAlchemy engines made by
@@ -313,6 +315,31 @@ class RetryLater(GliskError):
             raise FieldValidationError("seconds", "must be >= 0", seconds)
         super().__init__(reason or f"retry in {seconds:g} s")
         self.seconds = float(seconds)
+
+
+class ChainError(GliskError):
+    """The chain refused what the reveal keeper asked, in a way waiting cannot cure (a call that
+    would revert for another reason than a token already revealed)."""
+
+
+class RevealFailed(ChainError):
+    """A reveal transaction can never reveal its tokens: it reverted, or its nonce went to
+    another transaction (a filler). The batch's tokens are free to go into a new transaction."""
+
+
+class FeeAboveCap(RetryLater):
+    """The next block's base fee plus the tip exceeds REVEAL_MAX_GAS_PRICE_GWEI: the batch waits
+    rather than overpays."""
+
+
+class RevealInFlight(RetryLater):
+    """A token of the batch is in a reveal transaction still pending (its checkpoint had lost the
+    pointer, now restored): the next claim reconciles that transaction, nothing new is sent."""
+
+
+class NodeUnavailable(RetryLater):
+    """The chain node did not answer (or not in time): the batch comes back later, no attempt
+    spent."""
 
 
 class LeaseLost(GliskError):

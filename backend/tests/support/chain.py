@@ -11,9 +11,11 @@ KEEPER_ROLE), 2 and up mint.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from eth_account import Account
@@ -25,9 +27,11 @@ from glisk.chain import client
 from glisk.chain import contract as glisk_contract
 from glisk.chain.anvil import Anvil
 from glisk.chain.contract import Deployment, Minted
+from glisk.chain.keeper import KeeperConfig
 
 AUTHOR = "0x" + "ab" * 20  # the prompt author every test mint credits
 MINT_PRICE = 10**15  # 0.001 ETH per token
+GWEI = 10**9
 
 
 @dataclass
@@ -70,6 +74,43 @@ class Chain:
         for _ in range(blocks):
             await self.rpc("evm_mine")
 
+    def keeper_config(self, **overrides: Any) -> KeeperConfig:
+        """A keeper on this contract with the keeper account, quick to poll and to give up."""
+        fields: dict[str, Any] = {
+            "rpc_url": self.node.url,
+            "chain_id": self.node.chain_id,
+            "contract": self.address,
+            "account": self.keeper,
+            "max_fee_per_gas": 100 * GWEI,
+            "confirmations": 1,
+            "stuck_after": 5.0,
+            "poll": 0.02,
+            "wait": 20.0,
+        }
+        fields.update(overrides)
+        return KeeperConfig(**fields)
+
+    async def reveals_on_chain(self) -> dict[int, list[str]]:
+        """Every TokensRevealed log of the canonical chain: token id -> the transactions that
+        revealed it (exactly one each, if all went well)."""
+        event = self.contract.events.TokensRevealed()
+        logs = await self.w3.eth.get_logs(
+            {
+                "address": self.contract.address,
+                "fromBlock": 0,
+                "toBlock": "latest",
+                "topics": [event.topic],
+            }
+        )
+        found: dict[int, list[str]] = {}
+        for entry in logs:
+            for token_id in event.process_log(entry)["args"]["tokenIds"]:
+                found.setdefault(int(token_id), []).append(entry["transactionHash"].to_0x_hex())
+        return found
+
+    async def confirmed_nonce(self) -> int:
+        return int(await self.w3.eth.get_transaction_count(self.keeper.address, "latest"))
+
 
 @asynccontextmanager
 async def deployed(node: Anvil) -> AsyncIterator[Chain]:
@@ -90,3 +131,13 @@ async def deployed(node: Anvil) -> AsyncIterator[Chain]:
         await client.rpc(w3, "evm_setIntervalMining", [0])
         await client.rpc(w3, "evm_setAutomine", [True])
         await w3.provider.disconnect()
+
+
+def key_file(directory: Path, account: LocalAccount) -> Path:
+    """The account's private key in a 0600 file (how processes get the keeper key: never in
+    argv)."""
+    path = directory / f"keeper-{account.address.lower()}.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("0x" + bytes(account.key).hex())
+    return path

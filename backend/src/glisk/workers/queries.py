@@ -129,12 +129,24 @@ completed AS (
 """
 
 # Appended to the reveal stage's completion: the pending reveal transaction whose hash a token was
-# revealed with is confirmed in the same statement (data-modifying CTEs always run).
+# revealed with is confirmed in the same statement (data-modifying CTEs always run). The hash may
+# be any of the reveal's signed attempts (a replacement mined instead of the first): the row then
+# takes that hash.
 _CONFIRM_REVEALS = """,
+mined AS MATERIALIZED (
+    SELECT DISTINCT r.id, h.result
+    FROM held AS h
+    JOIN reveal_transactions AS r ON r.tx_hash = h.result AND r.status = 'pending'
+    UNION
+    SELECT DISTINCT a.reveal_id, h.result
+    FROM held AS h
+    JOIN reveal_attempts AS a ON a.tx_hash = h.result AND a.reveal_id IS NOT NULL
+),
 confirmed AS (
     UPDATE reveal_transactions AS r
-    SET status = 'confirmed', confirmed_at = {now}
-    WHERE r.status = 'pending' AND r.tx_hash IN (SELECT result FROM held)
+    SET status = 'confirmed', confirmed_at = {now}, tx_hash = m.result
+    FROM mined AS m
+    WHERE r.id = m.id AND r.status = 'pending'
     RETURNING r.id
 )"""
 
