@@ -14,6 +14,7 @@ COMMANDS = {
     "mint": ("runtime", {"seconds": 3.0}),
     "http": ("serving", {"seconds": 10}),
     "startup": ("serving", {"repeat": 3, "skip_suite": False, "imports_only": False}),
+    "reveal": ("chain", {"tokens": 1000, "batches": "50", "workers": "1,2", "block_time": 0.0}),
 }
 
 parser = argparse.ArgumentParser("python -m bench", description=__doc__)

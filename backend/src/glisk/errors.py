@@ -15,10 +15,10 @@
     │   │   ├── UniqueViolation, ForeignKeyViolation, CheckViolation, NotNullViolation
     │   └── DatabaseTimeout      a worker's statement did not answer within its bound
     ├── PermanentError, RetryLater   what a stage handler raises to steer its token
+    │   └── (RetryLater) FeeAboveCap, RevealInFlight, NodeUnavailable   the reveal keeper waits
     ├── LeaseLost                a checkpoint was refused: the claim is no longer held
-    ├── ChainError               the reveal keeper's dealings with the chain (glisk.chain)
-    │   └── RevealFailed         a reveal reverted or its nonce went to another transaction
-    └── ChainError, InvalidTransaction, RevealNotConfirmed   the stand-ins (glisk.standins)
+    └── ChainError               the reveal keeper's dealings with the chain (glisk.chain)
+        └── RevealFailed         a reveal reverted or its nonce went to another transaction
 
 Driver errors are translated once, where glisk meets the driver: SQLAlchemy engines made by
 ``glisk.core.database`` (``glisk.core.db_errors``) and the worker runtime's connections

@@ -110,7 +110,7 @@ async def test_a_checkpoint_naming_one_lost_claim_writes_nothing_and_stops_the_h
 
 class Chain:
     """An in-process chain for these focused tests: a signed transaction is its nonce and
-    payload; each nonce is mined at most once (the shared stand-in lives in glisk.standins)."""
+    payload; each nonce is mined at most once (the real one, anvil, is in tests/chain)."""
 
     def __init__(self) -> None:
         self.mined: dict[int, str] = {}  # nonce -> tx hash

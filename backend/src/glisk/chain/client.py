@@ -11,6 +11,7 @@ anvil); ``refusal(exc)`` sorts the ones the keeper acts on.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Literal
 
@@ -45,6 +46,9 @@ class CountingProvider(AsyncHTTPProvider):
 
 def connect(url: str, *, timeout: float = 10.0) -> AsyncWeb3:
     """An AsyncWeb3 on ``url`` (http:// or https://); each call is bounded by ``timeout``."""
+    # web3's provider logs every request at DEBUG and each disconnect at INFO, URL included
+    # (where providers put API keys): only its warnings reach glisk's logs.
+    logging.getLogger("web3.providers").setLevel(logging.WARNING)
     return AsyncWeb3(CountingProvider(url, timeout=timeout), middleware=[AttributeDictMiddleware])
 
 

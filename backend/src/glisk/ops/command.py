@@ -95,25 +95,34 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    from functools import partial
+
     from glisk.ops.status import collect, render
 
     with _connection(settings) as conn:
+        read = partial(
+            collect,
+            conn,
+            exact=args.exact,
+            stuck_after=settings.reveal_stuck_seconds,
+            fee_cap_gwei=float(settings.reveal_max_gas_price_gwei),
+        )
         if args.json:
-            print(json.dumps(collect(conn, exact=args.exact).as_json(), indent=2))
+            print(json.dumps(read().as_json(), indent=2))
             return
         from rich.console import Console
 
         console = Console()
         if args.watch is None:
-            console.print(render(collect(conn, exact=args.exact)))
+            console.print(render(read()))
             return
         from rich.live import Live
 
         interval = max(0.2, float(args.watch))
-        with Live(render(collect(conn, exact=args.exact)), console=console) as live:
+        with Live(render(read()), console=console) as live:
             while True:  # until Ctrl-C (KeyboardInterrupt: exit 130 in glisk.cli.main)
                 time.sleep(interval)
-                live.update(render(collect(conn, exact=args.exact)))
+                live.update(render(read()))
 
 
 def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:

@@ -1,12 +1,16 @@
 """``glisk demo``: the whole pipeline on this machine, in worker processes, with nothing to set.
 
 A throwaway embedded PostgreSQL (never DATABASE_URL: the demo must not write into a real
-database), migrated; one author and N minted tokens; the fake chain in its own process; for each
-stage ``--workers`` ``glisk worker`` processes running ``glisk.ops.demo_handlers``. Progress is
-``glisk status``'s table, refreshed in place. ``--chaos`` SIGKILLs a random worker about every
-second and starts a new one in its place: leases expire, tokens are rescued, a reveal in flight
-is reconciled, and every token must still be revealed exactly once. Ends with a verification
-table; exit 0 only if every token is revealed, in exactly one confirmed transaction.
+database), migrated; a real EVM node (anvil, from the pinned npm packages) with the GLISK contract
+deployed and N tokens minted by real ``mint`` transactions, each BatchMinted log recorded as the
+mint follower records it; for each stage ``--workers`` ``glisk worker`` processes: the image and
+upload stages run ``glisk.ops.demo_handlers``, the reveal stage the real keeper
+(``glisk.handlers.reveal:keeper``, signed EIP-1559 transactions, nonces from the database).
+Progress is ``glisk status``'s table, refreshed in place. ``--chaos`` SIGKILLs a random worker
+holding claims about every second and starts a new one in its place: leases expire, tokens are
+rescued, a reveal in flight is reconciled, and every token must still be revealed exactly once.
+Ends with a verification read from the chain (glisk.ops.demo_chain); exit 0 only if every token
+is revealed on chain, in exactly one transaction, the one the database names.
 """
 
 from __future__ import annotations
@@ -31,18 +35,20 @@ if TYPE_CHECKING:
     from glisk.core.config import Settings
 
 STAGES = ("image", "upload", "reveal")
-
-SEED = """
-INSERT INTO authors (id, wallet_address, prompt_text, created_at)
-VALUES ('00000000-0000-0000-0000-00000000d3e0', '0x' || repeat('d', 40),
-        'a lighthouse drawn by a demo', now());
-INSERT INTO tokens_s0 (id, token_id, author_id, minter_address, status, mint_timestamp,
-                       created_at)
-SELECT gen_random_uuid(), g, '00000000-0000-0000-0000-00000000d3e0',
-       '0x' || substr(md5('minter' || g) || md5('wallet' || g), 1, 40), 'detected',
-       timezone('utc', now()) - make_interval(secs => %(tokens)s - g), now()
-FROM generate_series(1, %(tokens)s) AS g;
+REPLACEMENT_GRACE = 30.0  # seconds chaos waits at most for the last replacement to get to work
+# The pids of the workers holding live claims (the holder name is host:pid:random).
+HOLDERS = """
+SELECT DISTINCT split_part(claimed_by, ':', 2) FROM tokens_s0
+WHERE claim_id IS NOT NULL AND lease_expires_at > timezone('utc', now())
 """
+
+# The handler each stage's workers run: stand-ins for the image and IPFS services, the real
+# keeper for the chain.
+HANDLERS = {
+    "image": "glisk.ops.demo_handlers:image",
+    "upload": "glisk.ops.demo_handlers:upload",
+    "reveal": "glisk.handlers.reveal:keeper",
+}
 
 
 def add_parser(commands: Any) -> None:
@@ -69,6 +75,7 @@ class Pool:
     )
     kills: int = 0
     started: int = 0
+    replacement: tuple[subprocess.Popen[bytes], float] | None = None  # the last one, and when
 
     def spawn(self, stage: str) -> subprocess.Popen[bytes]:
         self.started += 1
@@ -84,7 +91,7 @@ class Pool:
                 "worker",
                 stage,
                 "--handler",
-                f"glisk.ops.demo_handlers:{stage}",
+                HANDLERS[stage],
                 *options,
             ],
             env=self.env,
@@ -98,14 +105,36 @@ class Pool:
         for stage in STAGES:
             self.processes[stage] = [self.spawn(stage) for _ in range(self.workers)]
 
-    def kill_one(self, rng: random.Random) -> None:
-        stage = rng.choice(STAGES)
+    def kill_one(self, rng: random.Random, holders: set[int]) -> bool:
+        """SIGKILL a random worker among those holding live claims (``holders``: their pids) and
+        start another in its place; returns whether one was killed. Not before the last
+        replacement holds claims itself (or REPLACEMENT_GRACE has passed): a worker still
+        importing or connecting has nothing in hand, and killing workers faster than they start
+        would only starve a slow machine."""
+        last = self.replacement
+        if (
+            last is not None
+            and last[0].pid not in holders
+            and time.monotonic() - last[1] < REPLACEMENT_GRACE
+            and last[0].poll() is None
+        ):
+            return False
+        working = [
+            (stage, index)
+            for stage, processes in self.processes.items()
+            for index, process in enumerate(processes)
+            if process.pid in holders
+        ]
+        if not working:
+            return False
+        stage, index = rng.choice(working)
         victims = self.processes[stage]
-        index = rng.randrange(len(victims))
         victims[index].kill()
         victims[index].wait()
         self.kills += 1
         victims[index] = self.spawn(stage)
+        self.replacement = (victims[index], time.monotonic())
+        return True
 
     def stop(self) -> None:
         everyone = [p for ps in self.processes.values() for p in ps]
@@ -136,23 +165,27 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
     from rich.live import Live
 
     from glisk import migrations
+    from glisk.chain.anvil import Anvil
     from glisk.embedded_pg import ephemeral_server
+    from glisk.ops import demo_chain
     from glisk.ops.status import collect, render
-    from glisk.standins.chain_client import fake_chain_process
     from glisk.workers.connection import libpq_url
 
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="glisk-demo-"))
+    ok = False
     server = ephemeral_server(bindir=settings.glisk_pg_bindir)
     server.start()
     try:
         url = server.url_for("postgres")
         migrations.upgrade(url)
         dsn = libpq_url(url)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(SEED.replace("%(tokens)s", str(int(args.tokens))).encode())
-        console.print(f"Minted {args.tokens:,} tokens on a throwaway PostgreSQL; files in {work}")
-        with fake_chain_process() as chain:
+        with Anvil() as node:
+            chain = asyncio.run(demo_chain.set_up(node, url, args.tokens, work))
+            console.print(
+                f"Minted {args.tokens:,} tokens in {chain.mint_transactions} mint transactions "
+                f"on anvil (chain {node.chain_id}, GLISK at {chain.contract}); files in {work}"
+            )
             env = {
                 **os.environ,
                 "DATABASE_URL": url,
@@ -160,17 +193,19 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                 "LOG_LEVEL": "WARNING",
                 "APP_ENV": "development",
                 "GLISK_DEMO_DIR": str(work),
-                "GLISK_DEMO_CHAIN_URL": chain.url,
+                **chain.worker_env(),
                 # Short leases so a killed worker's tokens come back within seconds; attempts
                 # enough that chaos alone never fails a token.
                 "WORKER_LEASE_SECONDS": "3",
                 "WORKER_MAX_ATTEMPTS": "50",
+                "WORKER_MAX_DEFERRALS": "200",
                 "WORKER_BACKOFF_BASE": "0.1",
                 "WORKER_BACKOFF_CAP": "1",
                 "WORKER_POLL_INTERVAL": "0.2",
                 "WORKER_DRAIN_TIMEOUT": "10",
             }
-            env.pop("WORKER_METRICS_PORT", None)
+            for name in ("WORKER_METRICS_PORT", "KEEPER_PRIVATE_KEY"):
+                env.pop(name, None)
             (work / "logs").mkdir()
             pool = Pool(env, work / "logs", args.workers)
             rng = random.Random(args.seed)  # noqa: S311 - chaos, not secrets
@@ -203,77 +238,54 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                                 args.chaos
                                 and next_kill is not None
                                 and time.monotonic() >= next_kill
+                                and pool.kill_one(rng, _holders(conn))
                             ):
-                                pool.kill_one(rng)
                                 next_kill = time.monotonic() + rng.uniform(0.5, 1.5)
                             time.sleep(0.25)
                 finally:
                     pool.stop()
                 elapsed = time.monotonic() - started
                 final = collect(conn, exact=True)
-            report = asyncio.run(_chain_report(chain.url))
-        return _verify(console, args, final, report, pool, elapsed, finished)
+                facts = asyncio.run(
+                    demo_chain.gather(
+                        chain,
+                        conn,
+                        tokens=args.tokens,
+                        finished=finished,
+                        elapsed=elapsed,
+                        kills=pool.kills,
+                        started=pool.started,
+                        statuses=final.statuses,
+                        failed=[(g.stage, g.reason, g.count) for g in final.failed],
+                    )
+                )
+        ok = _show(console, demo_chain.verdict(facts))
+        if not ok:  # the workers' logs say why: keep them
+            console.print(f"worker logs kept in {work / 'logs'}")
+        return ok
     finally:
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
 
 
-async def _chain_report(url: str) -> Any:
-    from glisk.standins.chain_client import FakeChainControl
-
-    return await FakeChainControl(url).report()
+def _holders(conn: Any) -> set[int]:
+    return {int(pid) for (pid,) in conn.execute(HOLDERS.encode()).fetchall() if pid.isdigit()}
 
 
-def _verify(
-    console: Any,
-    args: argparse.Namespace,
-    final: Any,
-    report: Any,
-    pool: Pool,
-    elapsed: float,
-    finished: bool,
-) -> bool:
+def _show(console: Any, verdict: Any) -> bool:
     from rich.table import Table
 
     console.print()
-    confirmed_per_token: dict[int, int] = {}
-    for tx in report.confirmed:
-        for token_id in tx.token_ids:
-            confirmed_per_token[token_id] = confirmed_per_token.get(token_id, 0) + 1
-    revealed = final.statuses["revealed"]
-    once = sum(1 for n in confirmed_per_token.values() if n == 1)
-    more = sum(1 for n in confirmed_per_token.values() if n > 1)
-    ok = (
-        finished
-        and revealed == args.tokens
-        and once == args.tokens
-        and more == 0
-        and len(report.revealed) == args.tokens
-    )
-    table = Table(title="verification", title_justify="left")
+    table = Table(title="verification (read from the chain)", title_justify="left")
     table.add_column("check")
     table.add_column("value", justify="right")
-    table.add_row("tokens minted", f"{args.tokens:,}")
-    table.add_row("revealed (database)", f"{revealed:,}")
-    table.add_row("revealed on chain", f"{len(report.revealed):,}")
-    table.add_row("in exactly one confirmed transaction", f"{once:,}")
-    table.add_row("in more than one confirmed transaction", f"{more:,}")
-    for group in final.failed:
-        table.add_row(f"failed: {group.stage or '-'} / {group.reason or '-'}", f"{group.count:,}")
-    table.add_row("reveal transactions confirmed", f"{len(report.confirmed):,}")
-    # How often each token went out in a transaction (rebroadcasts of the same one included).
-    sends = [
-        sum(tx.sends for tx in report.transactions if token_id in tx.token_ids)
-        for token_id in report.revealed
-    ]
-    mean = sum(sends) / len(sends) if sends else 0.0
-    table.add_row("sends per revealed token: mean / max", f"{mean:.2f} / {max(sends, default=0)}")
-    table.add_row("eth_sendRawTransaction calls", f"{report.send_calls:,}")
-    table.add_row("workers killed (chaos)", f"{pool.kills:,}")
-    table.add_row("worker processes started", f"{pool.started:,}")
-    table.add_row("time", f"{elapsed:.1f} s ({revealed / elapsed if elapsed else 0:.0f} tokens/s)")
+    for check, value in verdict.rows:
+        table.add_row(check, value)
     console.print(table)
     console.print(
-        "OK: every token revealed once" if ok else "FAILED: not every token was revealed once"
+        "OK: every token revealed once"
+        if verdict.ok
+        else "FAILED: not every token was revealed once"
     )
-    return ok
+    return bool(verdict.ok)

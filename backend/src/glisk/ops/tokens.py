@@ -211,9 +211,45 @@ def _say_which_reveals_are_reconciled(
     ]
 
 
+_TOKEN_REVEALS = f"""
+-- show_reveals: the reveal transactions that carried a token (newest first), each with its
+-- signed attempts. Reads reveal_transactions whole (no index on token_ids but the partial one for
+-- pending reveals): fine for one token at the operator's request.
+SELECT r.id::text, r.status, r.nonce, r.sender, r.tx_hash, r.block_number, r.block_hash,
+       r.idempotency_key, r.created_at,
+       coalesce(jsonb_agg(jsonb_build_object(
+           'tx_hash', a.tx_hash, 'kind', a.kind,
+           'max_fee_gwei', round(a.max_fee_per_gas / 1e9, 9),
+           'tip_gwei', round(a.max_priority_fee_per_gas / 1e9, 9),
+           'broadcasts', a.broadcasts,
+           'age_seconds', round(CAST(extract(epoch FROM {NOW} - a.created_at) AS numeric), 1))
+           ORDER BY a.created_at) FILTER (WHERE a.id IS NOT NULL), '[]')
+FROM reveal_transactions AS r LEFT JOIN reveal_attempts AS a ON a.reveal_id = r.id
+WHERE %(id)s = ANY(r.token_ids)
+GROUP BY r.id
+ORDER BY r.created_at DESC
+"""
+
+
+_REVEAL_FIELDS = (
+    "id",
+    "status",
+    "nonce",
+    "sender",
+    "tx_hash",
+    "block_number",
+    "block_hash",
+    "idempotency_key",
+    "created_at",
+    "attempts",
+)
+
+
 def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] | None:
     """One token as a dict for printing: status, lease (live/expired/none, by the database
-    clock), holder, attempts, deferrals, backoff, checkpoint, error_data (with its history)."""
+    clock), holder, attempts, deferrals, backoff, checkpoint, error_data (with its history), and
+    the reveal transactions that carried it (the keeper's: nonce, key, block, every signed
+    attempt with its fees and sends)."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE token_id = %s".encode(),
@@ -225,4 +261,7 @@ def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] |
     expires = row["lease_expires_at"]
     row["lease"] = "none" if expires is None else ("live" if expires > now else "expired")
     row["status"] = str(row["status"])
+    with conn.cursor() as cur:
+        reveals = cur.execute(_TOKEN_REVEALS.encode(), {"id": row["id"]}).fetchall()
+    row["reveals"] = [dict(zip(_REVEAL_FIELDS, reveal, strict=True)) for reveal in reveals]
     return row
