@@ -347,3 +347,27 @@ async def _keep_mining(chain: Chain) -> None:
     while True:
         await chain.mine()
         await asyncio.sleep(0.05)
+
+
+async def test_the_transaction_that_took_a_nonce_is_found_on_chain_not_guessed_from_receipts(
+    glisk_chain: Chain,
+) -> None:
+    # A node may count a transaction before it serves its receipt: "spent by another" is decided
+    # by finding the transaction that took the nonce, never by a receipt that is missing.
+    for _ in range(3):
+        await glisk_contract.send_and_wait(
+            glisk_chain.w3, glisk_chain.keeper, {"to": glisk_chain.keeper.address}
+        )
+    await glisk_chain.mine(5)
+    keeper = Keeper(glisk_chain.keeper_config())
+    for nonce in range(3):
+        found = await keeper._nonce_taker(nonce)
+        assert found is not None
+        tx_hash, block_number, block_hash = found
+        tx = await glisk_chain.w3.eth.get_transaction(HexBytes(tx_hash))
+        assert (tx.get("nonce"), tx.get("blockNumber"), tx.get("blockHash")) == (
+            nonce,
+            block_number,
+            block_hash,
+        )
+    assert await keeper._nonce_taker(3) is None

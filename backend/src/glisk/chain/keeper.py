@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
@@ -74,6 +74,9 @@ Settled = Literal["confirmed", "failed", "unknown"]
 # Errors of the transport to the node: it did not answer, or not in time. Waiting may cure them.
 TRANSIENT: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncio.TimeoutError)
 GAS_MARGIN = (6, 5)  # gas limit = estimate * 6/5
+# Seconds the chain's count may be past a nonce while no receipt of ours shows before the keeper
+# asks the chain which transaction took it (nodes count a transaction before serving its receipt).
+SPENT_GRACE = 1.0
 FILLER_GAS = 21_000
 
 
@@ -123,6 +126,8 @@ class Keeper:
         self.nonces = NonceAllocator(self.w3, config.chain_id, self.sender)
         self.after_send = after_send
         self.sends = 0  # eth_sendRawTransaction calls made by this keeper
+        self._last_help = 0.0  # when earlier nonces were last broadcast again
+        self._next_replace: dict[UUID, float] = {}  # a replacement the cap refused: not before
         self._started = False
         self._start_lock = asyncio.Lock()
         self._log = log.bind(sender=self.sender)
@@ -182,7 +187,18 @@ class Keeper:
         refused = await self._broadcast(signed)
         if self.after_send is not None:
             await self.after_send()
-        state, tx_hash = await self._settle(reveal_id, batch, filler_now=refused == "other")
+        recorded = Reveal(
+            reveal_id,
+            "pending",
+            self.config.chain_id,
+            self.sender,
+            signed.nonce,
+            signed.tx_hash,
+            [ledger.Attempt(signed, age=0.0, since_broadcast=0.0)],
+        )
+        state, tx_hash = await self._settle(
+            reveal_id, batch, filler_now=refused == "other", known=recorded
+        )
         if state == "confirmed":
             results.update({claim.token_uuid: tx_hash for claim in batch})
             return results
@@ -351,16 +367,18 @@ class Keeper:
         *,
         rebroadcast_now: bool = False,
         filler_now: bool = False,
+        known: Reveal | None = None,
     ) -> tuple[Settled, str]:
         """Watch the reveal's nonce until it is confirmed (by one of its reveal attempts),
         failed (reverted, or spent by a filler or a transaction not recorded here) or ``wait``
         has passed (unknown); with the hash that settled it (or the newest one). Replaces,
-        rebroadcasts and fills as the module docstring says."""
+        rebroadcasts and fills as the module docstring says. ``known``: the reveal as just
+        recorded, which spares reading it back the first time round."""
         deadline = time.monotonic() + self.config.wait
-        last_help = 0.0
-        next_replace = 0.0  # after a replacement the cap refused, try again only this late
+        spent_since: float | None = None  # the count passed the nonce with no receipt of ours
         while True:
-            reveal = await ledger.load(reveal_id)
+            reveal = known or await ledger.load(reveal_id)
+            known = None
             if reveal is None or not reveal.attempts or reveal.nonce is None:
                 raise ChainError(f"reveal {reveal_id} has no signed transaction recorded")
             if reveal.status != "pending":  # settled by another worker meanwhile
@@ -374,32 +392,55 @@ class Keeper:
             else:
                 count = int(await self.w3.eth.get_transaction_count(self.config.account.address))
                 if count > reveal.nonce:
-                    if await self._spent_by_another(reveal):
+                    # Usually our own receipt is a moment behind the count: look again for
+                    # SPENT_GRACE before asking the chain which transaction took the nonce.
+                    spent_since = spent_since or time.monotonic()
+                    if time.monotonic() - spent_since >= SPENT_GRACE and (
+                        await self._spent_by_another(reveal)
+                    ):
                         self._log.warning(
                             "keeper.nonce_spent_elsewhere",
                             reveal=str(reveal_id),
                             nonce=reveal.nonce,
                         )
                         return "failed", latest.signed.tx_hash
-                elif count < reveal.nonce:  # waiting behind earlier nonces: help them along
-                    if time.monotonic() - last_help >= self.config.rebroadcast_every:
-                        last_help = time.monotonic()
-                        await self._rebroadcast_blocking(count, reveal.nonce)
-                elif filler_now or (
-                    latest.signed.kind == "reveal"
-                    and latest.age >= self.config.stuck_after
-                    and time.monotonic() >= next_replace
-                ):
-                    if not await self._replace(reveal, claims, filler=filler_now):
-                        next_replace = time.monotonic() + self.config.stuck_after
-                    filler_now = False
-                elif rebroadcast_now or latest.since_broadcast >= self.config.rebroadcast_every:
-                    rebroadcast_now = False
-                    refused = await self._broadcast(latest.signed)
-                    filler_now = refused == "other" and latest.signed.kind == "reveal"
+                else:
+                    spent_since = None
+                    await self._unstick(reveal, claims, count, filler_now, rebroadcast_now)
+                    filler_now = rebroadcast_now = False
             if time.monotonic() >= deadline:
                 return "unknown", latest.signed.tx_hash
             await asyncio.sleep(self.config.poll)
+
+    async def _unstick(
+        self,
+        reveal: Reveal,
+        claims: Sequence[Claim],
+        count: int,
+        filler_now: bool,
+        rebroadcast_now: bool,
+    ) -> None:
+        """Nothing of ours mined and the nonce not spent: help the earlier nonces it waits
+        behind (their newest bytes again), or, next in line, fill it, replace it when stuck, or
+        broadcast it again when due. Remembers when the cap refused a replacement."""
+        assert reveal.nonce is not None
+        latest = reveal.latest
+        now = time.monotonic()
+        if count < reveal.nonce:
+            if now - self._last_help >= self.config.rebroadcast_every:
+                self._last_help = now
+                await self._rebroadcast_blocking(count, reveal.nonce)
+        elif filler_now or (
+            latest.signed.kind == "reveal"
+            and latest.age >= self.config.stuck_after
+            and now >= self._next_replace.get(reveal.id, 0.0)
+        ):
+            if not await self._replace(reveal, claims, filler=filler_now):
+                self._next_replace[reveal.id] = now + self.config.stuck_after
+        elif rebroadcast_now or latest.since_broadcast >= self.config.rebroadcast_every:
+            refused = await self._broadcast(latest.signed)
+            if refused == "other" and latest.signed.kind == "reveal":
+                await self._replace(reveal, claims, filler=True)  # refused for good: fill it
 
     async def _receipt(self, reveal: Reveal) -> _Mined | None:
         """A receipt under any of the reveal's hashes, newest attempt first."""
@@ -445,17 +486,46 @@ class Keeper:
         return bytes(block.get("hash") or b"") == bytes(block_hash)
 
     async def _spent_by_another(self, reveal: Reveal) -> bool:
-        """The chain's count is past the reveal's nonce and none of its attempts had a receipt:
-        whether that holds ``confirmations`` deep and still holds when the receipts are looked
-        up again (one of ours may have been mined between the two calls)."""
+        """The chain's count is past the reveal's nonce and none of its attempts had a receipt.
+        A missing receipt proves nothing (a node may count a transaction before it serves its
+        receipt; behind a load balancer, two calls may reach two nodes), so the chain is asked
+        which transaction took the nonce: the first block where the sender's count passes it,
+        searched by bisection, and that block's transaction with this sender and nonce. Spent by
+        another only if that transaction is none of the reveal's attempts and its block is
+        ``confirmations`` deep and still canonical."""
         assert reveal.nonce is not None
-        depth = self.config.confirmations - 1
-        if depth:
-            at = max(0, int(await self.w3.eth.block_number) - depth)
-            count = await self.w3.eth.get_transaction_count(self.config.account.address, at)
-            if int(count) <= reveal.nonce:
-                return False
-        return await self._receipt(reveal) is None
+        taker = await self._nonce_taker(reveal.nonce)
+        if taker is None:
+            return False
+        tx_hash, block_number, block_hash = taker
+        if tx_hash in {a.signed.tx_hash for a in reveal.attempts}:
+            return False  # ours: its receipt will show
+        return await self._confirmed(block_number, block_hash)
+
+    async def _nonce_taker(self, nonce: int) -> tuple[str, int, bytes] | None:
+        """The transaction from the keeper's address with ``nonce`` on the canonical chain, as
+        (hash, block number, block hash); None if the chain has not got it (any more)."""
+        address = self.config.account.address
+        high = int(await self.w3.eth.block_number)
+        if int(await self.w3.eth.get_transaction_count(address, high)) <= nonce:
+            return None
+        low = 0  # invariant: count at ``high`` > nonce; at ``low - 1`` <= nonce
+        while low < high:
+            middle = (low + high) // 2
+            if int(await self.w3.eth.get_transaction_count(address, middle)) > nonce:
+                high = middle
+            else:
+                low = middle + 1
+        block = await self.w3.eth.get_block(high, full_transactions=True)
+        for tx in block.get("transactions", []):
+            if (
+                isinstance(tx, Mapping)
+                and str(tx.get("from", "")).lower() == self.sender
+                and int(tx.get("nonce", -1)) == nonce
+            ):
+                tx_hash = HexBytes(tx.get("hash", b"")).to_0x_hex().lower()
+                return tx_hash, high, bytes(block.get("hash") or b"")
+        return None  # the chain moved under the search (a reorg): look again later
 
     async def _rebroadcast_blocking(self, start_at: int, below: int) -> None:
         """Send again the newest signed bytes of the earlier nonces this one waits behind."""

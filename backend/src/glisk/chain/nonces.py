@@ -42,12 +42,16 @@ class NonceAllocator:
         self.w3 = w3
         self.chain_id = chain_id
         self.address = address.lower()
+        # The allocator as this process last saw it: the first guess at the next nonce (right
+        # unless another worker took some meanwhile; keeper_record says so and what it is now).
+        self._guess: int | None = None
 
     async def start(self) -> list[int]:
         """Reconcile the allocator with the chain's confirmed count; the gaps to fill."""
         checksum = AsyncWeb3.to_checksum_address(self.address)
         confirmed = int(await self.w3.eth.get_transaction_count(checksum, "latest"))
         before, after, pending, lowest = await ledger.start(self.chain_id, self.address, confirmed)
+        self._guess = after
         held = await ledger.held_nonces(self.chain_id, self.address, confirmed)
         gaps = [n for n in range(confirmed, after) if n not in held]
         if gaps:  # a reveal may have been mined and completed meanwhile: ask the chain again
@@ -81,7 +85,9 @@ class NonceAllocator:
         statement that takes the nonce; again with the next one if another worker took it.
         Returns what was recorded. Raises LeaseLost (a claim is gone: nothing recorded, send
         nothing), RevealInFlight (a token is in a pending reveal), RetryLater (contention)."""
-        nonce = await ledger.next_nonce(self.chain_id, self.address)
+        nonce = self._guess
+        if nonce is None:
+            nonce = await ledger.next_nonce(self.chain_id, self.address)
         if nonce is None:
             raise RetryLater(0.0, "the nonce allocator is not started")
         for _ in range(MAX_TRIES):
@@ -97,6 +103,7 @@ class NonceAllocator:
             if not recording.live:
                 raise LeaseLost("the batch's claims are no longer all live; nothing was recorded")
             if recording.reveal_id is not None:
+                self._guess = nonce + 1
                 return signed, recording.reveal_id
             if recording.restored or recording.key_taken:
                 raise RevealInFlight(
@@ -107,5 +114,5 @@ class NonceAllocator:
                 )
             if recording.allocator is None:
                 raise RetryLater(0.0, "the nonce allocator is not started")
-            nonce = recording.allocator  # another worker took ours: the next one
+            nonce = self._guess = recording.allocator  # another worker took ours: the next one
         raise RetryLater(0.0, f"the nonce allocator was taken {MAX_TRIES} times in a row")
