@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
 
+import aiohttp
 import structlog
 from eth_account.signers.local import LocalAccount
 from eth_account.typed_transactions.typed_transaction import TypedTransaction
@@ -72,7 +73,12 @@ log = structlog.get_logger("glisk.keeper")
 
 Settled = Literal["confirmed", "failed", "unknown"]
 # Errors of the transport to the node: it did not answer, or not in time. Waiting may cure them.
-TRANSIENT: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncio.TimeoutError)
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    aiohttp.ClientError,
+)
 GAS_MARGIN = (6, 5)  # gas limit = estimate * 6/5
 # Seconds the chain's count may be past a nonce while no receipt of ours shows before the keeper
 # asks the chain which transaction took it (nodes count a transaction before serving its receipt).

@@ -81,7 +81,9 @@ RECORD = f"""
 --       was signed with (else another worker took it: sign again with the next one);
 --   (3) no token of the batch is in another pending reveal (a transaction in flight: each such
 --       token's checkpoint is pointed back at it instead, for the next claim to reconcile);
---   (4) no reveal has this idempotency key yet.
+--   (4) no reveal has this idempotency key yet (else the tokens are pointed at that one, which
+--       the next claim reconciles too: confirmed, they complete with it; failed, the next key
+--       names it and differs).
 -- Writes: the allocator moves to nonce + 1; a pending reveal_transactions row; its first attempt
 -- (signed bytes, hash, fees); each token's checkpoint pointing at the row.
 -- Returns one row: live, allocator's next nonce (before), reveal id (NULL: nothing recorded),
@@ -92,6 +94,10 @@ in_flight AS MATERIALIZED (
     SELECT r.id, r.tx_hash, r.token_ids, r.nonce, r.sender
     FROM reveal_transactions AS r, everyone
     WHERE r.status = 'pending' AND r.token_ids && everyone.token_ids
+    UNION  -- a reveal of this very batch (same key: same tokens), whatever became of it
+    SELECT r.id, r.tx_hash, r.token_ids, r.nonce, r.sender
+    FROM reveal_transactions AS r
+    WHERE r.idempotency_key = %(key)s
 ),
 key_taken AS MATERIALIZED (
     SELECT EXISTS (SELECT 1 FROM reveal_transactions WHERE idempotency_key = %(key)s) AS taken
@@ -105,9 +111,9 @@ allocator AS MATERIALIZED (
 allocated AS (
     UPDATE keeper_nonces AS k
     SET next_nonce = k.next_nonce + 1, updated_at = {NOW}
-    FROM everyone, key_taken
+    FROM everyone
     WHERE k.chain_id = %(chain_id)s AND k.address = %(sender)s AND k.next_nonce = %(nonce)s
-      AND everyone.live AND NOT key_taken.taken AND NOT EXISTS (SELECT 1 FROM in_flight)
+      AND everyone.live AND NOT EXISTS (SELECT 1 FROM in_flight)
     RETURNING k.next_nonce
 ),
 reveal AS (
