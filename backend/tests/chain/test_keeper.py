@@ -149,7 +149,10 @@ async def test_a_stuck_transaction_is_replaced_at_its_nonce_and_only_one_of_the_
             )
         )
 
-    await eventually(lambda: _count(attempts(), 2), 20, "a replacement recorded")
+    async def sent() -> list[Any]:
+        return list(await _rows(uow_factory, "SELECT 1 FROM reveal_attempts WHERE broadcasts > 0"))
+
+    await eventually(lambda: _count(sent(), 2), 20, "a replacement recorded and sent")
     await glisk_chain.mine()
     await asyncio.wait_for(run, 30)
     (first, first_fee, first_tip), (_, second_fee, second_tip), *_ = await attempts()
@@ -174,7 +177,10 @@ async def test_a_dropped_transaction_is_broadcast_again_with_the_same_bytes(
     async def sent() -> list[Any]:
         return list(await _rows(uow_factory, "SELECT tx_hash, broadcasts FROM reveal_attempts"))
 
-    await eventually(lambda: _count(sent(), 1), 20, "the reveal sent")
+    async def broadcast() -> list[Any]:
+        return list(await _rows(uow_factory, "SELECT 1 FROM reveal_attempts WHERE broadcasts > 0"))
+
+    await eventually(lambda: _count(broadcast(), 1), 20, "the reveal sent")
     ((tx_hash, _),) = await sent()
     assert await glisk_chain.rpc("anvil_dropTransaction", [tx_hash]) is not None
     assert (await glisk_chain.rpc("txpool_status"))["pending"] == "0x0"
