@@ -24,6 +24,7 @@ COMMANDS = {
             "window": 20.0,
         },
     ),
+    "reveal": ("chain", {"tokens": 1000, "batches": "50", "workers": "1,2", "block_time": 0.0}),
 }
 
 parser = argparse.ArgumentParser("python -m bench", description=__doc__)

@@ -10,11 +10,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from glisk import migrations
+from glisk.chain.anvil import Anvil
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.timezone import enforce_utc
 from glisk.models import metadata
 from glisk.uow import UnitOfWorkFactory, create_uow_factory
-from tests.support.database import Database, pooler_for, provide_database
+from tests.support.chain import Chain, deployed
+from tests.support.database import (
+    Database,
+    pooler_for,
+    provide_database,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,3 +87,17 @@ async def uow_factory(session_factory: async_sessionmaker[AsyncSession]) -> Unit
     """The same factory the app's request dependency uses, on emptied tables."""
     await _empty_tables(session_factory)
     return create_uow_factory(session_factory)
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[Anvil]:
+    """One anvil node (automine) for the test module; ``glisk_chain`` isolates each test."""
+    with Anvil() as node:
+        yield node
+
+
+@pytest.fixture
+async def glisk_chain(anvil: Anvil) -> AsyncIterator[Chain]:
+    """A fresh GLISK contract on the module's anvil (tests/support/chain.py), undone after."""
+    async with deployed(anvil) as chain:
+        yield chain

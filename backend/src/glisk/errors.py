@@ -5,7 +5,8 @@
     │   ├── ConfigError          a setting breaks its rule (also a ValueError); exit 2
     │   │   └── HandlerError     `glisk worker --handler` names nothing usable
     │   ├── DatabaseUnavailableError   the database cannot be reached at start-up
-    │   └── EmbeddedPostgresError      the embedded server cannot be found or started
+    │   ├── EmbeddedPostgresError      the embedded server cannot be found or started
+    │   └── AnvilError           the anvil node cannot be found, started or reached
     ├── FieldValidationError     a value breaks a model rule; names the field and the rule
     ├── InvalidStateTransition   the token state machine refused a status change
     ├── MintConflict             a mint log claims token ids another log already minted
@@ -14,11 +15,13 @@
     │   │   ├── UniqueViolation, ForeignKeyViolation, CheckViolation, NotNullViolation
     │   └── DatabaseTimeout      a worker's statement did not answer within its bound
     ├── PermanentError, RetryLater   what a stage handler raises to steer its token
-    │   └── CIDMismatch          (a PermanentError) a pin came back under another CID
+    │   ├── CIDMismatch          (a PermanentError) a pin came back under another CID
+    │   └── (RetryLater) FeeAboveCap, RevealInFlight, NodeUnavailable   the reveal keeper waits
     ├── ServiceError             a paid service failed a request (glisk.services)
     │   ├── ServiceRateLimited, ServiceUnavailable, ServiceRefused
     ├── LeaseLost                a checkpoint was refused: the claim is no longer held
-    └── ChainError, InvalidTransaction, RevealNotConfirmed   the stand-ins (glisk.standins)
+    └── ChainError               the reveal keeper's dealings with the chain (glisk.chain)
+        └── RevealFailed         a reveal reverted or its nonce went to another transaction
 
 Driver errors are translated once, where glisk meets the driver: SQLAlchemy engines made by
 ``glisk.core.database`` (``glisk.core.db_errors``) and the worker runtime's connections
@@ -83,6 +86,10 @@ class HandlerError(ConfigError):
 
 class DatabaseUnavailableError(OperatorError):
     """The database could not be reached at start-up; names the cause and the masked URL."""
+
+
+class AnvilError(OperatorError, RuntimeError):
+    """The anvil node (glisk.chain.anvil) cannot be found, started, or answered an error."""
 
 
 class EmbeddedPostgresError(OperatorError, RuntimeError):
@@ -309,6 +316,31 @@ class RetryLater(GliskError):
             raise FieldValidationError("seconds", "must be >= 0", seconds)
         super().__init__(reason or f"retry in {seconds:g} s")
         self.seconds = float(seconds)
+
+
+class ChainError(GliskError):
+    """The chain refused what the reveal keeper asked, in a way waiting cannot cure (a call that
+    would revert for another reason than a token already revealed)."""
+
+
+class RevealFailed(ChainError):
+    """A reveal transaction can never reveal its tokens: it reverted, or its nonce went to
+    another transaction (a filler). The batch's tokens are free to go into a new transaction."""
+
+
+class FeeAboveCap(RetryLater):
+    """The next block's base fee plus the tip exceeds REVEAL_MAX_GAS_PRICE_GWEI: the batch waits
+    rather than overpays."""
+
+
+class RevealInFlight(RetryLater):
+    """A token of the batch is in a reveal transaction still pending (its checkpoint had lost the
+    pointer, now restored): the next claim reconciles that transaction, nothing new is sent."""
+
+
+class NodeUnavailable(RetryLater):
+    """The chain node did not answer (or not in time): the batch comes back later, no attempt
+    spent."""
 
 
 class LeaseLost(GliskError):

@@ -34,6 +34,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             "GLISK_PG_DATA",
             "GLISK_PG_BINDIR",
             "GLISK_PG_TCP",
+            "CHAIN_RPC_URL",
+            "CHAIN_ID",
+            "GLISK_CONTRACT_ADDRESS",
+            "KEEPER_PRIVATE_KEY",
+            "KEEPER_PRIVATE_KEY_FILE",
+            "REVEAL_CONFIRMATIONS",
+            "REVEAL_MAX_GAS_PRICE_GWEI",
         }:
             monkeypatch.delenv(name)
 
@@ -283,6 +290,9 @@ def test_db_require_auth_relaxes_the_requirement_and_refuses_what_libpq_would_no
             load_settings(os.devnull)
 
 
+KEY = "0x" + "4c" * 32  # a throwaway key, for the settings only
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
@@ -295,6 +305,12 @@ def test_db_require_auth_relaxes_the_requirement_and_refuses_what_libpq_would_no
             "postgresql://u:p@h:notaport/db",
             "DATABASE_URL: the port must be a number from 1 to 65535 (got 'notaport')",
         ),
+        ("CHAIN_RPC_URL", "ws://node:8546", "CHAIN_RPC_URL: must be an http:// or https:// URL"),
+        ("CHAIN_ID", "0", "CHAIN_ID: Input should be greater than or equal to 1"),
+        ("GLISK_CONTRACT_ADDRESS", "0x1234", "GLISK_CONTRACT_ADDRESS: must be 0x followed by 40"),
+        ("REVEAL_CONFIRMATIONS", "0", "REVEAL_CONFIRMATIONS: Input should be greater than"),
+        ("REVEAL_MAX_GAS_PRICE_GWEI", "-1", "REVEAL_MAX_GAS_PRICE_GWEI: Input should be greater"),
+        ("REVEAL_STUCK_SECONDS", "0", "REVEAL_STUCK_SECONDS: Input should be greater than 0"),
     ],
 )
 def test_values_that_used_to_pass_silently_are_refused_naming_the_variable(
@@ -336,3 +352,49 @@ def test_api_docs_are_on_in_development_and_off_in_production_unless_set(
 )
 def test_masked_url_hides_every_credential_form(url: str, shown: str) -> None:
     assert masked_url(url) == shown
+
+
+def test_a_malformed_keeper_key_is_refused_without_repeating_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    almost = KEY[:-1] + "z"
+    monkeypatch.setenv("KEEPER_PRIVATE_KEY", almost)
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    assert "KEEPER_PRIVATE_KEY: must be 64 hex digits" in str(info.value)
+    assert almost[2:20] not in str(info.value)
+
+
+def test_the_keeper_key_never_shows_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEEPER_PRIVATE_KEY", KEY)
+    settings = load_settings(os.devnull)
+    assert KEY[2:] not in repr(settings) and KEY[2:] not in str(settings.model_dump())
+    assert settings.keeper_key().get_secret_value() == KEY
+
+
+def test_a_key_file_others_may_read_is_refused_and_a_private_one_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "keeper.key"
+    key_file.write_text(KEY + "\n")
+    key_file.chmod(0o644)
+    monkeypatch.setenv("KEEPER_PRIVATE_KEY_FILE", str(key_file))
+    with pytest.raises(ConfigError) as info:
+        load_settings(os.devnull)
+    assert (
+        "KEEPER_PRIVATE_KEY_FILE: must be readable by its owner only (chmod 600; it is 0644)"
+        in (str(info.value))
+    )
+    key_file.chmod(0o600)
+    assert load_settings(os.devnull).keeper_key().get_secret_value() == KEY
+    monkeypatch.setenv("KEEPER_PRIVATE_KEY", KEY)
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings(os.devnull)
+
+
+def test_confirmations_default_by_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    for chain_id, expected in (("8453", 1), ("1", 12), ("31337", 1), ("10", 12)):
+        monkeypatch.setenv("CHAIN_ID", chain_id)
+        assert load_settings(os.devnull).confirmations == expected
+    monkeypatch.setenv("REVEAL_CONFIRMATIONS", "3")
+    assert load_settings(os.devnull).confirmations == 3

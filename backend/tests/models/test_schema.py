@@ -92,6 +92,33 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "status": ("character varying", False, 50),
         "created_at": ("timestamp without time zone", False, None),
         "confirmed_at": ("timestamp without time zone", True, None),
+        # 0007: the keeper
+        "chain_id": ("bigint", True, None),
+        "sender": ("character varying", True, 42),
+        "nonce": ("bigint", True, None),
+        "idempotency_key": ("character varying", True, 66),
+        "block_hash": ("character varying", True, 66),
+    },
+    "reveal_attempts": {
+        "id": ("uuid", False, None),
+        "reveal_id": ("uuid", True, None),
+        "tx_hash": ("character varying", False, 66),
+        "kind": ("character varying", False, 50),
+        "sender": ("character varying", False, 42),
+        "nonce": ("bigint", False, None),
+        "raw": ("bytea", False, None),
+        "gas_limit": ("bigint", False, None),
+        "max_fee_per_gas": ("numeric", False, None),
+        "max_priority_fee_per_gas": ("numeric", False, None),
+        "broadcasts": ("integer", False, None),
+        "created_at": ("timestamp without time zone", False, None),
+        "last_broadcast_at": ("timestamp without time zone", True, None),
+    },
+    "keeper_nonces": {
+        "chain_id": ("bigint", False, None),
+        "address": ("character varying", False, 42),
+        "next_nonce": ("bigint", False, None),
+        "updated_at": ("timestamp without time zone", False, None),
     },
     "system_state": {
         "key": ("character varying", False, 255),
@@ -119,6 +146,12 @@ EXPECTED_INDEXES = {
     "ix_tokens_s0_claim_upload": "(mint_timestamp, id) WHERE ((image_path IS NOT NULL) AND ((status = 'generating'::token_status_enum) OR ((status = 'uploading'::token_status_enum) AND (claimed_by IS NOT NULL))))",
     "ix_tokens_s0_claim_reveal": "(mint_timestamp, id) WHERE (status = 'ready'::token_status_enum)",
     "ix_tokens_s0_claim_id": "(claim_id) WHERE (claim_id IS NOT NULL)",
+    "uq_reveal_transactions_idempotency_key": "UNIQUE INDEX uq_reveal_transactions_idempotency_key ON public.reveal_transactions USING btree (idempotency_key)",
+    "uq_reveal_transactions_chain_id_sender_nonce": "(chain_id, sender, nonce)",
+    "ix_reveal_transactions_pending_token_ids": "USING gin (token_ids) WHERE ((status)::text = 'pending'::text)",
+    "uq_reveal_attempts_tx_hash": "(tx_hash)",
+    "ix_reveal_attempts_reveal_id": "(reveal_id)",
+    "ix_reveal_attempts_sender_nonce": "(sender, nonce)",
 }
 
 
@@ -194,6 +227,7 @@ def test_foreign_keys_restrict_authors_and_cascade_token_children(
     assert sorted(rows) == [
         ("image_generation_jobs", "token_id", "tokens_s0", "CASCADE"),
         ("ipfs_upload_records", "token_id", "tokens_s0", "CASCADE"),
+        ("reveal_attempts", "reveal_id", "reveal_transactions", "CASCADE"),
         ("tokens_s0", "author_id", "authors", "RESTRICT"),
     ]
 

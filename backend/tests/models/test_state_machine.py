@@ -151,6 +151,20 @@ def test_retry_goes_to_what_the_failed_stage_claims_from_and_resets_the_attempts
     assert token.error_data == {"history": [{**(error_data or {}), "retried_to": target.value}]}
 
 
+def test_a_reveal_retry_keeps_the_pointer_at_a_transaction_that_may_still_be_mined() -> None:
+    reveal = {"id": str(uuid.uuid4()), "tx_hash": "0x" + "ab" * 32, "data": {"nonce": 4}}
+    token = factories.token(
+        uuid.uuid4(),
+        status=S.FAILED,
+        image_path="/i.png",
+        metadata_cid="bafy",
+        error_data={"stage": "reveal", "reason": "max_attempts_exceeded"},
+        checkpoint={"reveal": reveal, "step": "sent"},
+    )
+    assert token.retry_from_failed() == S.READY
+    assert token.checkpoint == {"reveal": reveal}  # the reveal worker reconciles it first
+
+
 def test_failing_a_retried_token_again_keeps_its_history() -> None:
     token = factories.token(uuid.uuid4(), status=S.FAILED, error_data={"reason": "first"})
     token.retry_from_failed()

@@ -1,4 +1,5 @@
-"""``glisk demo`` end to end: worker processes, the fake chain, workers killed at random."""
+"""``glisk demo`` end to end: worker processes, anvil and the real keeper, workers killed at
+random, the verification read from the chain."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_demo_with_chaos_reveals_every_token_exactly_once_and_exits_zero() -> No
     lines = result.stdout.splitlines()
     assert any("predictions created per token" in line and "1.00" in line for line in lines)
     assert any("in exactly one confirmed transaction" in line and "200" in line for line in lines)
+    assert any("chain and database disagree" in line and line.rstrip("│ ").endswith("0")
+               for line in lines)  # fmt: skip
     [killed] = [line for line in lines if "workers killed (chaos)" in line]
     assert int(killed.strip("│ ").split("│")[-1].strip().replace(",", "")) > 0
 

@@ -1,1 +1,1 @@
-"""Tests of glisk.standins: the fake chain and the fake mint feed."""
+"""Tests of glisk.standins: the fake mint feed."""

@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import text
 
 from glisk.models import RevealStatus, TokenStatus
+from glisk.ops.tokens import RetryFilter, retry_failed
 from glisk.pipeline import STAGES, StageName
+from glisk.testing import connect
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import (
     Claim,
@@ -23,7 +25,7 @@ from glisk.workers import (
     checkpoint,
     record_reveal,
 )
-from glisk.workers.run import connect_options_of
+from glisk.workers.run import connect_options_of, database_url_of
 from tests.support.factories import expire_leases, make_ready, seed_tokens
 
 S = TokenStatus
@@ -167,7 +169,7 @@ async def test_a_workers_completion_and_final_failure_clear_the_checkpoint_and_a
 
 class Chain:
     """An in-process chain for these focused tests: a signed transaction is its nonce and
-    payload; each nonce is mined at most once (the shared stand-in lives in glisk.standins)."""
+    payload; each nonce is mined at most once (the real one, anvil, is in tests/chain)."""
 
     def __init__(self) -> None:
         self.mined: dict[int, str] = {}  # nonce -> tx hash
@@ -175,6 +177,11 @@ class Chain:
         self.payloads: dict[str, list[int]] = {}
         self.next_nonce = 0
         self.hold = False  # received but not mined yet (a slow chain)
+        self.down = False  # the node does not answer reconciles
+
+    def mine(self, tx_hash: str) -> None:
+        """The node mines a transaction it received earlier (the first one signed: nonce 0)."""
+        self.mined.setdefault(list(self.payloads).index(tx_hash), tx_hash)
 
     def sign(self, token_ids: list[int]) -> tuple[str, int]:
         nonce = self.next_nonce
@@ -212,6 +219,8 @@ class Revealer:
         return tx_hash
 
     async def reconcile(self, pending: PendingReveal) -> RevealState:
+        if self.chain.down:
+            raise ConnectionError("the node does not answer")
         nonce = int(pending.data["nonce"])
         self.chain.send(pending.tx_hash, nonce)  # rebroadcast the recorded transaction: safe
         return self.chain.state(pending.tx_hash, nonce)
@@ -321,3 +330,124 @@ async def test_a_batch_handler_may_return_one_result_per_token(
         _worker(uow_factory, per_token, max_attempts=1).run(exit_when_idle=True), 10
     )
     assert (stats.completed, stats.failed) == (2, 1)
+
+
+# -- a token whose last transaction may still be mined is never put in a new one -------------
+
+
+async def _reveal_tokens_with(
+    uow_factory: UnitOfWorkFactory, ids: list[uuid.UUID], tx_hash: str
+) -> None:
+    for token in ids:
+        assert await _column(uow_factory, "status::text", token) == "revealed"
+        assert await _column(uow_factory, "reveal_tx_hash", token) == tx_hash
+
+
+def _retry_reveal_stage(uow_factory: UnitOfWorkFactory) -> list[Any]:
+    with connect(database_url_of(uow_factory)) as conn:
+        return retry_failed(conn, RetryFilter(stage="reveal")).moved
+
+
+async def test_tokens_out_of_attempts_whose_recorded_reveal_was_mined_complete_with_it(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 4)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    await _record_then_crash(uow_factory, chain, 4)  # attempt 1: recorded (and, say, sent)
+    (tx_hash,) = chain.payloads
+    for rescuer in ("rescuer-2", "rescuer-3"):  # two rescuers die while reconciling
+        async with uow_factory() as uow:
+            claimed = await uow.leases.claim(REVEAL, rescuer, batch=4, lease_seconds=60,
+                                             max_attempts=3)  # fmt: skip
+        assert len(claimed.claims) == 4
+        await expire_leases(uow_factory, *ids)
+    chain.mine(tx_hash)  # meanwhile the holder's transaction is mined
+
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain), max_attempts=3).run(exit_when_idle=True), 10
+    )
+    assert (stats.exhausted, stats.completed) == (0, 4), "failed a token whose reveal was mined"
+    await _reveal_tokens_with(uow_factory, ids, tx_hash)
+    assert list(chain.payloads) == [tx_hash], "a second transaction was signed"
+    assert await _reveal_rows(uow_factory) == [(tx_hash, "confirmed")]
+
+
+async def test_tokens_out_of_attempts_whose_reveal_can_never_be_mined_fail_then(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 2)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    await _record_then_crash(uow_factory, chain, 2)
+    async with uow_factory() as uow:
+        await uow.session.execute(text("UPDATE tokens_s0 SET attempts = 3"))
+    chain.mined[0] = "0x" + "e" * 64  # its nonce went to another transaction
+
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain), max_attempts=3).run(exit_when_idle=True), 10
+    )
+    assert (stats.completed, stats.failed) == (0, 2)
+    for token in ids:
+        assert await _column(uow_factory, "status::text", token) == "failed"
+        error = await _column(uow_factory, "error_data", token)
+        assert error["reason"] == "max_attempts_exceeded"
+        assert await _column(uow_factory, "checkpoint", token) is None  # settled: nothing to keep
+    assert [s for _, s in await _reveal_rows(uow_factory)] == ["failed"]
+
+
+async def test_a_reveal_unresolved_keeps_its_pointer_and_the_retry_completes_it_once_mined(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 3)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    chain.hold = True  # mining stalls past max_deferrals
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain), max_deferrals=2).run(exit_when_idle=True), 10
+    )
+    assert stats.completed == 0
+    (tx_hash,) = chain.payloads
+    for token in ids:
+        assert await _column(uow_factory, "status::text", token) == "failed"
+        pointer = (await _column(uow_factory, "checkpoint", token))["reveal"]
+        assert pointer["tx_hash"] == tx_hash, "the failure forgot a transaction that may be mined"
+    chain.mine(tx_hash)  # a minute later
+
+    moved = _retry_reveal_stage(uow_factory)
+    assert [m.reveal for m in moved] == [(tx_hash, "pending")] * 3  # and the command says so
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain)).run(exit_when_idle=True), 10
+    )
+    assert stats.completed == 3
+    await _reveal_tokens_with(uow_factory, ids, tx_hash)
+    assert list(chain.payloads) == [tx_hash], "the retry sent a second transaction"
+
+
+async def test_an_operator_retry_of_exhausted_tokens_reconciles_before_sending(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 2)
+    await make_ready(uow_factory, ids)
+    chain = Chain()
+    await _record_then_crash(uow_factory, chain, 2)
+    (tx_hash,) = chain.payloads
+    chain.down = True  # every reconcile fails: the attempts run out
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain), max_attempts=3).run(exit_when_idle=True), 10
+    )
+    assert stats.completed == 0
+    for token in ids:
+        error = await _column(uow_factory, "error_data", token)
+        assert error["reason"] == "max_attempts_exceeded"
+        assert (await _column(uow_factory, "checkpoint", token))["reveal"]["tx_hash"] == tx_hash
+    chain.down = False
+    chain.mine(tx_hash)
+
+    assert [m.reveal for m in _retry_reveal_stage(uow_factory)] == [(tx_hash, "pending")] * 2
+    stats = await asyncio.wait_for(
+        _worker(uow_factory, Revealer(chain)).run(exit_when_idle=True), 10
+    )
+    assert stats.completed == 2
+    await _reveal_tokens_with(uow_factory, ids, tx_hash)
+    assert list(chain.payloads) == [tx_hash], "the retry sent a second transaction"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -66,6 +68,13 @@ APPLICATION_NAMES: dict[Role, str] = {
     "worker": "glisk-worker",
     "cli": "glisk-cli",
 }
+# Confirmations a reveal waits for when REVEAL_CONFIRMATIONS is unset, by chain id: Base and its
+# testnet finalise on L1 and reorganise rarely and shallowly; Ethereum and its testnets get the
+# customary 12; anvil (31337) none beyond its block. Any other chain: 12.
+DEFAULT_CONFIRMATIONS = {1: 12, 11155111: 12, 17000: 12, 8453: 1, 84532: 1, 31337: 1}
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_PRIVATE_KEY = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+
 # A worker's pool when WORKER_DB_POOL_SIZE is unset: one connection per handler running at once
 # (each completes its token in a short transaction) plus one for claims and one for heartbeats,
 # capped because completions take milliseconds and a handler can wait for a free connection.
@@ -240,6 +249,18 @@ class Settings(BaseSettings):
     pinata_jwt: SecretStr | None = None
     pinata_api_url: str = "https://api.pinata.cloud"
     pinata_http_timeout: float = Field(default=60.0, gt=0, le=600)
+    # The chain: the reveal keeper (glisk.handlers.reveal) reads them all, the mint follower the
+    # first three. The key is never logged, never in argv, never in an error message.
+    chain_rpc_url: str | None = None
+    chain_id: int | None = Field(default=None, ge=1)
+    glisk_contract_address: str | None = None
+    keeper_private_key: SecretStr | None = None
+    keeper_private_key_file: Path | None = None
+    # None: by chain id (DEFAULT_CONFIRMATIONS).
+    reveal_confirmations: int | None = Field(default=None, ge=1, le=1000)
+    reveal_max_gas_price_gwei: Decimal = Field(default=Decimal(50), gt=0, le=100_000)
+    reveal_stuck_seconds: float = Field(default=90.0, gt=0, le=86400)
+    reveal_poll_seconds: float = Field(default=1.0, gt=0, le=60)
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
@@ -262,6 +283,12 @@ class Settings(BaseSettings):
         "api_docs",
         "glisk_pg_data",
         "glisk_pg_bindir",
+        "chain_rpc_url",
+        "chain_id",
+        "glisk_contract_address",
+        "keeper_private_key",
+        "keeper_private_key_file",
+        "reveal_confirmations",
         mode="before",
     )
     @classmethod
@@ -332,6 +359,39 @@ class Settings(BaseSettings):
             "must be 'any' or libpq require_auth methods separated by commas, all or none "
             f"negated with '!' (from {', '.join(sorted(AUTH_METHODS))}; got '{value}')"
         )
+
+    @field_validator("chain_rpc_url")
+    @classmethod
+    def _rpc_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL of an Ethereum JSON-RPC node")
+        return value
+
+    @field_validator("glisk_contract_address")
+    @classmethod
+    def _contract_address(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDRESS.fullmatch(value):
+            raise ValueError("must be 0x followed by 40 hex digits")
+        return value
+
+    @field_validator("keeper_private_key", mode="before")
+    @classmethod
+    def _private_key(cls, value: Any) -> Any:
+        # The message never repeats the value: it is a secret even when malformed.
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is not None and not (isinstance(raw, str) and _PRIVATE_KEY.fullmatch(raw.strip())):
+            raise ValueError("must be 64 hex digits (32 bytes), 0x optional")
+        return raw.strip() if isinstance(raw, str) else raw
+
+    @model_validator(mode="after")
+    def _keeper_key_rules(self) -> Settings:
+        if self.keeper_private_key is not None and self.keeper_private_key_file is not None:
+            raise ValueError(
+                "KEEPER_PRIVATE_KEY and KEEPER_PRIVATE_KEY_FILE are both set: set one of them"
+            )
+        if self.keeper_private_key_file is not None:
+            _check_key_file(self.keeper_private_key_file)
+        return self
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -468,6 +528,36 @@ class Settings(BaseSettings):
             return self.worker_listen
         return self.db_pooler != "transaction"
 
+    @property
+    def confirmations(self) -> int:
+        """REVEAL_CONFIRMATIONS, or the chain's customary depth (DEFAULT_CONFIRMATIONS)."""
+        if self.reveal_confirmations is not None:
+            return self.reveal_confirmations
+        return DEFAULT_CONFIRMATIONS.get(self.chain_id or 0, 12)
+
+    def keeper_key(self) -> SecretStr:
+        """The keeper's private key, from KEEPER_PRIVATE_KEY or the file KEEPER_PRIVATE_KEY_FILE
+        names (checked again: it must still be private). ConfigError naming the variable."""
+        if self.keeper_private_key is not None:
+            return self.keeper_private_key
+        if self.keeper_private_key_file is None:
+            raise ConfigError(
+                "KEEPER_PRIVATE_KEY: required by the reveal keeper (or KEEPER_PRIVATE_KEY_FILE, "
+                "a file readable by its owner only)"
+            )
+        try:
+            _check_key_file(self.keeper_private_key_file)
+            text = self.keeper_private_key_file.read_text().strip()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(f"KEEPER_PRIVATE_KEY_FILE: cannot be read ({exc.strerror})") from None
+        if not _PRIVATE_KEY.fullmatch(text):
+            raise ConfigError(
+                "KEEPER_PRIVATE_KEY_FILE: must hold 64 hex digits (32 bytes), 0x optional"
+            )
+        return SecretStr(text)
+
     def worker_pool_size(self, concurrency: int) -> int:
         """Connections in one worker process's pool: WORKER_DB_POOL_SIZE when set, else
         ``concurrency + 2`` (handlers completing, claims, heartbeats), at most WORKER_POOL_CAP."""
@@ -503,6 +593,23 @@ class Settings(BaseSettings):
         """Pool plus overflow of each API process, with headroom for migrations, psql and worker
         processes."""
         return api_processes * (self.db_pool_size + self.db_max_overflow) + 50
+
+
+def _check_key_file(path: Path) -> None:
+    """A key file must be a regular file of ours that no one else may read or write."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"KEEPER_PRIVATE_KEY_FILE: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("KEEPER_PRIVATE_KEY_FILE: must be a regular file")
+    if info.st_uid != os.geteuid():
+        raise ValueError("KEEPER_PRIVATE_KEY_FILE: must belong to the user running glisk")
+    if info.st_mode & 0o077:
+        raise ValueError(
+            "KEEPER_PRIVATE_KEY_FILE: must be readable by its owner only "
+            f"(chmod 600; it is {stat.S_IMODE(info.st_mode):04o})"
+        )
 
 
 def _format(error: ValidationError) -> str:

@@ -1,4 +1,4 @@
-"""The seven entities, their enums and rules.
+"""The nine entities, their enums and rules.
 
 Entity names (``Token``, ``Author``, ...) and ``metadata`` load every entity module on first use,
 which registers every table on ``metadata``. The light names (the enums; FieldValidationError,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     )
     from glisk.models.image_job import ImageGenerationJob
     from glisk.models.ipfs_record import IPFSUploadRecord
+    from glisk.models.keeper import KeeperNonce, RevealAttempt
     from glisk.models.mint_event import MintEvent, MintLog
     from glisk.models.reveal_tx import RevealTransaction
     from glisk.models.system_state import SystemState
@@ -47,6 +48,8 @@ _ENTITIES = {
     "Author": "author",
     "ImageGenerationJob": "image_job",
     "IPFSUploadRecord": "ipfs_record",
+    "KeeperNonce": "keeper",
+    "RevealAttempt": "keeper",
     "MintEvent": "mint_event",
     "MintLog": "mint_event",
     "RevealTransaction": "reveal_tx",
@@ -65,9 +68,11 @@ __all__ = [
     "ImageJobStatus",
     "ImageService",
     "InvalidStateTransition",
+    "KeeperNonce",
     "MintConflict",
     "MintEvent",
     "MintLog",
+    "RevealAttempt",
     "RevealStatus",
     "RevealTransaction",
     "SystemState",

@@ -3,7 +3,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
 
-from sqlalchemy import CheckConstraint, Column, Integer, Numeric, String
+from sqlalchemy import BigInteger, CheckConstraint, Column, Index, Integer, Numeric, String, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import UUID as PGUUID
 from sqlalchemy.orm import validates
@@ -25,7 +25,10 @@ MAX_BATCH = 50
 class RevealTransaction(Entity, table=True):
     """One on-chain reveal of a batch of 1 to 50 tokens (token_ids are tokens_s0.id values).
 
-    ``sent`` means submitted and awaiting confirmation. tx_hash is stored lowercase.
+    ``sent`` means submitted and awaiting confirmation. tx_hash is stored lowercase. A reveal the
+    keeper sent holds one nonce of (chain_id, sender) for good; its signed transactions are its
+    ``reveal_attempts``, and tx_hash is the one mined once it is. ``idempotency_key`` names the
+    batch (chain, contract, token ids, the reveals they were in before): one reveal per key.
     """
 
     __tablename__ = "reveal_transactions"  # pyright: ignore[reportAssignmentType]
@@ -44,6 +47,21 @@ class RevealTransaction(Entity, table=True):
             "gas_price_gwei IS NULL OR gas_price_gwei >= 0",
             name="gas_price_non_negative",
         ),
+        Index("uq_reveal_transactions_idempotency_key", "idempotency_key", unique=True),
+        Index(
+            "uq_reveal_transactions_chain_id_sender_nonce",
+            "chain_id",
+            "sender",
+            "nonce",
+            unique=True,
+        ),
+        # The keeper's in-flight guard: is any of these tokens in a pending reveal?
+        Index(
+            "ix_reveal_transactions_pending_token_ids",
+            "token_ids",
+            postgresql_using="gin",
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
@@ -61,6 +79,11 @@ class RevealTransaction(Entity, table=True):
     )
     created_at: datetime = created_at_field()
     confirmed_at: datetime | None = optional_timestamp_field()
+    chain_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    sender: str | None = Field(default=None, sa_column=Column(String(42), nullable=True))
+    nonce: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    idempotency_key: str | None = Field(default=None, sa_column=Column(String(66), nullable=True))
+    block_hash: str | None = Field(default=None, sa_column=Column(String(66), nullable=True))
 
     @validates("token_ids")
     def _token_ids(self, key: str, value: Any) -> list[UUID]:

@@ -199,7 +199,10 @@ class Token(Entity, table=True):
         stage whose input the token has: reveal if it has a metadata_cid, upload if it has an
         image_path, image otherwise. The token starts that stage afresh: attempts, deferrals,
         backoff and checkpoint reset, and the stage's result column is cleared (the image stage
-        claims only tokens without an image_path). The previous
+        claims only tokens without an image_path), except a checkpoint's pointer at a reveal
+        transaction (``checkpoint['reveal']``), which is kept: that transaction may still be
+        mined, so the reveal worker reconciles it before it puts the token in a new one
+        (confirmed: the token completes with it). The previous
         failure is appended to ``error_data['history']`` (with ``retried_at`` when ``at`` is
         given) and is the only thing error_data then holds.
 
@@ -248,7 +251,8 @@ class Token(Entity, table=True):
         self.attempts = 0
         self.deferrals = 0
         self.not_before = None
-        self.checkpoint = None
+        reveal = (self.checkpoint or {}).get("reveal")
+        self.checkpoint = {"reveal": reveal} if stage == "reveal" and reveal else None
         self.claim_id = None
         self.lease_expires_at = None
         self.error_data = {"history": history}

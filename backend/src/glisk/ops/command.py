@@ -96,25 +96,34 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
+    from functools import partial
+
     from glisk.ops.status import collect, render
 
     with _connection(settings) as conn:
+        read = partial(
+            collect,
+            conn,
+            exact=args.exact,
+            stuck_after=settings.reveal_stuck_seconds,
+            fee_cap_gwei=float(settings.reveal_max_gas_price_gwei),
+        )
         if args.json:
-            print(json.dumps(collect(conn, exact=args.exact).as_json(), indent=2))
+            print(json.dumps(read().as_json(), indent=2))
             return
         from rich.console import Console
 
         console = Console()
         if args.watch is None:
-            console.print(render(collect(conn, exact=args.exact)))
+            console.print(render(read()))
             return
         from rich.live import Live
 
         interval = max(0.2, float(args.watch))
-        with Live(render(collect(conn, exact=args.exact)), console=console) as live:
+        with Live(render(read()), console=console) as live:
             while True:  # until Ctrl-C (KeyboardInterrupt: exit 130 in glisk.cli.main)
                 time.sleep(interval)
-                live.update(render(collect(conn, exact=args.exact)))
+                live.update(render(read()))
 
 
 def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
@@ -130,9 +139,16 @@ def cmd_tokens_retry(settings: Settings, args: argparse.Namespace) -> None:
         outcome = retry_failed(conn, selection, dry_run=args.dry_run)
     verb = "would move" if args.dry_run else "moved"
     for moved in outcome.moved:
+        # A kept pointer at a reveal transaction that may still be mined: the reveal worker
+        # settles it with the chain before it sends anything for the token.
+        first = (
+            f", its reveal {moved.reveal[0]} ({moved.reveal[1]}) reconciled first"
+            if moved.reveal is not None
+            else ""
+        )
         print(
             f"token {moved.token_id}: failed ({moved.stage or '-'}: {moved.reason or '-'}) "
-            f"-> {moved.target} [{verb}]"
+            f"-> {moved.target}{first} [{verb}]"
         )
     for token_id, why in outcome.refused:
         print(f"token {token_id}: refused: {why}", file=sys.stderr)

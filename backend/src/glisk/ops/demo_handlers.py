@@ -5,8 +5,9 @@
 - ``upload``: stores the image and its ERC-721 metadata in a local content-addressed store
   (``$GLISK_DEMO_DIR/ipfs/<cid>``) under real CIDs: CIDv1, raw codec, sha2-256, base32 (what
   ``ipfs add --cid-version 1 --raw-leaves`` gives a file of one block); returns the metadata CID.
-- ``reveal``: ``ChainRevealer`` against the fake chain at ``$GLISK_DEMO_CHAIN_URL``, one sender
-  account per process; built on first use, not at import.
+
+The reveal stage is no stand-in: the demo runs the real keeper (``glisk.handlers.reveal``) on
+anvil.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,29 +100,3 @@ async def upload(claim: Claim) -> str:
     image = await asyncio.to_thread(Path(claim.image_path).read_bytes)
     image_cid = await asyncio.to_thread(store, image)
     return await asyncio.to_thread(store, metadata(claim.token_id, image_cid))
-
-
-class _Reveal:
-    """ChainRevealer for this process, made on first call (nothing built at import)."""
-
-    def __init__(self) -> None:
-        self._revealer: Any = None
-
-    def _get(self) -> Any:
-        if self._revealer is None:
-            from glisk.standins.chain_client import ChainClient
-            from glisk.standins.revealer import ChainRevealer
-
-            sender = "0x" + hashlib.sha256(f"glisk-demo-{os.getpid()}".encode()).hexdigest()[:40]
-            client = ChainClient(os.environ["GLISK_DEMO_CHAIN_URL"])
-            self._revealer = ChainRevealer(client, sender)
-        return self._revealer
-
-    async def __call__(self, claims: Sequence[Claim]) -> str:
-        return await self._get()(claims)
-
-    async def reconcile(self, pending: Any) -> Any:
-        return await self._get().reconcile(pending)
-
-
-reveal = _Reveal()

@@ -13,7 +13,12 @@ API (``install_api_metrics``):
   the index-backed statements of ``glisk status`` (revealed is estimated on large tables:
   ``glisk_tokens_revealed_estimated`` is 1 then); from the same read,
   ``glisk_stage_tokens{stage, state}`` (waiting, in_flight, expired, backoff) and
-  ``glisk_stage_oldest_waiting_seconds{stage}``
+  ``glisk_stage_oldest_waiting_seconds{stage}``; the reveal keeper's, by chain id (never by
+  address): ``glisk_keeper_next_nonce``, ``glisk_keeper_reveals_in_flight``,
+  ``glisk_keeper_reveals_stuck`` (newest attempt older than REVEAL_STUCK_SECONDS),
+  ``glisk_keeper_oldest_in_flight_seconds``, and ``glisk_keeper_in_flight_max_fee_gwei`` (the
+  highest fee offered by a reveal in flight), ``glisk_keeper_fee_cap_gwei``
+  (REVEAL_MAX_GAS_PRICE_GWEI)
 
 Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
 path but the handler timing):
@@ -46,6 +51,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glisk.ops.status import (
     ESTIMATE_ABOVE,
+    IN_FLIGHT,
+    IN_FLIGHT_SHOWN,
+    KEEPER,
     REVEALED_EXACT,
     STATUS_COUNTS,
     TABLE_ROWS,
@@ -81,10 +89,17 @@ class TokenGauge(Collector):
         # stage -> (waiting, in flight, expired, backoff, oldest waiting seconds or None)
         self.stages: dict[str, tuple[Any, ...]] = {}
         self.estimated = False
+        # chain id -> (next nonce, in flight, stuck, oldest in flight seconds)
+        self.keepers: dict[int, tuple[int, int, int, float]] = {}
+        self.in_flight_max_fee_gwei = 0.0
+        self.fee_cap_gwei: float | None = None
         self._read_at = float("-inf")
 
-    async def refresh(self, engine: AsyncEngine) -> None:
+    async def refresh(
+        self, engine: AsyncEngine, *, stuck_after: float = 90.0, fee_cap_gwei: float | None = None
+    ) -> None:
         """Re-read the counts if the cache is older than ``ttl``. Database errors propagate."""
+        self.fee_cap_gwei = fee_cap_gwei
         if time.monotonic() - self._read_at < self.ttl:
             return
         async with engine.connect() as conn:
@@ -99,6 +114,21 @@ class TokenGauge(Collector):
             stages: dict[str, tuple[Any, ...]] = {}
             for name in STAGES:
                 stages[name] = tuple((await conn.exec_driver_sql(stage_counts(name))).one())
+            params = {"stuck": stuck_after, "limit": IN_FLIGHT_SHOWN}
+            keepers: dict[int, tuple[int, int, int, float]] = {}
+            for found in (await conn.exec_driver_sql(KEEPER, params)).all():
+                row = tuple(found)
+                chain_id, before = int(row[0]), keepers.get(int(row[0]), (0, 0, 0, 0.0))
+                keepers[chain_id] = (
+                    max(before[0], int(row[2])),
+                    before[1] + int(row[4]),
+                    before[2] + int(row[6]),
+                    max(before[3], float(row[5] or 0.0)),
+                )
+            in_flight = (await conn.exec_driver_sql(IN_FLIGHT, params)).all()
+            fees = [float(tuple(r)[5]) / 1e9 for r in in_flight]
+        self.keepers = keepers
+        self.in_flight_max_fee_gwei = max(fees, default=0.0)
         self.counts = {s: counts.get(s, 0) for s in _STATUSES}
         self.stages = stages
         self.estimated = estimated
@@ -134,6 +164,31 @@ class TokenGauge(Collector):
             oldest.add_metric([name], float(row[4]) if row[4] is not None else 0.0)
         yield by_state
         yield oldest
+        yield from self._keeper_gauges()
+
+    def _keeper_gauges(self) -> Iterator[GaugeMetricFamily]:
+        docs = (
+            ("glisk_keeper_next_nonce", "The nonce the keeper's next reveal takes"),
+            ("glisk_keeper_reveals_in_flight", "Reveal transactions sent and not confirmed"),
+            ("glisk_keeper_reveals_stuck", "Reveals in flight whose newest attempt is stuck"),
+            ("glisk_keeper_oldest_in_flight_seconds", "Age of the oldest reveal in flight"),
+        )
+        for index, (name, doc) in enumerate(docs):
+            family = GaugeMetricFamily(name, doc, labels=["chain_id"])
+            for chain_id, values in self.keepers.items():
+                family.add_metric([str(chain_id)], values[index])
+            yield family
+        yield GaugeMetricFamily(
+            "glisk_keeper_in_flight_max_fee_gwei",
+            "The highest maxFeePerGas a reveal in flight offers (0: none in flight)",
+            value=self.in_flight_max_fee_gwei,
+        )
+        if self.fee_cap_gwei is not None:
+            yield GaugeMetricFamily(
+                "glisk_keeper_fee_cap_gwei",
+                "REVEAL_MAX_GAS_PRICE_GWEI: the most a reveal may offer per gas",
+                value=self.fee_cap_gwei,
+            )
 
 
 class ApiMetrics:
@@ -192,7 +247,12 @@ def install_api_metrics(app: FastAPI) -> ApiMetrics:
     metrics = ApiMetrics()
 
     async def metrics_endpoint(request: Request) -> Response:
-        await metrics.tokens.refresh(request.app.state.engine)
+        settings = getattr(request.app.state, "settings", None)
+        await metrics.tokens.refresh(
+            request.app.state.engine,
+            stuck_after=settings.reveal_stuck_seconds if settings else 90.0,
+            fee_cap_gwei=float(settings.reveal_max_gas_price_gwei) if settings else None,
+        )
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

@@ -66,6 +66,52 @@ TABLE_ROWS = """
 SELECT reltuples::bigint FROM pg_class WHERE oid = 'tokens_s0'::regclass
 """
 
+KEEPER = f"""
+-- status_keeper: each reveal keeper (chain, sender): the allocator's next nonce, the nonce after
+-- its newest confirmed reveal, and its pending reveals: how many, the oldest's age, how many are
+-- stuck (their newest signed attempt older than %(stuck)s seconds). keeper_nonces holds a row
+-- per key; the pending reveals come through ix_reveal_transactions_status, the newest confirmed
+-- nonce through uq_reveal_transactions_chain_id_sender_nonce read backwards.
+SELECT k.chain_id, k.address, k.next_nonce,
+       (SELECT c.nonce + 1 FROM reveal_transactions AS c
+        WHERE c.chain_id = k.chain_id AND c.sender = k.address AND c.status = 'confirmed'
+        ORDER BY c.nonce DESC LIMIT 1),
+       count(p.id),
+       extract(epoch FROM {NOW} - min(p.created_at)),
+       count(p.id) FILTER (WHERE p.newest_age > %(stuck)s)
+FROM keeper_nonces AS k
+LEFT JOIN LATERAL (
+    SELECT r.id, r.created_at,
+           (SELECT extract(epoch FROM {NOW} - max(a.created_at)) FROM reveal_attempts AS a
+            WHERE a.reveal_id = r.id) AS newest_age
+    FROM reveal_transactions AS r
+    WHERE r.status = 'pending' AND r.chain_id = k.chain_id AND r.sender = k.address
+) AS p ON true
+GROUP BY k.chain_id, k.address, k.next_nonce
+ORDER BY k.chain_id, k.address
+"""
+
+IN_FLIGHT = f"""
+-- status_in_flight: the oldest pending reveals (at most %(limit)s), each with its newest signed
+-- attempt (hash, fees, age) and how many it has had (replacements). Pending reveals come through
+-- ix_reveal_transactions_status, their attempts through ix_reveal_attempts_reveal_id.
+SELECT r.nonce, r.sender, cardinality(r.token_ids), extract(epoch FROM {NOW} - r.created_at),
+       a.tx_hash, a.max_fee_per_gas, a.max_priority_fee_per_gas,
+       extract(epoch FROM {NOW} - a.created_at), n.attempts, n.broadcasts
+FROM reveal_transactions AS r
+JOIN LATERAL (
+    SELECT tx_hash, max_fee_per_gas, max_priority_fee_per_gas, created_at
+    FROM reveal_attempts WHERE reveal_id = r.id ORDER BY created_at DESC, id DESC LIMIT 1
+) AS a ON true
+JOIN LATERAL (
+    SELECT count(*) AS attempts, sum(broadcasts) AS broadcasts
+    FROM reveal_attempts WHERE reveal_id = r.id
+) AS n ON true
+WHERE r.status = 'pending'
+ORDER BY r.created_at, r.id
+LIMIT %(limit)s
+"""
+
 FAILED_BY_REASON = """
 -- status_failed: failed tokens by stage and reason (ix_tokens_s0_status_mint_timestamp).
 SELECT error_data ->> 'stage', error_data ->> 'reason', count(*)
@@ -102,12 +148,51 @@ class FailedGroup:
 
 
 @dataclass
+class KeeperStatus:
+    """One reveal keeper (a chain and a sender address) as the database knows it."""
+
+    chain_id: int
+    address: str
+    next_nonce: int  # the allocator: what the next reveal takes
+    confirmed_up_to: int | None  # the nonce after the newest confirmed reveal
+    in_flight: int  # pending reveals
+    oldest_in_flight_seconds: float | None
+    stuck: int  # pending reveals whose newest attempt is older than stuck_after
+
+
+@dataclass
+class InFlight:
+    """A pending reveal and its newest signed attempt."""
+
+    nonce: int | None
+    sender: str | None
+    tokens: int
+    age_seconds: float
+    tx_hash: str
+    max_fee_gwei: float
+    tip_gwei: float
+    attempt_age_seconds: float
+    attempts: int  # the first and its replacements (or a filler)
+    broadcasts: int
+    stuck: bool
+
+
+@dataclass
+class KeeperReport:
+    keepers: list[KeeperStatus]
+    in_flight: list[InFlight]  # the oldest, at most IN_FLIGHT_SHOWN
+    stuck_after: float
+    fee_cap_gwei: float | None
+
+
+@dataclass
 class PipelineStatus:
     at: datetime
     stages: dict[str, StageStatus]
     statuses: dict[str, int]
     revealed_estimated: bool
     failed: list[FailedGroup]
+    keeper: KeeperReport | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -131,11 +216,58 @@ def token_counts(
     return {s.value: counts.get(s.value, 0) for s in TokenStatus}, estimated
 
 
+IN_FLIGHT_SHOWN = 20
+
+
+def keeper_report(
+    conn: psycopg.Connection[Any], *, stuck_after: float = 90.0, fee_cap_gwei: float | None = None
+) -> KeeperReport:
+    """The reveal keepers' allocators and pending reveals (plain reads, no locks)."""
+    params = {"stuck": stuck_after, "limit": IN_FLIGHT_SHOWN}
+    keepers = [
+        KeeperStatus(
+            int(chain_id),
+            str(address),
+            int(next_nonce),
+            None if confirmed is None else int(confirmed),
+            int(pending),
+            None if oldest is None else round(float(oldest), 3),
+            int(stuck),
+        )
+        for chain_id, address, next_nonce, confirmed, pending, oldest, stuck in conn.execute(
+            KEEPER.encode(), params
+        ).fetchall()
+    ]
+    in_flight = [
+        InFlight(
+            nonce=None if row[0] is None else int(row[0]),
+            sender=row[1],
+            tokens=int(row[2]),
+            age_seconds=round(float(row[3]), 3),
+            tx_hash=str(row[4]),
+            max_fee_gwei=float(row[5]) / 1e9,
+            tip_gwei=float(row[6]) / 1e9,
+            attempt_age_seconds=round(float(row[7]), 3),
+            attempts=int(row[8]),
+            broadcasts=int(row[9] or 0),
+            stuck=float(row[7]) > stuck_after,
+        )
+        for row in conn.execute(IN_FLIGHT.encode(), params).fetchall()
+    ]
+    return KeeperReport(keepers, in_flight, stuck_after, fee_cap_gwei)
+
+
 def collect(
-    conn: psycopg.Connection[Any], *, exact: bool = False, estimate_above: int = ESTIMATE_ABOVE
+    conn: psycopg.Connection[Any],
+    *,
+    exact: bool = False,
+    estimate_above: int = ESTIMATE_ABOVE,
+    stuck_after: float = 90.0,
+    fee_cap_gwei: float | None = None,
 ) -> PipelineStatus:
     """Read the pipeline's state. Plain reads in one REPEATABLE READ snapshot: no locks taken,
-    nothing written, the numbers consistent with each other."""
+    nothing written, the numbers consistent with each other. ``stuck_after`` and
+    ``fee_cap_gwei`` (REVEAL_STUCK_SECONDS, REVEAL_MAX_GAS_PRICE_GWEI) shape the keeper's part."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         at_row = conn.execute(f"SELECT {NOW}".encode()).fetchone()
@@ -160,7 +292,8 @@ def collect(
             FailedGroup(stage, reason, int(n))
             for stage, reason, n in conn.execute(FAILED_BY_REASON.encode()).fetchall()
         ]
-    return PipelineStatus(at_row[0], stages, statuses, estimated, failed)
+        keeper = keeper_report(conn, stuck_after=stuck_after, fee_cap_gwei=fee_cap_gwei)
+    return PipelineStatus(at_row[0], stages, statuses, estimated, failed, keeper)
 
 
 def _age(seconds: float | None) -> str:
@@ -216,7 +349,50 @@ def render(status: PipelineStatus) -> Any:
         )
     )
     parts: list[Any] = [stages, failed, totals]
+    if status.keeper is not None and status.keeper.keepers:
+        parts.extend(_render_keeper(status.keeper))
     if status.revealed_estimated:
         parts.append("~ estimate from planner statistics (--exact to count)")
     parts.append("oldest waiting: time since the mint of the oldest claimable token")
     return Group(*parts)
+
+
+def _render_keeper(report: KeeperReport) -> list[Any]:
+    from rich.table import Table
+
+    cap = "-" if report.fee_cap_gwei is None else f"{report.fee_cap_gwei:g} gwei"
+    keepers = Table(
+        title=f"reveal keeper (fee cap {cap}, stuck after {report.stuck_after:g} s)",
+        title_justify="left",
+    )
+    for column in ("chain", "sender", "next nonce", "confirmed up to", "in flight", "stuck"):
+        keepers.add_column(column, justify="left" if column == "sender" else "right")
+    keepers.add_column("oldest in flight", justify="right")
+    for k in report.keepers:
+        keepers.add_row(
+            str(k.chain_id),
+            k.address,
+            f"{k.next_nonce:,}",
+            "-" if k.confirmed_up_to is None else f"{k.confirmed_up_to:,}",
+            f"{k.in_flight:,}",
+            f"{k.stuck:,}",
+            _age(k.oldest_in_flight_seconds),
+        )
+    parts: list[Any] = [keepers]
+    if report.in_flight:
+        flying = Table(title="reveals in flight (oldest first)", title_justify="left")
+        for column in ("nonce", "tokens", "age", "attempts", "sends", "max fee / tip (gwei)"):
+            flying.add_column(column, justify="right")
+        flying.add_column("newest transaction", no_wrap=True)
+        for r in report.in_flight:
+            flying.add_row(
+                "-" if r.nonce is None else str(r.nonce),
+                str(r.tokens),
+                _age(r.age_seconds),
+                str(r.attempts),
+                str(r.broadcasts),
+                f"{r.max_fee_gwei:.3f} / {r.tip_gwei:.3f}",
+                f"{r.tx_hash}{'  STUCK' if r.stuck else ''}",
+            )
+        parts.append(flying)
+    return parts

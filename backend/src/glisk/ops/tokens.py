@@ -8,7 +8,7 @@ row-by-row in its rules: a token the method refuses is reported and left alone.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +96,9 @@ class Moved:
     stage: str | None  # as recorded in the failure
     reason: str | None
     target: TokenStatus
+    # The reveal transaction the token's checkpoint still points at and its state ('pending':
+    # it may still be mined), kept so the reveal worker reconciles it before sending anything.
+    reveal: tuple[str, str] | None = None
 
 
 @dataclass
@@ -135,8 +138,13 @@ _WRITE = """
 UPDATE tokens_s0
 SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s,
     metadata_cid = %(metadata_cid)s, reveal_tx_hash = %(reveal_tx_hash)s, attempts = 0,
-    deferrals = 0, not_before = NULL, checkpoint = NULL, error_data = %(error_data)s
+    deferrals = 0, not_before = NULL, checkpoint = %(checkpoint)s, error_data = %(error_data)s
 WHERE id = %(id)s AND status = 'failed'
+"""
+
+_REVEALS = """
+-- retry_reveals: the reveal transactions retried tokens' checkpoints point at (no locks).
+SELECT id::text, tx_hash, status FROM reveal_transactions WHERE id = ANY(CAST(%(ids)s AS uuid[]))
 """
 
 
@@ -182,9 +190,11 @@ def retry_failed(
                     "image_path": token.image_path,
                     "metadata_cid": token.metadata_cid,
                     "reveal_tx_hash": token.reveal_tx_hash,
+                    "checkpoint": None if token.checkpoint is None else Jsonb(token.checkpoint),
                     "error_data": Jsonb(token.error_data),
                 }
             )
+        _say_which_reveals_are_reconciled(cur, outcome, writes)
         if dry_run:
             raise psycopg.Rollback(tx)  # leaves the block rolled back; not raised further
         if writes:
@@ -196,9 +206,65 @@ def retry_failed(
     return outcome
 
 
+def _say_which_reveals_are_reconciled(
+    cur: psycopg.Cursor[dict[str, Any]], outcome: RetryOutcome, writes: list[dict[str, Any]]
+) -> None:
+    """Name, on each moved token, the reveal transaction its kept checkpoint points at."""
+    pointers: dict[int, str] = {}
+    for moved, write in zip(outcome.moved, writes, strict=True):
+        checkpoint = write["checkpoint"].obj if write["checkpoint"] is not None else {}
+        reveal_id = (checkpoint.get("reveal") or {}).get("id")
+        if reveal_id:
+            pointers[moved.token_id] = str(reveal_id)
+    if not pointers:
+        return
+    rows = cur.execute(_REVEALS.encode(), {"ids": sorted(set(pointers.values()))}).fetchall()
+    found = {row["id"]: (row["tx_hash"] or "?", str(row["status"])) for row in rows}
+    outcome.moved = [
+        replace(m, reveal=found.get(pointers[m.token_id])) if m.token_id in pointers else m
+        for m in outcome.moved
+    ]
+
+
+_TOKEN_REVEALS = f"""
+-- show_reveals: the reveal transactions that carried a token (newest first), each with its
+-- signed attempts. Reads reveal_transactions whole (no index on token_ids but the partial one for
+-- pending reveals): fine for one token at the operator's request.
+SELECT r.id::text, r.status, r.nonce, r.sender, r.tx_hash, r.block_number, r.block_hash,
+       r.idempotency_key, r.created_at,
+       coalesce(jsonb_agg(jsonb_build_object(
+           'tx_hash', a.tx_hash, 'kind', a.kind,
+           'max_fee_gwei', round(a.max_fee_per_gas / 1e9, 9),
+           'tip_gwei', round(a.max_priority_fee_per_gas / 1e9, 9),
+           'broadcasts', a.broadcasts,
+           'age_seconds', round(CAST(extract(epoch FROM {NOW} - a.created_at) AS numeric), 1))
+           ORDER BY a.created_at) FILTER (WHERE a.id IS NOT NULL), '[]')
+FROM reveal_transactions AS r LEFT JOIN reveal_attempts AS a ON a.reveal_id = r.id
+WHERE %(id)s = ANY(r.token_ids)
+GROUP BY r.id
+ORDER BY r.created_at DESC
+"""
+
+
+_REVEAL_FIELDS = (
+    "id",
+    "status",
+    "nonce",
+    "sender",
+    "tx_hash",
+    "block_number",
+    "block_hash",
+    "idempotency_key",
+    "created_at",
+    "attempts",
+)
+
+
 def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] | None:
     """One token as a dict for printing: status, lease (live/expired/none, by the database
-    clock), holder, attempts, deferrals, backoff, checkpoint, error_data (with its history)."""
+    clock), holder, attempts, deferrals, backoff, checkpoint, error_data (with its history), and
+    the reveal transactions that carried it (the keeper's: nonce, key, block, every signed
+    attempt with its fees and sends)."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE token_id = %s".encode(),
@@ -210,4 +276,7 @@ def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] |
     expires = row["lease_expires_at"]
     row["lease"] = "none" if expires is None else ("live" if expires > now else "expired")
     row["status"] = str(row["status"])
+    with conn.cursor() as cur:
+        reveals = cur.execute(_TOKEN_REVEALS.encode(), {"id": row["id"]}).fetchall()
+    row["reveals"] = [dict(zip(_REVEAL_FIELDS, reveal, strict=True)) for reveal in reveals]
     return row

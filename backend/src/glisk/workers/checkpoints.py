@@ -82,3 +82,11 @@ async def record_reveal(
     if not rows:
         raise LeaseLost("the batch's claims are no longer all live; nothing was recorded")
     return rows[0][0]
+
+
+async def handler_write(query: str, params: dict[str, Any]) -> Sequence[tuple[Any, ...]]:
+    """Run one of a handler's own statements on the worker's write connection (retried like the
+    worker's writes) and return its rows: for handlers that record their progress with statements
+    of their own (the reveal keeper, glisk.chain). Fencing is the statement's business: name the
+    claims and write only while they are live, as CHECKPOINT does."""
+    return await _scope().write(query, params)

@@ -166,6 +166,9 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
     timeout = options.pop("db_timeout")
     options.pop("prepare_statements")  # follows DB_POOLER, given to the connection options
     connect = ConnectOptions(url, timeout=timeout, pooler=settings.db_pooler)
+    # A handler with prepare() (glisk.handlers.reveal) checks its settings and its service
+    # before the worker claims anything: a ConfigError there exits 2, like any bad setting.
+    prepare = getattr(handler, "prepare", None)
     port = args.metrics_port or settings.worker_metrics_port
     metrics = None
     if port is not None:  # operator's metrics (glisk.ops.metrics): the handler timed, stats read
@@ -185,10 +188,10 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
             raise OperatorError(
                 f"--metrics-port {port}: cannot listen on it: {exc.strerror or exc}"
             ) from None
-    asyncio.run(_run(worker, connect))
+    asyncio.run(_run(worker, connect, prepare if callable(prepare) else None))
 
 
-async def _run(worker: Any, connect: Any) -> None:
+async def _run(worker: Any, connect: Any, prepare: Any = None) -> None:
     import structlog
 
     from glisk.workers.connection import DATABASE_ERRORS
@@ -209,6 +212,8 @@ async def _run(worker: Any, connect: Any) -> None:
         raise OperatorError(f"database unreachable: {first_line(exc)}") from None
     if found is None:
         raise OperatorError("the database is not migrated for this worker: run 'glisk db upgrade'")
+    if prepare is not None:
+        await prepare()
     stop = asyncio.Event()
     install_stop_signals(stop)
     log = structlog.get_logger("glisk.worker")

@@ -24,10 +24,28 @@ from functools import cache
 from glisk.core.timezone import DB_NOW as NOW
 from glisk.pipeline import Stage
 
+
+def reveal_pending(checkpoint: str) -> str:
+    """SQL: true when ``checkpoint`` (a column expression) points at a reveal transaction that is
+    still pending, i.e. one that may yet be mined. Such a token is never failed by a claim nor
+    stripped of its checkpoint by a failure: only a reconcile may settle it (see reveal.py).
+    One primary-key probe of reveal_transactions; a checkpoint without a well-formed reveal id
+    (another stage's progress) is never pending."""
+    reveal_id = f"{checkpoint} #>> '{{reveal,id}}'"
+    return (
+        "EXISTS (SELECT 1 FROM reveal_transactions AS r WHERE r.status = 'pending' AND r.id = "
+        f"CASE WHEN {reveal_id} ~ '^[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-"
+        f"[0-9a-f]{{12}}$' THEN CAST({reveal_id} AS uuid) END)"
+    )
+
+
 _CLAIM = """
 -- claim_{stage}: take up to {limit} of the oldest tokens the stage may work on now (fresh,
 -- released, past their backoff, or abandoned by a holder whose lease ran out), fail those that
 -- used max_attempts, and claim the rest for %(holder)s with a new fencing id and a lease.
+-- A token whose checkpoint points at a pending reveal transaction is claimed even past
+-- max_attempts: that transaction may still be mined, and only the reconcile the claimer runs
+-- first may settle it (confirmed: completed with it; can never be mined: failed then).
 -- Locks: FOR UPDATE SKIP LOCKED on the candidates, so concurrent claimers get disjoint sets and
 -- never wait; held until this statement's transaction ends (commit at once).
 -- The MATERIALIZED CTE applies the LIMIT and the locks once; both UPDATEs see its snapshot.
@@ -35,7 +53,9 @@ _CLAIM = """
 -- misjudge the row count and sort the whole backlog: 12 ms at 1M tokens instead of 1.4 ms), and
 -- the LIMIT is a literal (a generic plan that does not know it did the same: 6 ms).
 WITH candidates AS MATERIALIZED (
-    SELECT id, attempts >= %(max_attempts)s AS out_of_attempts,
+    SELECT id,
+           CASE WHEN attempts < %(max_attempts)s THEN false
+                ELSE NOT {reveal_pending} END AS out_of_attempts,
            CASE WHEN claim_id IS NOT NULL THEN claimed_by END AS rescued_from
     FROM tokens_s0
     WHERE {predicate}
@@ -108,12 +128,24 @@ completed AS (
 """
 
 # Appended to the reveal stage's completion: the pending reveal transaction whose hash a token was
-# revealed with is confirmed in the same statement (data-modifying CTEs always run).
+# revealed with is confirmed in the same statement (data-modifying CTEs always run). The hash may
+# be any of the reveal's signed attempts (a replacement mined instead of the first): the row then
+# takes that hash.
 _CONFIRM_REVEALS = """,
+mined AS MATERIALIZED (
+    SELECT DISTINCT r.id, h.result
+    FROM held AS h
+    JOIN reveal_transactions AS r ON r.tx_hash = h.result AND r.status = 'pending'
+    UNION
+    SELECT DISTINCT a.reveal_id, h.result
+    FROM held AS h
+    JOIN reveal_attempts AS a ON a.tx_hash = h.result AND a.reveal_id IS NOT NULL
+),
 confirmed AS (
     UPDATE reveal_transactions AS r
-    SET status = 'confirmed', confirmed_at = {now}
-    WHERE r.status = 'pending' AND r.tx_hash IN (SELECT result FROM held)
+    SET status = 'confirmed', confirmed_at = {now}, tx_hash = m.result
+    FROM mined AS m
+    WHERE r.id = m.id AND r.status = 'pending'
     RETURNING r.id
 )"""
 
@@ -135,8 +167,10 @@ _FAIL = """
 --               back and the token waits exactly its delay.
 -- error_data keeps the last error while retrying, and the reason, stage, attempts and last holder
 -- once failed, next to the history of failures an operator retried (glisk tokens retry); the
--- checkpoint is kept for the next attempt, and cleared once failed. A claim no longer live
--- matches nothing. Locks the held rows in id order.
+-- checkpoint is kept for the next attempt, and cleared once failed unless it points at a
+-- pending reveal transaction (that one may still be mined: the operator's retry hands it to a
+-- reconcile instead of a new transaction). A claim no longer live matches nothing. Locks the
+-- held rows in id order.
 WITH failures AS (
     SELECT * FROM unnest(CAST(%(claim_ids)s AS uuid[]), CAST(%(errors)s AS text[]),
                          CAST(%(kinds)s AS text[]), CAST(%(delays)s AS float8[]))
@@ -146,7 +180,8 @@ held AS MATERIALIZED (
     SELECT t.id, f.claim_id, CAST(f.error AS jsonb) AS error, f.kind, f.delay,
            f.kind = 'permanent' OR (f.kind = 'retry' AND t.attempts >= %(max_attempts)s) AS final,
            CASE WHEN f.kind = 'defer' THEN greatest(t.attempts - 1, 0) ELSE t.attempts END
-               AS attempts
+               AS attempts,
+           {reveal_pending} AS reveal_pending
     FROM tokens_s0 AS t JOIN failures AS f ON t.claim_id = f.claim_id
     WHERE t.lease_expires_at > {now}
     ORDER BY t.id
@@ -157,7 +192,7 @@ SET status = CASE WHEN h.final THEN CAST('failed' AS token_status_enum) ELSE t.s
     claim_id = NULL, lease_expires_at = NULL, attempts = h.attempts,
     deferrals = t.deferrals + CASE WHEN h.kind = 'defer' THEN 1 ELSE 0 END,
     not_before = CASE WHEN h.final THEN NULL ELSE {now} + make_interval(secs => h.delay) END,
-    checkpoint = CASE WHEN h.final THEN NULL ELSE t.checkpoint END,
+    checkpoint = CASE WHEN h.final AND NOT h.reveal_pending THEN NULL ELSE t.checkpoint END,
     error_data = CASE WHEN h.final
         THEN jsonb_build_object(
             'reason', CASE WHEN h.kind = 'permanent' THEN 'permanent_error'
@@ -321,6 +356,7 @@ def claim(stage: Stage, limit: int) -> str:
         working=stage.working.value,
         limit=int(limit),
         now=NOW,
+        reveal_pending=reveal_pending("tokens_s0.checkpoint"),
     )
 
 
@@ -350,7 +386,7 @@ def recorded(stage: Stage) -> str:
 
 @cache
 def fail(stage: Stage) -> str:
-    return _FAIL.format(stage=stage.name, now=NOW)
+    return _FAIL.format(stage=stage.name, now=NOW, reveal_pending=reveal_pending("t.checkpoint"))
 
 
 @cache

@@ -11,8 +11,12 @@ A reveal handler that can be rescued safely does two things (see the README for 
 The worker, on claiming tokens whose checkpoint points at a pending reveal, reconciles first:
 confirmed tokens complete with that hash; failed ones are sent anew with the rest of the batch;
 unknown ones wait (a deferral each time, spending no attempt) and, once ``max_deferrals`` is
-used, fail with reason ``reveal_unresolved`` for an operator to look at. A token whose last
-transaction may still be mined is never put in a new one.
+used, fail (``RevealUnresolved``) for an operator to look at. A token whose last transaction may
+still be mined is never put in a new one, nor forgotten: a claim takes it even past
+``max_attempts`` (so the reconcile runs; failed then only if the transaction can never be mined),
+a final failure keeps the checkpoint's pointer while the reveal row is pending, and the
+operator's retry (``Token.retry_from_failed``) keeps it too, so the next reveal claim reconciles
+before anything is sent.
 """
 
 from __future__ import annotations

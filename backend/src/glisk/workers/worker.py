@@ -426,18 +426,28 @@ class Worker:
                 pending = PendingReveal(reveal_id, tx_hash, dict(recorded.get("data") or {}), held)
                 try:
                     state = await self.handler.reconcile(pending)  # type: ignore[union-attr]
-                except Exception as exc:
+                except Exception as exc:  # the pointer stays (see _FAIL): retried, or failed
                     self._failures.extend(self._failure(claim, exc) for claim in held)
                     continue
                 if state == "failed":
                     await self._write_for(
                         held, "fail_reveal", queries.FAIL_REVEAL, {"id": reveal_id}
                     )
+                elif state == "confirmed":  # the mined one may be a replacement: its hash
+                    rows = await self._write_for(
+                        held, "reveals", queries.REVEALS, {"ids": [reveal_id]}
+                    )
+                    tx_hash = rows[0][1] if rows else tx_hash
             self._log.info("worker.reconcile", reveal=str(reveal_id), state=state, tokens=len(held))
             if state == "confirmed":
                 self._results.extend((claim, tx_hash) for claim in held)
             elif state == "failed":
-                fresh.extend(held)
+                # Claimed past max_attempts only because this reveal was pending (see the claim
+                # statement): now that it can never be mined, those tokens fail for good.
+                spent = [c for c in held if c.attempt > self.max_attempts]
+                error = {"type": "RevealFailed", "message": f"{tx_hash} can never be mined"}
+                self._failures.extend(_Failure(c, error, "retry", 0.0) for c in spent)
+                fresh.extend(c for c in held if c.attempt <= self.max_attempts)
             else:  # not mined yet, and may still be: never put these tokens in a new transaction
                 self._failures.extend(self._unresolved(claim, tx_hash) for claim in held)
         return fresh
