@@ -8,10 +8,11 @@ environment variable and the rule it broke.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from glisk.errors import ConfigError
@@ -52,11 +53,12 @@ DRIVER = "postgresql+psycopg"
 PoolerMode = Literal["none", "session", "transaction"]
 # application_name of each kind of process, so pg_stat_activity (and `glisk db check`) can tell
 # who holds the connections.
-Role = Literal["api", "worker", "cli"]
+Role = Literal["api", "worker", "cli", "ingest"]
 APPLICATION_NAMES: dict[Role, str] = {
     "api": "glisk-api",
     "worker": "glisk-worker",
     "cli": "glisk-cli",
+    "ingest": "glisk-ingest",
 }
 # A worker's pool when WORKER_DB_POOL_SIZE is unset: one connection per handler running at once
 # (each completes its token in a short transaction) plus one for claims and one for heartbeats,
@@ -77,6 +79,17 @@ class WorkerOptions(TypedDict):
     drain_timeout: float | None
     listen: bool
     prepare_statements: bool
+
+
+class IngestOptions(TypedDict):
+    """Keyword arguments for glisk.ingest.follower.FollowerOptions from INGEST_* settings."""
+
+    confirmations: int
+    reorg_window: int
+    max_range: int
+    start_block: int
+    poll_interval: float
+    gap_interval: float
 
 
 class EngineOptions(TypedDict):
@@ -159,6 +172,25 @@ class Settings(BaseSettings):
     # A worker's Prometheus endpoint (glisk worker --metrics-port); unset: none.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
+    # The chain (glisk ingest, POST /webhooks/alchemy). The RPC URL often carries a provider's
+    # API key in its path: it is a secret, never logged (see masked_rpc_url).
+    chain_rpc_url: SecretStr | None = None
+    chain_id: int | None = Field(default=None, ge=1)
+    glisk_contract_address: str | None = None
+    # The log follower: how far behind the head it reads, how deep it keeps block hashes to
+    # survive a reorg, the largest block range of one eth_getLogs, where it starts, how often it
+    # polls and how often it looks for gaps (0: never).
+    ingest_confirmations: int = Field(default=2, ge=0, le=10_000)
+    ingest_reorg_window: int = Field(default=200, ge=1, le=100_000)
+    ingest_max_range: int = Field(default=2000, ge=1, le=1_000_000)
+    ingest_start_block: int = Field(default=0, ge=0)
+    ingest_poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    ingest_gap_interval: float = Field(default=300.0, ge=0, le=86400)
+    ingest_rpc_timeout: float = Field(default=10.0, gt=0, le=300)
+    ingest_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Alchemy's per-webhook signing key (HMAC-SHA256 of the body). Unset: the route refuses all.
+    alchemy_webhook_signing_key: SecretStr | None = None
+
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
     postgres_user: str = "glisk"
@@ -174,11 +206,36 @@ class Settings(BaseSettings):
     def _lower_pooler(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("worker_listen", "worker_db_pool_size", mode="before")
+    @field_validator(
+        "worker_listen",
+        "worker_db_pool_size",
+        "chain_rpc_url",
+        "chain_id",
+        "glisk_contract_address",
+        "ingest_metrics_port",
+        "alchemy_webhook_signing_key",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `WORKER_LISTEN=` in a .env file means "not set", not an invalid boolean.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("chain_rpc_url", mode="after")
+    @classmethod
+    def _rpc_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (the node's JSON-RPC endpoint)")
+        return value
+
+    @field_validator("glisk_contract_address", mode="after")
+    @classmethod
+    def _contract_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", value.strip()):
+            raise ValueError("must be 0x followed by 40 hex digits (the GLISK contract)")
+        return value.strip()
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -241,6 +298,12 @@ class Settings(BaseSettings):
             )
         if "*" in self.cors_origins:
             raise ValueError("CORS_ORIGINS may not contain '*' when APP_ENV=production")
+        key = self.alchemy_webhook_signing_key
+        if key is not None and key.get_secret_value().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "ALCHEMY_WEBHOOK_SIGNING_KEY is a placeholder; set the webhook's signing key "
+                "when APP_ENV=production"
+            )
         return self
 
     @property
@@ -264,6 +327,29 @@ class Settings(BaseSettings):
             # PgBouncer up to 1.20 in transaction mode does not keep prepared statements.
             "prepare_statements": self.db_pooler != "transaction",
         }
+
+    def ingest_options(self) -> IngestOptions:
+        """Keyword arguments for glisk.ingest.follower.FollowerOptions from INGEST_* settings."""
+        return {
+            "confirmations": self.ingest_confirmations,
+            "reorg_window": self.ingest_reorg_window,
+            "max_range": self.ingest_max_range,
+            "start_block": self.ingest_start_block,
+            "poll_interval": self.ingest_poll_interval,
+            "gap_interval": self.ingest_gap_interval,
+        }
+
+    def masked_rpc_url(self) -> str | None:
+        """CHAIN_RPC_URL as it may be logged: scheme, host and port only (providers put the
+        API key in the path or the query)."""
+        if self.chain_rpc_url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.chain_rpc_url.get_secret_value())
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}/***"
 
     @property
     def worker_listen_enabled(self) -> bool:
@@ -289,12 +375,15 @@ class Settings(BaseSettings):
         - ``api``: DB_POOL_SIZE + DB_MAX_OVERFLOW (200 + 10 by default).
         - ``worker``: worker_pool_size(concurrency), no overflow, so the budget is exact.
         - ``cli``: one connection (migrations and checks open their own).
+        - ``ingest``: two (the follower's step and its gap pass never overlap; one spare).
         Every role gets DB_CONNECT_TIMEOUT, DB_POOLER and its own application_name.
         """
         if role == "api":
             pool_size, max_overflow = self.db_pool_size, self.db_max_overflow
         elif role == "worker":
             pool_size, max_overflow = self.worker_pool_size(concurrency), 0
+        elif role == "ingest":
+            pool_size, max_overflow = 2, 0
         else:
             pool_size, max_overflow = 1, 1
         return {

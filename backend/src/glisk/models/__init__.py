@@ -1,4 +1,4 @@
-"""The seven entities, their enums and rules.
+"""The eight entities, their enums and rules.
 
 Entity names (``Token``, ``Author``, ...) and ``metadata`` load every entity module on first use,
 which registers every table on ``metadata``. The light names (the enums; FieldValidationError,
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from glisk.errors import FieldValidationError, InvalidStateTransition, MintConflict
     from glisk.models.author import Author
     from glisk.models.base import metadata
+    from glisk.models.chain_block import ChainBlock
     from glisk.models.enums import (
         ImageJobStatus,
         ImageService,
@@ -45,6 +46,7 @@ _LIGHT = {
 }
 _ENTITIES = {
     "Author": "author",
+    "ChainBlock": "chain_block",
     "ImageGenerationJob": "image_job",
     "IPFSUploadRecord": "ipfs_record",
     "MintEvent": "mint_event",
@@ -57,6 +59,7 @@ _ENTITIES = {
 
 __all__ = [
     "Author",
+    "ChainBlock",
     "FieldValidationError",
     "IPFSRecordType",
     "IPFSUploadRecord",

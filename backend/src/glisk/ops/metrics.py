@@ -13,6 +13,8 @@ API (``install_api_metrics``):
   ``glisk_tokens_revealed_estimated`` is 1 then); from the same read,
   ``glisk_stage_tokens{stage, state}`` (waiting, in_flight, expired, backoff) and
   ``glisk_stage_oldest_waiting_seconds{stage}``
+- ``glisk_webhook_requests_total{outcome}``, ``glisk_webhook_logs_total{answer}``
+  (POST /webhooks/alchemy)
 
 Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
 path but the handler timing):
@@ -143,6 +145,20 @@ class ApiMetrics:
         )
         self.tokens = TokenGauge()
         self.registry.register(self.tokens)
+        # POST /webhooks/alchemy: deliveries by outcome, and the mint logs they carried by answer.
+        self.webhook_requests = Counter(
+            "glisk_webhook_requests",
+            "Webhook deliveries by outcome (accepted, unauthorized, invalid, too_large, "
+            "unavailable)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_logs = Counter(
+            "glisk_webhook_logs",
+            "Mint logs of accepted webhook deliveries by answer",
+            ["answer"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:
