@@ -108,5 +108,5 @@ async def alchemy_webhook(request: Request) -> Any:
             return _refuse(503, "UNAVAILABLE", "database unavailable", request, "unavailable")
     counts = report.counts()
     _count(request, "accepted", counts)
-    log.info("webhook.delivery", event=payload.event_id, **counts)
+    log.info("webhook.delivery", delivery=payload.event_id, **counts)
     return report.as_json()

@@ -275,7 +275,8 @@ class Follower:
             outcomes = await uow.mint_events.record_mints(
                 logs, new_author_prompt=self.options.new_author_prompt
             )
-            outcomes = await self._settle_conflicts(uow, outcomes, end[0], detail)
+            outcomes, undone = await self._settle_conflicts(uow, outcomes, end[0], detail)
+            report.rolled_back += undone
             report.logs = len(logs)
             report.new = sum(o.status == "new" for o in outcomes)
             report.duplicate = sum(o.status == "duplicate" for o in outcomes)
@@ -317,14 +318,14 @@ class Follower:
 
     async def _settle_conflicts(
         self, uow: UnitOfWork, outcomes: list[MintOutcome], last: int, detail: str
-    ) -> list[MintOutcome]:
+    ) -> tuple[list[MintOutcome], RolledBack]:
         """A canonical log refused because a log recorded above this step's range holds its ids:
         that holder came from a webhook and may be from an orphaned block. Ask the node; roll
         back the holders it no longer has and record the refused logs again (same transaction).
         Rare: only after a reorg raced a webhook."""
         refused = [o for o in outcomes if o.status == "conflict" and o.conflict is not None]
         if not refused:
-            return outcomes
+            return outcomes, RolledBack()
         ids = sorted({i for o in refused for i in o.conflict.token_ids})  # type: ignore[union-attr]
         orphaned = []
         for holder in await uow.mint_events.holders_above(ids, last):
@@ -333,14 +334,14 @@ class Follower:
             if not await still_on_chain(self.node, Kept(holder.block_number, holder.block_hash)):
                 orphaned.append(holder.id)
         if not orphaned:
-            return outcomes
+            return outcomes, RolledBack()
         undone = await uow.mint_events.roll_back(orphaned, detail=detail)
         log.warning("ingest.orphaned_holders", logs=len(undone.logs), flagged=len(undone.flagged))
         again = await uow.mint_events.record_mints(
             [o.log for o in refused], new_author_prompt=self.options.new_author_prompt
         )
         retried = {id(o): a for o, a in zip(refused, again, strict=True)}
-        return [retried.get(id(o), o) for o in outcomes]
+        return [retried.get(id(o), o) for o in outcomes], undone
 
     async def _halt(self, cursor: Cursor, here: Block, kept: Sequence[Kept]) -> None:
         floor = min((k.number for k in kept), default=cursor.block)

@@ -108,7 +108,10 @@ async def recover_gaps(
             await uow.chain_blocks.keep(
                 [(o.log.block_number, o.log.block_hash) for o in outcomes if o.log.block_hash]  # type: ignore[misc]
             )
-        report.recorded += sum(o.new for o in outcomes)
+            recorded = sum(o.new for o in outcomes)
+            if recorded:
+                await uow.system_state.increment(state.GAPS_RECORDED, recorded)
+        report.recorded += recorded
         report.conflicts += [str(o.conflict) for o in outcomes if o.conflict is not None]
     async with uow_factory() as uow:
         report.still_missing = await uow.tokens.missing_token_ids(

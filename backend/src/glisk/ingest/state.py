@@ -9,6 +9,8 @@
 - ``ingest_halted``: set when a reorg deeper than the window stopped the follower; every follower
   refuses to run while it is set (``glisk ingest --rewind-to BLOCK`` clears it).
 - ``ingest_gaps_checked``: the token id up to which the gap pass found no gap.
+- ``ingest_gaps_recorded``: logs the gap passes recorded new, in total (incremented in the
+  transaction that recorded them), so that every "new" answer is counted somewhere exactly once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ HEAD = "ingest_head"
 LAST_REORG = "ingest_last_reorg"
 HALTED = "ingest_halted"
 GAPS_CHECKED = "ingest_gaps_checked"
+GAPS_RECORDED = "ingest_gaps_recorded"
 
 
 @dataclass(frozen=True)
