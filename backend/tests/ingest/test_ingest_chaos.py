@@ -19,9 +19,9 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from glisk.ingest import state
 from glisk.ingest.node import Node
 from glisk.ingest.state import Cursor
 from glisk.models import MintLog
-from glisk.testing import libpq_kwargs
+from glisk.testing import connect
 from tests.support.database import Database
 from tests.support.ingest import alchemy_payload, block_of, signed
 from tests.support.processes import GLISK, glisk_env, wait_serving
@@ -113,7 +113,7 @@ class Minting:
             await asyncio.sleep(self.rng.uniform(0, 0.05))
 
     @contextlib.asynccontextmanager
-    async def paused(self) -> Any:
+    async def paused(self) -> AsyncIterator[None]:
         self.open.clear()
         await self.idle.wait()
         try:
@@ -196,6 +196,16 @@ def start_follower(env: dict[str, str], log: Path, max_range: int) -> subprocess
         )
 
 
+def start_serve(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [*GLISK, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+        )
+
+
 def cursor(conn: psycopg.Connection[Any]) -> Cursor | None:
     row = conn.execute(
         "SELECT state_value FROM system_state WHERE key = %s", (state.CURSOR,)
@@ -208,13 +218,7 @@ async def test_ingest_chaos_records_every_canonical_mint_exactly_once(
 ) -> None:
     rng = random.Random(SEED)
     url = postgres_container.url
-    with (
-        Anvil(accounts=ACCOUNTS) as node,
-        psycopg.connect(
-            **libpq_kwargs(url),
-            autocommit=True,  # type: ignore[arg-type]
-        ) as conn,
-    ):
+    with Anvil(accounts=ACCOUNTS) as node, connect(url) as conn:
         conn.execute(UNAUDIT)
         conn.execute(AUDIT)
         try:
@@ -249,13 +253,7 @@ async def _chaos(
         env["DB_POOLER"] = postgres_container_pooler
     port = free_port()
     serve_log = logs / "serve.log"
-    with serve_log.open("ab") as sink:
-        serve = subprocess.Popen(
-            [*GLISK, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=sink,
-        )
+    serve = start_serve(env, serve_log, port)
     ranges = (3, 7)
     followers = [start_follower(env, logs / f"ingest-{i}.log", ranges[i]) for i in range(2)]
     born = [time.monotonic()] * 2
