@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
+from rich.console import Console
 from sqlalchemy import text
 
 from glisk.chain import client
@@ -22,6 +23,8 @@ from glisk.ingest.gaps import recover_gaps
 from glisk.ingest.node import Node
 from glisk.ingest.reorg import DeepReorg
 from glisk.ingest.state import Cursor
+from glisk.ops.status import IngestStatus, collect, render
+from glisk.testing import connect
 from glisk.uow import UnitOfWorkFactory
 from tests.support.chain import Chain
 from tests.support.database import Database
@@ -126,8 +129,17 @@ async def test_a_range_the_node_refuses_is_split_and_every_log_still_read(
     await assert_matches_chain(glisk_chain, uow_factory)
 
 
+def status_text(url: str) -> tuple[IngestStatus | None, str]:
+    """What glisk status collects about the follower, and how it prints it."""
+    with connect(url) as conn:
+        status = collect(conn)  # type: ignore[arg-type]
+    console = Console(record=True, width=200)
+    console.print(render(status))
+    return status.ingest, console.export_text()
+
+
 async def test_a_reorg_inside_the_window_rolls_back_the_orphaned_mint_and_reads_the_new_one(
-    glisk_chain: Chain, uow_factory: UnitOfWorkFactory
+    glisk_chain: Chain, uow_factory: UnitOfWorkFactory, postgres_container: Database
 ) -> None:
     await mint(glisk_chain, 2)
     orphan = await mint(glisk_chain, 3, minter=1, author=1)
@@ -150,6 +162,11 @@ async def test_a_reorg_inside_the_window_rolls_back_the_orphaned_mint_and_reads_
     assert (last["block"], last["depth"], last["rolled_back"]) == (before.block, 1, 1)
     assert last["tokens_dropped"] == 3 and last["tokens_flagged"] == 0
     assert f.stats.reorgs == 1
+    ingest, shown = status_text(postgres_container.url)
+    assert ingest is not None and (ingest.cursor, ingest.lag) == (after.block, 0)
+    assert ingest.head == await glisk_chain.w3.eth.block_number
+    assert ingest.last_reorg is not None and ingest.last_reorg["depth"] == 1
+    assert "chain ingest" in shown and f"block {before.block}, depth 1" in shown
 
 
 async def replacement_mint(
@@ -219,6 +236,9 @@ async def test_a_reorg_deeper_than_the_window_stops_the_follower_with_one_clear_
     async with uow_factory() as uow:
         halted = await uow.system_state.get_state(state.HALTED)
     assert halted["message"] == line
+    ingest, shown = status_text(postgres_container.url)
+    assert ingest is not None and ingest.halted == line
+    assert "STOPPED: reorg deeper than the window" in shown
 
     # The command says it in one line on stderr and exits 2, as any follower will until rewound.
     process = await asyncio.create_subprocess_exec(

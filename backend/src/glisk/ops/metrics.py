@@ -14,7 +14,8 @@ API (``install_api_metrics``):
   ``glisk_stage_tokens{stage, state}`` (waiting, in_flight, expired, backoff) and
   ``glisk_stage_oldest_waiting_seconds{stage}``
 - ``glisk_webhook_requests_total{outcome}``, ``glisk_webhook_logs_total{answer}``
-  (POST /webhooks/alchemy)
+  (POST /webhooks/alchemy); from the same read as the tokens, once ``glisk ingest`` has run:
+  ``glisk_ingest_lag_blocks`` and ``glisk_ingest_halted`` (1 after a reorg deeper than the window)
 
 Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
 path but the handler timing):
@@ -44,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from glisk.ops.status import (
     ESTIMATE_ABOVE,
+    INGEST_STATE,
     REVEALED_EXACT,
     STAGE_NAMES,
     STATUS_COUNTS,
@@ -73,6 +75,8 @@ class TokenGauge(Collector):
         # stage -> (waiting, in flight, expired, backoff, oldest waiting seconds or None)
         self.stages: dict[str, tuple[Any, ...]] = {}
         self.estimated = False
+        # glisk ingest as recorded: (cursor, head, halted) from system_state; None: never ran
+        self.ingest: tuple[int | None, int | None, bool] | None = None
         self._read_at = float("-inf")
 
     async def refresh(self, engine: AsyncEngine) -> None:
@@ -91,9 +95,19 @@ class TokenGauge(Collector):
             stages: dict[str, tuple[Any, ...]] = {}
             for name in STAGE_NAMES:
                 stages[name] = tuple((await conn.exec_driver_sql(stage_counts(name))).one())
+            rows = cast("list[tuple[Any, Any]]", (await conn.exec_driver_sql(INGEST_STATE)).all())
+            found = {str(key): value for key, value in rows}
         self.counts = {s: counts.get(s, 0) for s in _STATUSES}
         self.stages = stages
         self.estimated = estimated
+        self.ingest = None
+        if found:
+            cursor, head = found.get("ingest_cursor"), found.get("ingest_head")
+            self.ingest = (
+                cursor.get("block") if isinstance(cursor, dict) else None,
+                head.get("head") if isinstance(head, dict) else None,
+                bool(found.get("ingest_halted")),
+            )
         self._read_at = time.monotonic()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -126,6 +140,19 @@ class TokenGauge(Collector):
             oldest.add_metric([name], float(row[4]) if row[4] is not None else 0.0)
         yield by_state
         yield oldest
+        if self.ingest is not None:
+            cursor, head, halted = self.ingest
+            if isinstance(cursor, int) and isinstance(head, int):
+                yield GaugeMetricFamily(
+                    "glisk_ingest_lag_blocks",
+                    "The node's head minus the last block glisk ingest consumed (as recorded)",
+                    value=max(0, head - cursor),
+                )
+            yield GaugeMetricFamily(
+                "glisk_ingest_halted",
+                "1 when glisk ingest stopped on a reorg deeper than its window (operator)",
+                value=1 if halted else 0,
+            )
 
 
 class ApiMetrics:
