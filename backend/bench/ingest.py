@@ -99,7 +99,9 @@ def record(
         await uow.mint_events.record_mint(logs[done])
         return 1
 
-    return asyncio.run(until(url, seconds, ready, one if path == "record_mint" else many))
+    if path == "record_mint":  # one log per transaction: bounded by time
+        return asyncio.run(until(url, seconds, ready, one))
+    return asyncio.run(until(url, 3600.0, ready, many))
 
 
 def record_cells(url: str, logs: list[MintLog], batch: int, seconds: float) -> dict[str, float]:

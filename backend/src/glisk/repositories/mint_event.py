@@ -130,16 +130,22 @@ _RECORD_MANY = text(
     """
     WITH input AS (
         SELECT * FROM unnest(
-            CAST(:tx_hashes AS text[]), CAST(:log_indexes AS integer[]),
-            CAST(:block_numbers AS integer[]), CAST(:block_hashes AS text[]),
-            CAST(:block_timestamps AS timestamp[]), CAST(:minters AS text[]),
-            CAST(:authors AS text[]), CAST(:firsts AS integer[]), CAST(:quantities AS integer[])
+            CAST(:tx_hashes AS varchar[]), CAST(:log_indexes AS integer[]),
+            CAST(:block_numbers AS integer[]), CAST(:block_hashes AS varchar[]),
+            CAST(:block_timestamps AS timestamp[]), CAST(:minters AS varchar[]),
+            CAST(:authors AS varchar[]), CAST(:firsts AS integer[]), CAST(:quantities AS integer[])
         ) WITH ORDINALITY AS i(tx_hash, log_index, block_number, block_hash, block_timestamp,
                                minter, author, first, quantity, n)
     ),
     existing AS (
+        -- One probe of the (tx_hash, log_index) key per input log, whatever the table's size:
+        -- LIMIT keeps the planner from turning this into a hash join over the whole table.
         SELECT i.n, e.id, e.token_id, e.quantity
-        FROM input i JOIN mint_events e ON e.tx_hash = i.tx_hash AND e.log_index = i.log_index
+        FROM input i CROSS JOIN LATERAL (
+            SELECT id, token_id, quantity FROM mint_events
+            WHERE tx_hash = i.tx_hash AND log_index = i.log_index
+            LIMIT 1
+        ) AS e
     ),
     taken AS (
         SELECT i.n, array_agg(t.token_id ORDER BY t.token_id) AS ids
@@ -154,8 +160,12 @@ _RECORD_MANY = text(
           AND NOT EXISTS (SELECT FROM taken t WHERE t.n = i.n)
     ),
     found AS (
-        SELECT lower(a.wallet_address) AS wallet, a.id FROM authors a
-        WHERE lower(a.wallet_address) IN (SELECT lower(author) FROM proceed)
+        -- One probe of the lower(wallet_address) key per distinct author (as above).
+        SELECT w.wallet, a.id
+        FROM (SELECT DISTINCT lower(author) AS wallet FROM proceed) AS w
+        CROSS JOIN LATERAL (
+            SELECT id FROM authors WHERE lower(wallet_address) = w.wallet LIMIT 1
+        ) AS a
     ),
     created AS (
         INSERT INTO authors (id, wallet_address, prompt_text, created_at)
