@@ -18,6 +18,7 @@ from glisk.chain import client
 from glisk.chain import contract as glisk_contract
 from glisk.chain.contract import Minted
 from glisk.ingest import state
+from glisk.ingest.command import rewind
 from glisk.ingest.follower import CursorMoved, Follower
 from glisk.ingest.gaps import recover_gaps
 from glisk.ingest.node import Node
@@ -261,6 +262,15 @@ async def test_a_reorg_deeper_than_the_window_stops_the_follower_with_one_clear_
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2, err.decode()
     assert err.decode().strip().splitlines() == [f"error: {line}"]
+
+    # The operator rewinds to a block both chains share: the next steps roll back what the
+    # orphaned blocks recorded and read the new chain.
+    await rewind(f.node, uow_factory, 1)
+    async with uow_factory() as uow:
+        assert await uow.system_state.get_state(state.HALTED) is None
+    await catch_up(follower(glisk_chain.w3, glisk_chain.address, uow_factory, reorg_window=1))
+    await assert_matches_chain(glisk_chain, uow_factory)
+    assert (await cursor_of(uow_factory)).rolled_back == 3  # the three mints of blocks 3 to 5
 
 
 async def test_two_followers_racing_share_one_cursor_that_never_moves_backwards(

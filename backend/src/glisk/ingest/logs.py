@@ -9,7 +9,7 @@ FieldValidationError naming the field and the rule.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from glisk.errors import FieldValidationError
@@ -37,12 +37,19 @@ def _word(field: str, value: Any) -> int:
 
 
 def _address(field: str, word: str) -> str:
-    from eth_utils.address import to_checksum_address
-
     number = _word(field, word)
     if number >> 160:
         raise FieldValidationError(field, "must hold a 20-byte address", word)
-    return to_checksum_address(f"0x{number:040x}")
+    return _checksummed(f"{number:040x}")
+
+
+@lru_cache(maxsize=100_000)
+def _checksummed(hex40: str) -> str:
+    """EIP-55 checksummed; cached: minters and authors come back again and again, and hashing
+    for the checksum was most of the time spent decoding a range."""
+    from eth_utils.address import to_checksum_address
+
+    return to_checksum_address("0x" + hex40)
 
 
 def quantity(value: Any, field: str = "quantity") -> int:
