@@ -52,5 +52,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("chain_blocks")
-    op.drop_constraint(BLOCK_HASH_CHECK, "mint_events", type_="check")
+    op.drop_constraint(op.f(BLOCK_HASH_CHECK), "mint_events", type_="check")
     op.drop_column("mint_events", "block_hash")
