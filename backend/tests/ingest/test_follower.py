@@ -241,27 +241,33 @@ async def test_a_reorg_deeper_than_the_window_stops_the_follower_with_one_clear_
     assert ingest is not None and ingest.halted == line
     assert "STOPPED: reorg deeper than the window" in shown
 
-    # The command says it in one line on stderr and exits 2, as any follower will until rewound.
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "glisk.cli",
-        "ingest",
-        "--once",
-        env={
-            **os.environ,
-            "GLISK_ENV_FILE": os.devnull,
-            "DATABASE_URL": postgres_container.url,
-            "CHAIN_RPC_URL": glisk_chain.node.url,
-            "GLISK_CONTRACT_ADDRESS": glisk_chain.address,
-            "LOG_LEVEL": "ERROR",
-        },
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 2, err.decode()
-    assert err.decode().strip().splitlines() == [f"error: {line}"]
+    # The command says it in one line on stderr and exits 2, as any follower will until rewound;
+    # even at DEBUG it never prints the node's URL (a provider's key rides in it).
+    key = "sk-" + os.urandom(8).hex()
+    for level in ("ERROR", "DEBUG"):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "glisk.cli",
+            "ingest",
+            "--once",
+            env={
+                **os.environ,
+                "GLISK_ENV_FILE": os.devnull,
+                "DATABASE_URL": postgres_container.url,
+                "CHAIN_RPC_URL": f"{glisk_chain.node.url}/?apikey={key}",
+                "GLISK_CONTRACT_ADDRESS": glisk_chain.address,
+                "LOG_LEVEL": level,
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 2, err.decode()
+        if level == "ERROR":
+            assert err.decode().strip().splitlines() == [f"error: {line}"]
+        assert key not in err.decode()
+        assert err.decode().strip().splitlines()[-1] == f"error: {line}"
 
     # The operator rewinds to a block both chains share: the next steps roll back what the
     # orphaned blocks recorded and read the new chain.

@@ -237,7 +237,6 @@ async def _chaos(
     address = deployment.address
     accounts = [Account.from_key(k) for k in keys[2:]]
     env = glisk_env(
-        "DB_POOLER*",
         "INGEST_*",
         DATABASE_URL=url,
         CHAIN_RPC_URL=anvil.url,
@@ -249,8 +248,6 @@ async def _chaos(
         ALCHEMY_WEBHOOK_SIGNING_KEY=KEY,
         LOG_LEVEL="WARNING",
     )
-    if postgres_container_pooler := os.environ.get("DB_POOLER"):
-        env["DB_POOLER"] = postgres_container_pooler
     port = free_port()
     serve_log = logs / "serve.log"
     serve = start_serve(env, serve_log, port)

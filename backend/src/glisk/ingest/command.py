@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from glisk.errors import EXIT_CONFIG, ConfigError, OperatorError, first_line
@@ -85,6 +86,9 @@ async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
     from glisk.workers.worker import install_stop_signals
 
     rpc_url, contract = _required(settings)
+    # web3's HTTP provider logs its URL (every request at DEBUG, the disconnect at INFO), and
+    # providers put the API key in it: web3 speaks at WARNING or not at all, whatever LOG_LEVEL.
+    logging.getLogger("web3").setLevel(logging.WARNING)
     log = structlog.get_logger("glisk.ingest")
     options: dict[str, Any] = dict(settings.ingest_options())
     w3 = client.connect(rpc_url, timeout=settings.ingest_rpc_timeout)
