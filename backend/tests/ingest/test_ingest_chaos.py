@@ -43,6 +43,7 @@ from glisk.testing import connect
 from tests.support.database import Database
 from tests.support.ingest import alchemy_payload, block_of, signed
 from tests.support.processes import GLISK, glisk_env, wait_serving
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.proof, pytest.mark.timeout(600)]
 
@@ -51,8 +52,7 @@ ACCOUNTS = 24  # anvil dev accounts: 0 deploys, 1 keeps, the rest mint
 MINTERS = 6  # mints in flight at once, each from its own account
 CHAOS_SECONDS = 30.0
 REORG_EVERY = (1.5, 3.0)
-KILL_EVERY = (1.5, 4.0)  # a follower that has run at least MIN_LIFE seconds
-MIN_LIFE = 2.0
+KILL_EVERY = (1.0, 3.0)
 CONFIRMATIONS = 1
 WINDOW = 16
 AUTHORS = ["0x" + secrets.token_hex(20) for _ in range(10)]
@@ -186,14 +186,64 @@ def replacement(w3: Any, address: str, account: LocalAccount, rng: random.Random
     }
 
 
-def start_follower(env: dict[str, str], log: Path, max_range: int) -> subprocess.Popen[bytes]:
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            [*GLISK, "ingest"],
-            env={**env, "INGEST_MAX_RANGE": str(max_range)},
-            stdout=sink,
-            stderr=sink,
-        )
+class Followers:
+    """Two `glisk ingest` processes; SIGKILLed and started again. A follower counts as ready once
+    its log says ``ingest.start`` (on this loaded machine an interpreter takes seconds to start:
+    only a follower at work is worth killing)."""
+
+    def __init__(self, env: dict[str, str], logs: Path, ranges: tuple[int, ...]) -> None:
+        self.env, self.logs, self.ranges = env, logs, ranges
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.offsets: list[int] = []
+        self.ready_at: list[float | None] = []
+        self.started = self.kills = 0
+        for i in range(len(ranges)):
+            self.processes.append(self._spawn(i))
+            self.offsets.append(0)
+            self.ready_at.append(None)
+
+    def log(self, i: int) -> Path:
+        return self.logs / f"ingest-{i}.log"
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        self.started += 1
+        with self.log(i).open("ab") as sink:
+            return subprocess.Popen(
+                [*GLISK, "ingest"],
+                env={**self.env, "INGEST_MAX_RANGE": str(self.ranges[i])},
+                stdout=sink,
+                stderr=sink,
+            )
+
+    def ready(self, i: int) -> bool:
+        if self.ready_at[i] is None:
+            assert self.processes[i].poll() is None, self.log(i).read_text()[-3000:]
+            with self.log(i).open("rb") as f:
+                f.seek(self.offsets[i])
+                if b"ingest.start" in f.read():
+                    self.ready_at[i] = time.monotonic()
+        return self.ready_at[i] is not None
+
+    def kill(self, i: int) -> None:
+        self.processes[i].send_signal(signal.SIGKILL)
+        self.processes[i].wait()
+        self.kills += 1
+        self.offsets[i] = self.log(i).stat().st_size
+        self.ready_at[i] = None
+        self.processes[i] = self._spawn(i)
+
+    def alive(self) -> None:
+        for i, process in enumerate(self.processes):
+            assert process.poll() is None, self.log(i).read_text()[-3000:]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def start_serve(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
@@ -246,20 +296,53 @@ async def _chaos(
         INGEST_POLL_INTERVAL="0.1",
         INGEST_GAP_INTERVAL="1",
         ALCHEMY_WEBHOOK_SIGNING_KEY=KEY,
-        LOG_LEVEL="WARNING",
+        LOG_LEVEL="INFO",
     )
     port = free_port()
     serve_log = logs / "serve.log"
-    serve = start_serve(env, serve_log, port)
-    ranges = (3, 7)
-    followers = [start_follower(env, logs / f"ingest-{i}.log", ranges[i]) for i in range(2)]
-    born = [time.monotonic()] * 2
-    started, kills, reorgs = 2, 0, 0
+    serve = start_serve({**env, "LOG_LEVEL": "WARNING"}, serve_log, port)
+    followers = Followers(env, logs, (3, 7))
+    reorgs = 0
     minting = Minting(w3, address, accounts[: MINTERS * 2], rng)
     feed = Feed(Node(w3, address), f"http://127.0.0.1:{port}/webhooks/alchemy", rng)
     stop_minting, stop_feed = asyncio.Event(), asyncio.Event()
+
+    async def reorg(depth: int) -> None:
+        """Replace the last ``depth`` blocks with blocks holding other mints (minting paused)."""
+        nonlocal reorgs
+        async with minting.paused():
+            await feed.poll()  # Alchemy saw the blocks about to be orphaned
+            head = await w3.eth.block_number
+            orphans = await feed.node.mint_logs(head - depth + 1, head)
+            txs = [
+                [
+                    replacement(w3, address, rng.choice(accounts[MINTERS:]), rng),
+                    rng.randrange(depth),
+                ]
+                for _ in range(rng.randint(1, 2))
+            ]
+            await client.rpc(w3, "anvil_reorg", [depth, txs])
+            feed.reorged(head - depth + 1, orphans)
+            reorgs += 1
+
+    async def caught_up(seconds: float = 180) -> int:
+        """Wait until the cursor is at the confirmed head; that head."""
+        head = await w3.eth.block_number
+
+        def there() -> bool:
+            followers.alive()
+            found = cursor(conn)
+            return found is not None and found.block >= head - CONFIRMATIONS
+
+        await eventually(there, seconds, f"the followers at block {head - CONFIRMATIONS}", poll=0.1)
+        return head
+
+    def both_ready() -> bool:
+        return all([followers.ready(0), followers.ready(1)])
+
     try:
         wait_serving(serve, port, 240, what="glisk serve", output=serve_log.read_text)
+        await eventually(both_ready, 240, "both followers started", poll=0.1)
         async with httpx.AsyncClient(timeout=60) as http:
             minters = [
                 asyncio.create_task(minting.minter(accounts[i], stop_minting))
@@ -273,37 +356,26 @@ async def _chaos(
                 await feed.poll()
                 now = time.monotonic()
                 victim = rng.randrange(2)
-                if now >= next_kill and now - born[victim] >= MIN_LIFE:
-                    followers[victim].send_signal(signal.SIGKILL)
-                    followers[victim].wait()
-                    kills += 1
-                    await asyncio.sleep(rng.uniform(0, 0.5))
-                    followers[victim] = start_follower(
-                        env, logs / f"ingest-{victim}.log", ranges[victim]
-                    )
-                    born[victim] = time.monotonic()
-                    started += 1
+                # Only a follower at work; and while the other one works (or now and then both).
+                other_ready = followers.ready(1 - victim) or rng.random() < 0.2
+                if now >= next_kill and followers.ready(victim) and other_ready:
+                    followers.kill(victim)
                     next_kill = now + rng.uniform(*KILL_EVERY)
                 if now >= next_reorg:
-                    async with minting.paused():
-                        await feed.poll()  # Alchemy saw the blocks about to be orphaned
-                        head = await w3.eth.block_number
-                        depth = rng.randint(1, 3)
-                        orphans = await feed.node.mint_logs(head - depth + 1, head)
-                        txs = [
-                            [
-                                replacement(w3, address, rng.choice(accounts[MINTERS:]), rng),
-                                rng.randrange(depth),
-                            ]
-                            for _ in range(rng.randint(1, 2))
-                        ]
-                        await client.rpc(w3, "anvil_reorg", [depth, txs])
-                        feed.reorged(head - depth + 1, orphans)
-                        reorgs += 1
+                    await reorg(rng.randint(1, 3))
                     next_reorg = now + rng.uniform(*REORG_EVERY)
                 await asyncio.sleep(0.05)
             stop_minting.set()
             await asyncio.gather(*minters)
+            # One more reorg, of blocks the followers have consumed: they must find it at their
+            # cursor, roll it back and read the new blocks.
+            await eventually(both_ready, 240, "both followers started", poll=0.1)
+            for i in range(2):
+                await glisk_contract.mint(
+                    w3, accounts[i], address, prompt_author=AUTHORS[i], quantity=1 + i
+                )
+            await caught_up()
+            await reorg(CONFIRMATIONS + 2)
             for _ in range(CONFIRMATIONS + 3):  # every reorged block well below the head
                 await client.rpc(w3, "evm_mine")
             await feed.poll()
@@ -313,23 +385,16 @@ async def _chaos(
         # arrive now make them look at the window again.
         for _ in range(2):
             await client.rpc(w3, "evm_mine")
-        head = await w3.eth.block_number
-        deadline = time.monotonic() + 120
-        while (found := cursor(conn)) is None or found.block < head - CONFIRMATIONS:
-            for i, process in enumerate(followers):
-                assert process.poll() is None, (logs / f"ingest-{i}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"the followers did not reach {head}: {found}"
-            await asyncio.sleep(0.1)
+        head = await caught_up()
     finally:
         stop_minting.set()
         stop_feed.set()
-        for process in [*followers, serve]:
-            process.send_signal(signal.SIGTERM)
-        for process in [*followers, serve]:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        followers.stop()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
 
     canonical = await Node(w3, address).mint_logs(0, head)
     await w3.provider.disconnect()
@@ -364,14 +429,15 @@ async def _chaos(
     assert sorted(expected) == list(range(1, len(expected) + 1))
     # The cursor: every committed move forward (or standing), from the first step on.
     assert moves and all(old is None or new >= old for old, new in moves), moves
+    assert final.reorgs >= 1, "the followers never met a reorg at their cursor"
     # The "new" answers, less what was rolled back, are exactly the canonical logs.
     news = final.new + gap_new + feed.answers["new"]
     undone = final.rolled_back + feed.answers["rolled_back"]
     assert news - undone == len(canonical), (final, gap_new, feed.answers)
     print(
         f"ingest chaos (seed {SEED}): {len(canonical)} canonical mint logs, {len(expected)} "
-        f"tokens, {minting.sent} mints sent, {reorgs} reorgs, {kills} followers SIGKILLed "
-        f"({started} started); followers: {final.steps} steps, {final.new} new, "
+        f"tokens, {minting.sent} mints sent, {reorgs} reorgs, {followers.kills} followers "
+        f"SIGKILLed ({followers.started} started); followers: {final.steps} steps, {final.new} new, "
         f"{final.duplicate} duplicate, {final.rolled_back} rolled back, {final.reorgs} reorgs "
         f"seen, {final.conflict} conflicts; gap passes: {gap_new} new; webhook: {feed.posts} "
         f"posts, {dict(feed.answers)}; cursor moved {len(moves)} times, never back"

@@ -33,7 +33,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -205,7 +205,7 @@ class Follower:
                 )
                 if ancestor is None:
                     await self._halt(cursor, here, kept)
-                reorg = Reorg(cursor.block, cursor.hash, here.hash, ancestor.number)  # type: ignore[union-attr]
+                reorg = Reorg(cursor.block, cursor.hash, here.hash, ancestor.number)
             if reorg is None and target <= cursor.block:
                 await self._note_head(head, target)
                 return None
@@ -251,10 +251,13 @@ class Follower:
         head: int,
         target: int,
     ) -> StepReport:
-        assert read is not None or ancestor is not None
         logs = read.logs if read else []
         low = ancestor.number if ancestor else self.options.start_block - 1
-        end = (read.last, read.last_hash) if read else (ancestor.number, ancestor.hash)  # type: ignore[union-attr]
+        if read is not None:
+            end = (read.last, read.last_hash)
+        else:  # a reorg onto a chain that has not reached the ancestor's confirmations yet
+            assert ancestor is not None
+            end = (ancestor.number, ancestor.hash)
         report = StepReport(
             read.first if read else low + 1, read.last if read else low, end[0], head
         )
@@ -283,9 +286,10 @@ class Follower:
             report.conflicts = [o.conflict for o in outcomes if o.conflict is not None]
             if reorg is not None or (cursor is not None and end[0] < cursor.block):
                 await uow.chain_blocks.forget_above(low)
-            blocks = {(g.block_number, g.block_hash) for g in logs if g.block_hash}
-            anchors = [(a.number, a.hash) for a in read.anchors] if read else []
-            await uow.chain_blocks.keep([*blocks, *anchors, end])  # type: ignore[list-item]
+            kept_now: set[tuple[int, str]] = {end}
+            kept_now |= {(g.block_number, g.block_hash) for g in logs if g.block_hash is not None}
+            kept_now |= {(a.number, a.hash) for a in read.anchors} if read else set()
+            await uow.chain_blocks.keep(sorted(kept_now))
             await uow.chain_blocks.prune(end[0] - self.options.reorg_window)
             base = cursor or Cursor(block=end[0], hash=end[1])
             moved = base.advanced(
@@ -326,7 +330,7 @@ class Follower:
         refused = [o for o in outcomes if o.status == "conflict" and o.conflict is not None]
         if not refused:
             return outcomes, RolledBack()
-        ids = sorted({i for o in refused for i in o.conflict.token_ids})  # type: ignore[union-attr]
+        ids = sorted({i for o in refused if o.conflict for i in o.conflict.token_ids})
         orphaned = []
         for holder in await uow.mint_events.holders_above(ids, last):
             if holder.block_hash is None:
@@ -343,7 +347,7 @@ class Follower:
         retried = {id(o): a for o, a in zip(refused, again, strict=True)}
         return [retried.get(id(o), o) for o in outcomes], undone
 
-    async def _halt(self, cursor: Cursor, here: Block, kept: Sequence[Kept]) -> None:
+    async def _halt(self, cursor: Cursor, here: Block, kept: Sequence[Kept]) -> NoReturn:
         floor = min((k.number for k in kept), default=cursor.block)
         message = (
             f"reorg deeper than the window: block {cursor.block} is now {here.hash[:12]}… "

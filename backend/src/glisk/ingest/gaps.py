@@ -105,9 +105,8 @@ async def recover_gaps(
             outcomes = await uow.mint_events.record_mints(
                 wanted, new_author_prompt=new_author_prompt
             )
-            await uow.chain_blocks.keep(
-                [(o.log.block_number, o.log.block_hash) for o in outcomes if o.log.block_hash]  # type: ignore[misc]
-            )
+            blocks = [(o.log.block_number, o.log.block_hash) for o in outcomes]
+            await uow.chain_blocks.keep([(n, h) for n, h in blocks if h is not None])
             recorded = sum(o.new for o in outcomes)
             if recorded:
                 await uow.system_state.increment(state.GAPS_RECORDED, recorded)
