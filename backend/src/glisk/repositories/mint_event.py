@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -387,7 +388,8 @@ class MintOutcome:
     ``new``: recorded by this call (exactly one delivery of a log gets it, however many deliver
     it at once); ``duplicate``: recorded before (or earlier in the same input); ``conflict``:
     nothing written for it, ``conflict`` says why. ``event_id`` is the log's row when it is
-    recorded; ``author_created`` says whether this call created the author.
+    recorded; ``author_created`` is True on the first log of the input whose author this call
+    created (exactly one log, across every writer, for each author created).
     """
 
     log: MintLog
@@ -569,6 +571,13 @@ class MintEventRepository:
             raise RuntimeError(
                 f"mint log {log.tx_hash}#{log.log_index}: no outcome after {_ATTEMPTS} attempts"
             )
+        # Several logs of one call may share an author it created: the first of them says so.
+        created: set[UUID] = set()
+        for position, outcome in enumerate(outcomes):
+            if outcome is not None and outcome.author_created and outcome.author_id is not None:
+                if outcome.author_id in created:
+                    outcomes[position] = dataclasses.replace(outcome, author_created=False)
+                created.add(outcome.author_id)
         for position, log in enumerate(logs):
             first = outcomes[first_copy[log.key]]
             assert first is not None
