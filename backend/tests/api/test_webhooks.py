@@ -202,12 +202,17 @@ async def test_a_signed_body_that_is_not_a_custom_webhook_payload_is_a_400_namin
 ) -> None:
     good = json.loads(payload([mint_log(1)]))
     good["event"]["data"]["block"]["logs"][0]["data"] = "0x12"
-    app, _ = app_for(postgres_container)
+    app, _ = app_for(postgres_container, chain_id=8453)  # Base; the payload says ETH_MAINNET
     async with serving(app) as client:
         wrong_type = await post(client, json.dumps({**good, "type": "ADDRESS_ACTIVITY"}).encode())
         bad_data = await post(client, json.dumps(good).encode())
         not_json = await post(client, b"{nope")
+        other_chain = await post(client, payload([mint_log(1)]))
     assert wrong_type.status_code == bad_data.status_code == not_json.status_code == 400
     assert wrong_type.json()["error"]["message"].startswith("type: must be GRAPHQL")
     assert bad_data.json()["error"]["message"].startswith("event.data.block.logs[0].data: ")
+    assert other_chain.status_code == 400
+    assert other_chain.json()["error"]["message"].startswith(
+        "event.network: must be the network of CHAIN_ID 8453"
+    )
     assert await counts(uow_factory) == (0, 0, 0)

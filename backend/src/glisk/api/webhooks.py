@@ -5,7 +5,8 @@ Contract:
   the raw body under ALCHEMY_WEBHOOK_SIGNING_KEY, compared in constant time). With no signing
   key configured the route still exists and refuses every request: secure by default.
 - **413** for a body over MAX_BODY_BYTES, **400** for a signed body that is not a custom-webhook
-  payload (one line naming the field), **503** when GLISK_CONTRACT_ADDRESS is unset or the
+  payload, or whose ``event.network`` is another chain than CHAIN_ID's (one line naming the
+  field), **503** when GLISK_CONTRACT_ADDRESS is unset or the
   database cannot take it (Alchemy delivers again later).
 - **200** otherwise, with one answer per mint log (``glisk.ingest.delivery``): new, duplicate,
   conflict, orphaned, rolled_back, removed; and the count of other logs ignored. A duplicate or a
@@ -26,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from glisk.api.schemas import envelope
 from glisk.errors import DatabaseError, FieldValidationError, first_line
-from glisk.ingest.alchemy import SIGNATURE_HEADER, parse, signature_valid
+from glisk.ingest.alchemy import SIGNATURE_HEADER, check_network, parse, signature_valid
 from glisk.ingest.delivery import deliver
 
 log = structlog.get_logger("glisk.webhook")
@@ -92,6 +93,7 @@ async def alchemy_webhook(request: Request) -> Any:
         )
     try:
         payload = parse(body, contract=contract)
+        check_network(payload, settings.chain_id)
     except FieldValidationError as exc:
         log.warning("webhook.invalid", error=str(exc))
         return _refuse(400, "BAD_REQUEST", str(exc), request, "invalid")

@@ -35,6 +35,32 @@ from glisk.models import MintLog
 
 SIGNATURE_HEADER = "X-Alchemy-Signature"
 
+# Alchemy's network names and their chain ids. A contract deployed from the same account and
+# nonce has the same address on every chain: the network is what tells a Base Sepolia payload
+# from a Base one.
+NETWORKS = {
+    "ETH_MAINNET": 1,
+    "ETH_SEPOLIA": 11155111,
+    "ETH_HOLESKY": 17000,
+    "BASE_MAINNET": 8453,
+    "BASE_SEPOLIA": 84532,
+    "OPT_MAINNET": 10,
+    "OPT_SEPOLIA": 11155420,
+    "ARB_MAINNET": 42161,
+    "ARB_SEPOLIA": 421614,
+    "MATIC_MAINNET": 137,
+}
+
+
+def check_network(payload: Payload, chain_id: int | None) -> None:
+    """Raise FieldValidationError when the payload names a known network that is not
+    ``chain_id``'s (nothing is checked without a chain id or for a network not listed)."""
+    known = NETWORKS.get(payload.network or "")
+    if chain_id is not None and known is not None and known != chain_id:
+        raise FieldValidationError(
+            "event.network", f"must be the network of CHAIN_ID {chain_id}", payload.network
+        )
+
 
 def signature(key: str, body: bytes) -> str:
     """The X-Alchemy-Signature of ``body`` under ``key`` (hex HMAC-SHA256)."""
