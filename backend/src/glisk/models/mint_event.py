@@ -119,7 +119,7 @@ class MintLog:
     author: str
     start_token_id: int
     quantity: int = 1
-    block_hash: str | None = None
+    block_hash: str | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here

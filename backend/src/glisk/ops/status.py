@@ -132,7 +132,8 @@ class PipelineStatus:
     statuses: dict[str, int]
     revealed_estimated: bool
     failed: list[FailedGroup]
-    ingest: IngestStatus | None = None  # None: no follower has run against this database
+    # None: no follower has run against this database
+    ingest: IngestStatus | None = field(default=None, kw_only=True)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -223,7 +224,7 @@ def collect(
             for stage, reason, n in conn.execute(FAILED_BY_REASON.encode()).fetchall()
         ]
         ingest = ingest_status(conn)
-    return PipelineStatus(at_row[0], stages, statuses, estimated, failed, ingest)
+    return PipelineStatus(at_row[0], stages, statuses, estimated, failed, ingest=ingest)
 
 
 def _age(seconds: float | None) -> str:
