@@ -21,7 +21,7 @@ from glisk.ingest import state
 from glisk.ingest.command import rewind
 from glisk.ingest.follower import CursorMoved, Follower
 from glisk.ingest.gaps import recover_gaps
-from glisk.ingest.node import Node
+from glisk.ingest.node import Node, range_refusal
 from glisk.ingest.reorg import DeepReorg
 from glisk.ingest.state import Cursor
 from glisk.ops.status import IngestStatus, collect, render
@@ -335,3 +335,19 @@ async def test_a_gap_is_backfilled_from_the_logs_and_an_id_without_a_log_is_neve
         assert await uow.system_state.get_state(state.GAPS_CHECKED) == 9
     calls = client.rpc_calls(glisk_chain.w3)
     assert calls["eth_call"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        ({"code": -32602, "message": "Log response size exceeded. ... 2K block range"}, True),
+        ({"code": -32005, "message": "query returned more than 10000 results"}, True),
+        ({"code": -32000, "message": "block range is too wide"}, True),
+        ({"code": -32005, "message": "project ID request rate exceeded"}, False),
+        ({"code": 429, "message": "Too Many Requests"}, False),
+        ({"code": -32000, "message": "header not found"}, False),
+        ("not an object", False),
+    ],
+)
+def test_what_counts_as_a_range_refusal(error: Any, refused: bool) -> None:
+    assert range_refusal(error) is refused

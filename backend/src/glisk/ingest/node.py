@@ -71,13 +71,14 @@ class Block:
 
 
 def range_refusal(error: Any) -> bool:
-    """Whether a JSON-RPC error object says the log range was too large."""
+    """Whether a JSON-RPC error object says the log range was too large. A rate limit is not
+    (Infura answers -32005 for both): splitting would only send more requests."""
     if not isinstance(error, dict):
         return False
-    if error.get("code") in _RANGE_CODES:
-        return True
     message = str(error.get("message", "")).lower()
-    return any(phrase in message for phrase in _RANGE_PHRASES)
+    if "rate" in message or "too many requests" in message:
+        return False
+    return error.get("code") in _RANGE_CODES or any(p in message for p in _RANGE_PHRASES)
 
 
 class Node:
