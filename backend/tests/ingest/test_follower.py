@@ -112,6 +112,24 @@ async def test_mints_are_recorded_once_with_their_block_time_and_a_rerun_adds_no
     assert (await cursor_of(uow_factory)).new == 6
 
 
+async def test_block_times_come_from_the_blocks_when_the_node_leaves_them_out_of_the_logs(
+    glisk_chain: Chain, uow_factory: UnitOfWorkFactory
+) -> None:
+    for i, stamp in enumerate((1_900_000_000, 1_900_000_777)):
+        await glisk_chain.rpc("evm_setNextBlockTimestamp", [stamp])
+        await mint(glisk_chain, 2, minter=i)
+    async with limited_node(glisk_chain.node.url, glisk_chain.address, limit=10_000) as node:
+        limits(node).drop_timestamps = True
+        await catch_up(follower(node, glisk_chain.address, uow_factory))
+        asked = dict(limits(node).calls)
+    await assert_matches_chain(glisk_chain, uow_factory)
+    assert asked.get("eth_getBlockByHash") == 2  # once per block that held a mint
+    assert {row[2].timestamp() for row in (await tokens(uow_factory)).values()} == {
+        1_900_000_000,
+        1_900_000_777,
+    }
+
+
 async def test_a_range_the_node_refuses_is_split_and_every_log_still_read(
     glisk_chain: Chain, uow_factory: UnitOfWorkFactory
 ) -> None:

@@ -32,7 +32,8 @@ REFUSAL = (
 
 class RangeLimitedProvider(CountingProvider):
     """A provider whose node refuses eth_getLogs over more than ``limit`` blocks, and can be told
-    to answer ``drop_logs`` (an incomplete answer, as a lagging replica gives)."""
+    to answer with no logs (``drop_logs``: an incomplete answer, as a lagging replica gives) or
+    with logs that do not carry their block's time (``drop_timestamps``, as older nodes do)."""
 
     def __init__(self, url: str, *, limit: int, timeout: float = 10.0) -> None:
         super().__init__(url, timeout=timeout)
@@ -40,6 +41,7 @@ class RangeLimitedProvider(CountingProvider):
         self.refused = 0
         self.spans: list[int] = []  # every eth_getLogs range asked for, in blocks
         self.drop_logs = False
+        self.drop_timestamps = False
 
     async def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
         if method == "eth_getLogs":
@@ -53,7 +55,11 @@ class RangeLimitedProvider(CountingProvider):
             if self.drop_logs:
                 self.calls[str(method)] += 1
                 return {"jsonrpc": "2.0", "id": 1, "result": []}
-        return await super().make_request(method, params)
+        response = await super().make_request(method, params)
+        if method == "eth_getLogs" and self.drop_timestamps:
+            for log in response.get("result") or []:
+                log.pop("blockTimestamp", None)
+        return response
 
 
 @asynccontextmanager
