@@ -20,10 +20,11 @@ further and never past the head minus ``confirmations``:
    the value the step started with. If another follower moved it first the whole transaction is
    undone (``CursorMoved``) and the step starts over from the new cursor.
 
-After a reorg the step reads at least up to the old cursor, so the cursor does not move backwards
-unless the new chain is shorter than what was consumed (then it goes to the new confirmed head,
-and the step says so). Several followers (and the webhook) can run at once: their writes are
-idempotent and the compare-and-set makes exactly one of two racing steps count.
+After a reorg the step reads at least up to the old cursor, so the cursor never moves backwards:
+when the new chain is not yet confirmed up to the old cursor (or the node answers from the
+middle of its switch), the follower waits for it. Several followers (and the webhook) can run at
+once: their writes are idempotent and the compare-and-set makes exactly one of two racing steps
+count.
 """
 
 from __future__ import annotations
@@ -206,16 +207,19 @@ class Follower:
                 if ancestor is None:
                     await self._halt(cursor, here, kept)
                 reorg = Reorg(cursor.block, cursor.hash, here.hash, ancestor.number)
-            if reorg is None and target <= cursor.block:
+            if target < cursor.block or (reorg is None and target == cursor.block):
+                # Nothing new; or a reorg whose chain has not yet reached what was consumed
+                # (confirmed up to the cursor): wait for it rather than move the cursor back.
+                # A node in the middle of switching chains answers like that for a moment.
                 await self._note_head(head, target)
                 return None
         elif target < options.start_block:
             await self._note_head(head, target)
             return None
         first = ancestor.number + 1 if ancestor else options.start_block
-        # After a reorg, read at least up to where the cursor was: it need not move back.
+        # After a reorg, read at least up to where the cursor was: it never moves back.
         last = min(max(first + self.node.span - 1, cursor.block if cursor else -1), target)
-        read = await self._read(first, last, ancestor, kept) if last >= first else None
+        read = await self._read(first, last, ancestor, kept)
         report = await self._write(cursor, ancestor, read, reorg, kept, head, target)
         self._count(report)
         return report
@@ -245,32 +249,25 @@ class Follower:
         self,
         cursor: Cursor | None,
         ancestor: Kept | None,
-        read: _Read | None,
+        read: _Read,
         reorg: Reorg | None,
         kept: Sequence[Kept],
         head: int,
         target: int,
     ) -> StepReport:
-        logs = read.logs if read else []
+        logs = read.logs
         low = ancestor.number if ancestor else self.options.start_block - 1
-        if read is not None:
-            end = (read.last, read.last_hash)
-        else:  # a reorg onto a chain that has not reached the ancestor's confirmations yet
-            assert ancestor is not None
-            end = (ancestor.number, ancestor.hash)
-        report = StepReport(
-            read.first if read else low + 1, read.last if read else low, end[0], head
-        )
+        end = (read.last, read.last_hash)
+        assert cursor is None or end[0] >= cursor.block, "a step never moves the cursor back"
+        report = StepReport(read.first, read.last, end[0], head)
         report.reorg = reorg
         detail = (
             f"reorg at block {reorg.block}: rolled back to block {reorg.ancestor}"
             if reorg
             else f"block {low + 1} to {end[0]} read again: not on the chain"
         )
-        # Past the new end, up to the old cursor, the chain (shorter after a reorg) has nothing.
-        high = max(end[0], cursor.block) if cursor else end[0]
         async with self.uow_factory() as uow:
-            orphans = await uow.mint_events.not_canonical_in_range(low, high, logs)
+            orphans = await uow.mint_events.not_canonical_in_range(low, end[0], logs)
             floor = min((k.number for k in kept), default=None)
             if floor is not None and ancestor is not None:
                 orphans += await uow.mint_events.not_in_window(floor, ancestor.number)
@@ -284,11 +281,11 @@ class Follower:
             report.new = sum(o.status == "new" for o in outcomes)
             report.duplicate = sum(o.status == "duplicate" for o in outcomes)
             report.conflicts = [o.conflict for o in outcomes if o.conflict is not None]
-            if reorg is not None or (cursor is not None and end[0] < cursor.block):
+            if reorg is not None:
                 await uow.chain_blocks.forget_above(low)
             kept_now: set[tuple[int, str]] = {end}
             kept_now |= {(g.block_number, g.block_hash) for g in logs if g.block_hash is not None}
-            kept_now |= {(a.number, a.hash) for a in read.anchors} if read else set()
+            kept_now |= {(a.number, a.hash) for a in read.anchors}
             await uow.chain_blocks.keep(sorted(kept_now))
             await uow.chain_blocks.prune(end[0] - self.options.reorg_window)
             base = cursor or Cursor(block=end[0], hash=end[1])
