@@ -12,6 +12,18 @@ COMMANDS = {
     "scaleout": ("scaleout", {"tokens": 100_000, "processes": "32,64"}),
     "tables": ("tables", {"sizes": "10000,100000,1000000", "iterations": 300, "vacuum_every": 50}),
     "mint": ("runtime", {"seconds": 3.0}),
+    "ingest": (
+        "ingest",
+        {
+            "logs": 20_000,
+            "batch": 500,
+            "seconds": 5.0,
+            "repeat": 3,
+            "chain_logs": 3000,
+            "per_block": 50,
+            "small_range": 5,
+        },
+    ),
     "http": ("serving", {"seconds": 10}),
     "startup": ("serving", {"repeat": 3, "skip_suite": False, "imports_only": False}),
     "stages": (

@@ -20,7 +20,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from glisk.api import health
+from glisk.api import health, webhooks
 from glisk.api.docs import OPENAPI_URL, install_docs
 from glisk.api.errors import install_error_handlers
 from glisk.api.middleware import (
@@ -137,8 +137,10 @@ def create_app(settings: Settings | None = None, *, log_stream: TextIO | None = 
         install_docs(app)
     install_error_handlers(app)
     app.include_router(health.router)
+    # POST /webhooks/alchemy: refuses everything (401) until ALCHEMY_WEBHOOK_SIGNING_KEY is set.
+    app.include_router(webhooks.router)
     # GET /metrics and the request counters; the innermost middleware, where the route is known.
-    install_api_metrics(app)
+    app.state.api_metrics = install_api_metrics(app)
     # add_middleware wraps what is there, so the last one added is the outermost.
     # Innermost: an unexpected exception becomes the 500 envelope inside CORS, which then adds
     # its headers so a browser can read the error.

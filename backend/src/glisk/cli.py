@@ -1,4 +1,4 @@
-"""The ``glisk`` command: ``serve``, ``worker``, ``status``, ``tokens`` and ``db ...``.
+"""The ``glisk`` command: ``serve``, ``worker``, ``ingest``, ``status``, ``tokens`` and ``db ...``.
 
 Without DATABASE_URL they start the embedded PostgreSQL (data kept between runs) and stop it on
 exit; a command other than ``serve`` uses the embedded server another glisk command of the same
@@ -26,6 +26,7 @@ from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.embedded_pg import EmbeddedPostgres, default_data_dir
 from glisk.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, OperatorError, first_line
+from glisk.ingest.command import add_parser as add_ingest_parser
 from glisk.ops.command import add_parsers as add_ops_parsers
 from glisk.workers.command import add_parser as add_worker_parser
 
@@ -324,6 +325,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     run(settings, args)
 
 
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> None:
+    from glisk.ingest.command import run
+
+    run(settings, args)
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -376,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     add_worker_parser(commands).set_defaults(handler=cmd_worker)
+    add_ingest_parser(commands).set_defaults(handler=cmd_ingest)
     add_ops_parsers(commands)  # status, tokens retry|show
 
     db = commands.add_parser("db", help="schema migrations (Alembic)")

@@ -1,4 +1,4 @@
-"""Unit of work: one session, one transaction, eight repositories.
+"""Unit of work: one session, one transaction, nine repositories.
 
     async with uow_factory() as uow:
         tokens = await uow.tokens.get_pending_for_generation(limit=10)
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from glisk.errors import DatabaseError, first_line
 from glisk.repositories import (
     AuthorRepository,
+    ChainBlockRepository,
     ImageGenerationJobRepository,
     IPFSUploadRecordRepository,
     MintEventRepository,
@@ -43,6 +44,7 @@ class UnitOfWork:
     reveal_txs: RevealTransactionRepository
     system_state: SystemStateRepository
     leases: TokenLeaseRepository  # leased claims for slow stages (glisk.workers)
+    chain_blocks: ChainBlockRepository  # the log follower's window of block hashes (glisk.ingest)
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
         # No I/O here: the session (and its connection) is opened by __aenter__.
@@ -75,6 +77,7 @@ class UnitOfWork:
         self.reveal_txs = RevealTransactionRepository(session)
         self.system_state = SystemStateRepository(session)
         self.leases = TokenLeaseRepository(session)
+        self.chain_blocks = ChainBlockRepository(session)
         return self
 
     async def __aexit__(

@@ -19,7 +19,7 @@ from glisk.chain.keeper import Keeper
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Worker
 from glisk.workers.run import connect_options_of
-from glisk.workers.stages import STAGES, StageName
+from glisk.pipeline import STAGES, StageName
 from tests.support.chain import GWEI, Chain
 from tests.support.factories import seed_in_bulk
 from tests.support.waiting import eventually

@@ -41,7 +41,8 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             "KEEPER_PRIVATE_KEY_FILE",
             "REVEAL_CONFIRMATIONS",
             "REVEAL_MAX_GAS_PRICE_GWEI",
-        }:
+            "ALCHEMY_WEBHOOK_SIGNING_KEY",
+        } or name.upper().startswith("INGEST_"):
             monkeypatch.delenv(name)
 
 
@@ -106,6 +107,12 @@ def test_defaults_are_the_ones_the_readme_documents() -> None:
         ),
         ("DATABASE_URL", "not a url", "DATABASE_URL: must be a URL like postgresql+psycopg://"),
         ("PORT", "-1", "PORT: Input should be greater than or equal to 1"),
+        ("CHAIN_RPC_URL", "ws://node:8546", "CHAIN_RPC_URL: must be an http:// or https:// URL"),
+        ("CHAIN_ID", "base", "CHAIN_ID: Input should be a valid integer"),
+        ("GLISK_CONTRACT_ADDRESS", "0x12", "GLISK_CONTRACT_ADDRESS: must be 0x followed by 40"),
+        ("INGEST_CONFIRMATIONS", "-1", "INGEST_CONFIRMATIONS: Input should be greater than"),
+        ("INGEST_REORG_WINDOW", "0", "INGEST_REORG_WINDOW: Input should be greater than"),
+        ("INGEST_MAX_RANGE", "lots", "INGEST_MAX_RANGE: Input should be a valid integer"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_rule(
@@ -398,3 +405,22 @@ def test_confirmations_default_by_chain(monkeypatch: pytest.MonkeyPatch) -> None
         assert load_settings(os.devnull).confirmations == expected
     monkeypatch.setenv("REVEAL_CONFIRMATIONS", "3")
     assert load_settings(os.devnull).confirmations == 3
+
+
+def test_chain_secrets_are_never_shown_and_the_webhook_key_is_unset_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = load_settings(os.devnull)
+    assert defaults.alchemy_webhook_signing_key is None and defaults.chain_rpc_url is None
+    assert (defaults.ingest_confirmations, defaults.ingest_reorg_window) == (2, 200)
+    monkeypatch.setenv("CHAIN_RPC_URL", "https://base-mainnet.g.alchemy.com/v2/sk-live-123")
+    monkeypatch.setenv("ALCHEMY_WEBHOOK_SIGNING_KEY", "whsec_live_456")
+    settings = load_settings(os.devnull)
+    shown = repr(settings) + str(settings.model_dump())
+    assert "sk-live-123" not in shown and "whsec_live_456" not in shown
+    assert settings.masked_rpc_url() == "https://base-mainnet.g.alchemy.com/***"
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://glisk:s3cr3t-Zq@db/glisk")
+    monkeypatch.setenv("ALCHEMY_WEBHOOK_SIGNING_KEY", "changeme")
+    with pytest.raises(ConfigError, match="ALCHEMY_WEBHOOK_SIGNING_KEY is a placeholder"):
+        load_settings(os.devnull)

@@ -60,6 +60,8 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "detected_at": ("timestamp without time zone", False, None),
         # 0005: batch mints
         "quantity": ("integer", False, None),
+        # 0008: the block a log was read from
+        "block_hash": ("character varying", True, 66),
     },
     "image_generation_jobs": {
         "id": ("uuid", False, None),
@@ -124,6 +126,12 @@ EXPECTED_COLUMNS: dict[str, dict[str, tuple[str, bool, int | None]]] = {
         "key": ("character varying", False, 255),
         "state_value": ("jsonb", False, None),
         "updated_at": ("timestamp without time zone", False, None),
+    },
+    # 0008: the log follower's window of block hashes
+    "chain_blocks": {
+        "number": ("integer", False, None),
+        "hash": ("character varying", False, 66),
+        "recorded_at": ("timestamp without time zone", False, None),
     },
 }
 

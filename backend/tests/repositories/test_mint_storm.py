@@ -1,5 +1,5 @@
 """Mint storm: eight processes deliver overlapping, reordered and repeated mint logs (batch mints
-included) through record_mint at once. Each log must be recorded once, each token must exist once
+included) at once, log by log through record_mint or payload by payload through record_mints. Each log must be recorded once, each token must exist once
 with its author, and the deliveries reported as new must add up to exactly the distinct logs."""
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ PROCESSES = 8
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batched", [False, True], ids=["record_mint", "record_mints"])
 async def test_eight_processes_delivering_overlapping_repeated_logs_record_each_mint_once(
-    uow_factory: UnitOfWorkFactory, postgres_container: Database
+    uow_factory: UnitOfWorkFactory, postgres_container: Database, batched: bool
 ) -> None:
     feed = MintFeed.generate(tokens=TOKENS, seed=13, authors=40, max_batch=5)
     streams = feed.streams(PROCESSES, seed=14, share=0.4)
@@ -38,7 +39,9 @@ async def test_eight_processes_delivering_overlapping_repeated_logs_record_each_
     with ProcessPoolExecutor(max_workers=PROCESSES, mp_context=context) as pool:
         reports = await asyncio.gather(
             *(
-                loop.run_in_executor(pool, deliver_mints, postgres_container.url, stream, start_at)
+                loop.run_in_executor(
+                    pool, deliver_mints, postgres_container.url, stream, start_at, batched
+                )
                 for stream in wire
             )
         )

@@ -1,8 +1,9 @@
 """Mint-delivering processes for the mint storm test (importable by a forkserver).
 
 Each process plays one overlapping feed (a webhook, a block poller, a recovery pass): it records
-every log of every payload with ``record_mint``, one unit of work per log, and reports what each
-call said. A payload's remaining logs are delivered whatever an earlier one returned.
+every log of every payload with ``record_mint``, one unit of work per log, or (``batched``) each
+payload with ``record_mints`` in one unit of work, and reports what each log's answer was. A
+payload's remaining logs are delivered whatever an earlier one returned.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from glisk.uow import create_uow_factory
 
 
 async def _deliver(
-    url: str, payloads: list[list[dict[str, Any]]], start_at: float
+    url: str, payloads: list[list[dict[str, Any]]], start_at: float, batched: bool
 ) -> dict[str, Any]:
     enforce_utc()
     configure_logging("development", "WARNING")  # a line per commit would dominate the run
@@ -34,6 +35,20 @@ async def _deliver(
             await uow.session.connection()
         await asyncio.sleep(max(0.0, start_at - time.time()))
         for payload in payloads:
+            if batched:
+                logs = [MintLog.from_json(raw) for raw in payload]
+                async with uow_factory() as uow:
+                    outcomes = await uow.mint_events.record_mints(logs)
+                for outcome in outcomes:
+                    if outcome.status == "new":
+                        new.append(list(outcome.log.key))
+                    elif outcome.status == "duplicate":
+                        repeats += 1
+                    else:
+                        errors.append(str(outcome.conflict))
+                    if outcome.author_created:
+                        authors_created.append(outcome.log.author.lower())
+                continue
             for raw in payload:
                 log = MintLog.from_json(raw)
                 try:
@@ -54,6 +69,6 @@ async def _deliver(
 
 
 def deliver_mints(
-    url: str, payloads: list[list[dict[str, Any]]], start_at: float
+    url: str, payloads: list[list[dict[str, Any]]], start_at: float, batched: bool = False
 ) -> dict[str, Any]:
-    return asyncio.run(_deliver(url, payloads, start_at))
+    return asyncio.run(_deliver(url, payloads, start_at, batched))

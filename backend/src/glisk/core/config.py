@@ -62,11 +62,12 @@ DRIVER = "postgresql+psycopg"
 PoolerMode = Literal["none", "session", "transaction"]
 # application_name of each kind of process, so pg_stat_activity (and `glisk db check`) can tell
 # who holds the connections.
-Role = Literal["api", "worker", "cli"]
+Role = Literal["api", "worker", "cli", "ingest"]
 APPLICATION_NAMES: dict[Role, str] = {
     "api": "glisk-api",
     "worker": "glisk-worker",
     "cli": "glisk-cli",
+    "ingest": "glisk-ingest",
 }
 # Confirmations a reveal waits for when REVEAL_CONFIRMATIONS is unset, by chain id: Base and its
 # testnet finalise on L1 and reorganise rarely and shallowly; Ethereum and its testnets get the
@@ -95,6 +96,17 @@ class WorkerOptions(TypedDict):
     reconnect_cap: float
     listen: bool
     prepare_statements: bool
+
+
+class IngestOptions(TypedDict):
+    """Keyword arguments for glisk.ingest.follower.FollowerOptions from INGEST_* settings."""
+
+    confirmations: int
+    reorg_window: int
+    max_range: int
+    start_block: int
+    poll_interval: float
+    gap_interval: float
 
 
 class EngineOptions(TypedDict):
@@ -249,9 +261,11 @@ class Settings(BaseSettings):
     pinata_jwt: SecretStr | None = None
     pinata_api_url: str = "https://api.pinata.cloud"
     pinata_http_timeout: float = Field(default=60.0, gt=0, le=600)
-    # The chain: the reveal keeper (glisk.handlers.reveal) reads them all, the mint follower the
-    # first three. The key is never logged, never in argv, never in an error message.
-    chain_rpc_url: str | None = None
+    # The chain: the reveal keeper (glisk.handlers.reveal) reads them all, the mint follower
+    # (glisk ingest) and POST /webhooks/alchemy the first three. The RPC URL often carries a
+    # provider's API key in its path: it is a secret, never logged (see masked_rpc_url). The
+    # key is never logged, never in argv, never in an error message.
+    chain_rpc_url: SecretStr | None = None
     chain_id: int | None = Field(default=None, ge=1)
     glisk_contract_address: str | None = None
     keeper_private_key: SecretStr | None = None
@@ -261,6 +275,19 @@ class Settings(BaseSettings):
     reveal_max_gas_price_gwei: Decimal = Field(default=Decimal(50), gt=0, le=100_000)
     reveal_stuck_seconds: float = Field(default=90.0, gt=0, le=86400)
     reveal_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # The log follower: how far behind the head it reads, how deep it keeps block hashes to
+    # survive a reorg, the largest block range of one eth_getLogs, where it starts, how often it
+    # polls and how often it looks for gaps (0: never).
+    ingest_confirmations: int = Field(default=2, ge=0, le=10_000)
+    ingest_reorg_window: int = Field(default=200, ge=1, le=100_000)
+    ingest_max_range: int = Field(default=2000, ge=1, le=1_000_000)
+    ingest_start_block: int = Field(default=0, ge=0)
+    ingest_poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    ingest_gap_interval: float = Field(default=300.0, ge=0, le=86400)
+    ingest_rpc_timeout: float = Field(default=10.0, gt=0, le=300)
+    ingest_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Alchemy's per-webhook signing key (HMAC-SHA256 of the body). Unset: the route refuses all.
+    alchemy_webhook_signing_key: SecretStr | None = None
 
     # The compose file's postgres service reads these; the API only checks them in production.
     postgres_db: str = "glisk"
@@ -289,6 +316,8 @@ class Settings(BaseSettings):
         "keeper_private_key",
         "keeper_private_key_file",
         "reveal_confirmations",
+        "ingest_metrics_port",
+        "alchemy_webhook_signing_key",
         mode="before",
     )
     @classmethod
@@ -360,11 +389,11 @@ class Settings(BaseSettings):
             f"negated with '!' (from {', '.join(sorted(AUTH_METHODS))}; got '{value}')"
         )
 
-    @field_validator("chain_rpc_url")
+    @field_validator("chain_rpc_url", mode="after")
     @classmethod
-    def _rpc_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL of an Ethereum JSON-RPC node")
+    def _rpc_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (the node's JSON-RPC endpoint)")
         return value
 
     @field_validator("glisk_contract_address")
@@ -468,6 +497,12 @@ class Settings(BaseSettings):
                     f"{name.upper()} must use https:// when APP_ENV=production "
                     "(the API token travels with every request)"
                 )
+        key = self.alchemy_webhook_signing_key
+        if key is not None and key.get_secret_value().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "ALCHEMY_WEBHOOK_SIGNING_KEY is a placeholder; set the webhook's signing key "
+                "when APP_ENV=production"
+            )
         return self
 
     def require_secret(self, name: Literal["replicate_api_token", "pinata_jwt"]) -> str:
@@ -518,6 +553,29 @@ class Settings(BaseSettings):
             # PgBouncer up to 1.20 in transaction mode does not keep prepared statements.
             "prepare_statements": self.db_pooler != "transaction",
         }
+
+    def ingest_options(self) -> IngestOptions:
+        """Keyword arguments for glisk.ingest.follower.FollowerOptions from INGEST_* settings."""
+        return {
+            "confirmations": self.ingest_confirmations,
+            "reorg_window": self.ingest_reorg_window,
+            "max_range": self.ingest_max_range,
+            "start_block": self.ingest_start_block,
+            "poll_interval": self.ingest_poll_interval,
+            "gap_interval": self.ingest_gap_interval,
+        }
+
+    def masked_rpc_url(self) -> str | None:
+        """CHAIN_RPC_URL as it may be logged: scheme, host and port only (providers put the
+        API key in the path or the query)."""
+        if self.chain_rpc_url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.chain_rpc_url.get_secret_value())
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}/***"
 
     @property
     def worker_listen_enabled(self) -> bool:
@@ -573,12 +631,15 @@ class Settings(BaseSettings):
         - ``api``: DB_POOL_SIZE + DB_MAX_OVERFLOW (200 + 10 by default).
         - ``worker``: worker_pool_size(concurrency), no overflow, so the budget is exact.
         - ``cli``: one connection (migrations and checks open their own).
+        - ``ingest``: two (the follower's step and its gap pass never overlap; one spare).
         Every role gets DB_CONNECT_TIMEOUT, DB_POOLER and its own application_name.
         """
         if role == "api":
             pool_size, max_overflow = self.db_pool_size, self.db_max_overflow
         elif role == "worker":
             pool_size, max_overflow = self.worker_pool_size(concurrency), 0
+        elif role == "ingest":
+            pool_size, max_overflow = 2, 0
         else:
             pool_size, max_overflow = 1, 1
         return {

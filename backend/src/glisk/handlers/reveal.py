@@ -48,7 +48,7 @@ def keeper_config(settings: Settings) -> KeeperConfig:
         raise ConfigError("GLISK_CONTRACT_ADDRESS: required by the reveal keeper")
     account = Account.from_key(settings.keeper_key().get_secret_value())
     return KeeperConfig(
-        rpc_url=rpc_url,
+        rpc_url=rpc_url.get_secret_value(),
         chain_id=chain_id,
         contract=contract,
         account=account,

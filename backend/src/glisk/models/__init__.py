@@ -1,4 +1,4 @@
-"""The nine entities, their enums and rules.
+"""The ten entities, their enums and rules.
 
 Entity names (``Token``, ``Author``, ...) and ``metadata`` load every entity module on first use,
 which registers every table on ``metadata``. The light names (the enums; FieldValidationError,
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from glisk.errors import FieldValidationError, InvalidStateTransition, MintConflict
     from glisk.models.author import Author
     from glisk.models.base import metadata
+    from glisk.models.chain_block import ChainBlock
     from glisk.models.enums import (
         ImageJobStatus,
         ImageService,
@@ -46,6 +47,7 @@ _LIGHT = {
 }
 _ENTITIES = {
     "Author": "author",
+    "ChainBlock": "chain_block",
     "ImageGenerationJob": "image_job",
     "IPFSUploadRecord": "ipfs_record",
     "KeeperNonce": "keeper",
@@ -60,6 +62,7 @@ _ENTITIES = {
 
 __all__ = [
     "Author",
+    "ChainBlock",
     "FieldValidationError",
     "IPFSRecordType",
     "IPFSUploadRecord",

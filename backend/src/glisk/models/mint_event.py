@@ -38,6 +38,11 @@ class MintEvent(Entity, table=True):
         # 0005: batch mints, and the token_id rule the model already had.
         CheckConstraint("token_id >= 0", name="token_id_non_negative"),
         CheckConstraint(f"quantity BETWEEN 1 AND {MAX_MINT_QUANTITY}", name="quantity_range"),
+        # 0008: the block the log was read from (NULL when the deliverer did not say).
+        CheckConstraint(
+            f"block_hash IS NULL OR block_hash ~ '{v.TX_HASH_STORED_PATTERN}'",
+            name="block_hash_format",
+        ),
     )
 
     id: UUID = Field(default_factory=uuid4, primary_key=True)
@@ -52,6 +57,9 @@ class MintEvent(Entity, table=True):
         default=1, sa_column=Column(Integer, nullable=False, server_default=text("1"))
     )
     detected_at: datetime = Field(default_factory=utcnow, sa_column=timestamp_column())
+    # The hash of the block the log was read from, lowercase; None when the deliverer did not
+    # give it. The follower compares it with the chain to find logs of orphaned blocks.
+    block_hash: str | None = Field(default=None, sa_column=Column(String(66), nullable=True))
 
     @property
     def token_ids(self) -> range:
@@ -64,6 +72,10 @@ class MintEvent(Entity, table=True):
     @validates("log_index")
     def _log_index(self, key: str, value: Any) -> int:
         return v.int_at_least(key, value, 0)
+
+    @validates("block_hash")
+    def _block_hash(self, key: str, value: Any) -> str | None:
+        return v.optional_tx_hash(key, value)
 
     @validates("block_number")
     def _block_number(self, key: str, value: Any) -> int:
@@ -93,9 +105,10 @@ class MintLog:
     as a webhook, a block poller or a recovery pass delivers it.
 
     Identified by (tx_hash, log_index). Construction validates every field and raises
-    FieldValidationError naming it; tx_hash is lowercased, and block_timestamp is stored as naive
-    UTC (an aware datetime is converted, a naive one is taken to be UTC already). Wallets keep
-    their letter case.
+    FieldValidationError naming it; tx_hash and block_hash are lowercased, and block_timestamp is
+    stored as naive UTC (an aware datetime is converted, a naive one is taken to be UTC already).
+    Wallets keep their letter case. ``block_hash`` is the block the log was read from, when the
+    deliverer knows it (a node and Alchemy do): reorg handling compares it with the chain.
     """
 
     tx_hash: str
@@ -106,12 +119,14 @@ class MintLog:
     author: str
     start_token_id: int
     quantity: int = 1
+    block_hash: str | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "tx_hash", v.tx_hash("tx_hash", self.tx_hash))
         v.int_at_least("log_index", self.log_index, 0)
         v.int_at_least("block_number", self.block_number, 1)
+        set_(self, "block_hash", v.optional_tx_hash("block_hash", self.block_hash))
         if not isinstance(self.block_timestamp, datetime):
             raise v.FieldValidationError(
                 "block_timestamp", "must be a datetime", self.block_timestamp
@@ -144,6 +159,7 @@ class MintLog:
             "author": self.author,
             "start_token_id": self.start_token_id,
             "quantity": self.quantity,
+            "block_hash": self.block_hash,
         }
 
     @classmethod
@@ -156,7 +172,7 @@ class MintLog:
         for name in data:
             if name not in known:
                 raise v.FieldValidationError(name, "is not a mint log field", data[name])
-        for name in known[:-1]:  # quantity may be left out (1)
+        for name in known[:-2]:  # quantity (1) and block_hash (None) may be left out
             if name not in data:
                 raise v.FieldValidationError(name, "is required", None)
         fields = dict(data)

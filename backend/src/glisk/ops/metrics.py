@@ -19,6 +19,9 @@ API (``install_api_metrics``):
   ``glisk_keeper_oldest_in_flight_seconds``, and ``glisk_keeper_in_flight_max_fee_gwei`` (the
   highest fee offered by a reveal in flight), ``glisk_keeper_fee_cap_gwei``
   (REVEAL_MAX_GAS_PRICE_GWEI)
+- ``glisk_webhook_requests_total{outcome}``, ``glisk_webhook_logs_total{answer}``
+  (POST /webhooks/alchemy); from the same read as the tokens, once ``glisk ingest`` has run:
+  ``glisk_ingest_lag_blocks`` and ``glisk_ingest_halted`` (1 after a reorg deeper than the window)
 
 Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
 path but the handler timing):
@@ -53,6 +56,7 @@ from glisk.ops.status import (
     ESTIMATE_ABOVE,
     IN_FLIGHT,
     IN_FLIGHT_SHOWN,
+    INGEST_STATE,
     KEEPER,
     REVEALED_EXACT,
     STATUS_COUNTS,
@@ -93,6 +97,8 @@ class TokenGauge(Collector):
         self.keepers: dict[int, tuple[int, int, int, float]] = {}
         self.in_flight_max_fee_gwei = 0.0
         self.fee_cap_gwei: float | None = None
+        # glisk ingest as recorded: (cursor, head, halted) from system_state; None: never ran
+        self.ingest: tuple[int | None, int | None, bool] | None = None
         self._read_at = float("-inf")
 
     async def refresh(
@@ -127,11 +133,21 @@ class TokenGauge(Collector):
                 )
             in_flight = (await conn.exec_driver_sql(IN_FLIGHT, params)).all()
             fees = [float(tuple(r)[5]) / 1e9 for r in in_flight]
+            rows = cast("list[tuple[Any, Any]]", (await conn.exec_driver_sql(INGEST_STATE)).all())
+            found = {str(key): value for key, value in rows}
         self.keepers = keepers
         self.in_flight_max_fee_gwei = max(fees, default=0.0)
         self.counts = {s: counts.get(s, 0) for s in _STATUSES}
         self.stages = stages
         self.estimated = estimated
+        self.ingest = None
+        if found:
+            cursor, head = found.get("ingest_cursor"), found.get("ingest_head")
+            self.ingest = (
+                cursor.get("block") if isinstance(cursor, dict) else None,
+                head.get("head") if isinstance(head, dict) else None,
+                bool(found.get("ingest_halted")),
+            )
         self._read_at = time.monotonic()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -164,6 +180,7 @@ class TokenGauge(Collector):
             oldest.add_metric([name], float(row[4]) if row[4] is not None else 0.0)
         yield by_state
         yield oldest
+        yield from self._ingest_gauges()
         yield from self._keeper_gauges()
 
     def _keeper_gauges(self) -> Iterator[GaugeMetricFamily]:
@@ -190,6 +207,21 @@ class TokenGauge(Collector):
                 value=self.fee_cap_gwei,
             )
 
+    def _ingest_gauges(self) -> Iterator[GaugeMetricFamily]:
+        if self.ingest is not None:
+            cursor, head, halted = self.ingest
+            if isinstance(cursor, int) and isinstance(head, int):
+                yield GaugeMetricFamily(
+                    "glisk_ingest_lag_blocks",
+                    "The node's head minus the last block glisk ingest consumed (as recorded)",
+                    value=max(0, head - cursor),
+                )
+            yield GaugeMetricFamily(
+                "glisk_ingest_halted",
+                "1 when glisk ingest stopped on a reorg deeper than its window (operator)",
+                value=1 if halted else 0,
+            )
+
 
 class ApiMetrics:
     def __init__(self) -> None:
@@ -208,6 +240,20 @@ class ApiMetrics:
         )
         self.tokens = TokenGauge()
         self.registry.register(self.tokens)
+        # POST /webhooks/alchemy: deliveries by outcome, and the mint logs they carried by answer.
+        self.webhook_requests = Counter(
+            "glisk_webhook_requests",
+            "Webhook deliveries by outcome (accepted, unauthorized, invalid, too_large, "
+            "unavailable)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_logs = Counter(
+            "glisk_webhook_logs",
+            "Mint logs of accepted webhook deliveries by answer",
+            ["answer"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:

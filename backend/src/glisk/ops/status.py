@@ -120,6 +120,13 @@ GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2
 """
 
 
+INGEST_STATE = """
+-- status_ingest: the log follower's state, four system_state rows by primary key.
+SELECT key, state_value FROM system_state
+WHERE key IN ('ingest_cursor', 'ingest_head', 'ingest_last_reorg', 'ingest_halted')
+"""
+
+
 @cache
 def stage_counts(stage: str) -> str:
     return _STAGE_COUNTS.format(stage=stage, predicate=STAGES[stage].predicate, now=NOW)
@@ -186,6 +193,21 @@ class KeeperReport:
 
 
 @dataclass
+class IngestStatus:
+    """``glisk ingest`` as of its last step: the node's head, the last block consumed, the lag
+    between them in blocks, the followers' totals, the last reorg, and the stop message of a
+    reorg deeper than the window (None while running normally)."""
+
+    cursor: int | None = None
+    head: int | None = None
+    lag: int | None = None
+    head_at: str | None = None
+    totals: dict[str, int] = field(default_factory=dict[str, int])
+    last_reorg: dict[str, Any] | None = None
+    halted: str | None = None
+
+
+@dataclass
 class PipelineStatus:
     at: datetime
     stages: dict[str, StageStatus]
@@ -193,6 +215,8 @@ class PipelineStatus:
     revealed_estimated: bool
     failed: list[FailedGroup]
     keeper: KeeperReport | None = None
+    # None: no follower has run against this database
+    ingest: IngestStatus | None = field(default=None, kw_only=True)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -257,6 +281,43 @@ def keeper_report(
     return KeeperReport(keepers, in_flight, stuck_after, fee_cap_gwei)
 
 
+def ingest_status(conn: psycopg.Connection[Any]) -> IngestStatus | None:
+    """The follower's state from system_state; None when no follower ever ran here."""
+    found = {str(k): v for k, v in conn.execute(INGEST_STATE.encode()).fetchall()}
+    if not found:
+        return None
+    cursor = found.get("ingest_cursor") or {}
+    head = found.get("ingest_head") or {}
+    block = cursor.get("block") if isinstance(cursor, dict) else None
+    top = head.get("head") if isinstance(head, dict) else None
+    halted = found.get("ingest_halted")
+    totals = (
+        {
+            name: int(cursor.get(name, 0))
+            for name in (
+                "new",
+                "duplicate",
+                "conflict",
+                "rolled_back",
+                "flagged",
+                "steps",
+                "reorgs",
+            )
+        }
+        if isinstance(cursor, dict)
+        else {}
+    )
+    return IngestStatus(
+        cursor=block,
+        head=top,
+        lag=max(0, top - block) if isinstance(top, int) and isinstance(block, int) else None,
+        head_at=head.get("at") if isinstance(head, dict) else None,
+        totals=totals,
+        last_reorg=found.get("ingest_last_reorg"),
+        halted=halted.get("message") if isinstance(halted, dict) else None,
+    )
+
+
 def collect(
     conn: psycopg.Connection[Any],
     *,
@@ -293,7 +354,8 @@ def collect(
             for stage, reason, n in conn.execute(FAILED_BY_REASON.encode()).fetchall()
         ]
         keeper = keeper_report(conn, stuck_after=stuck_after, fee_cap_gwei=fee_cap_gwei)
-    return PipelineStatus(at_row[0], stages, statuses, estimated, failed, keeper)
+        ingest = ingest_status(conn)
+    return PipelineStatus(at_row[0], stages, statuses, estimated, failed, keeper, ingest=ingest)
 
 
 def _age(seconds: float | None) -> str:
@@ -307,6 +369,34 @@ def _age(seconds: float | None) -> str:
     if whole < 172800:
         return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _ingest_table(ingest: IngestStatus) -> Any:
+    from rich.table import Table
+
+    table = Table(title="chain ingest (glisk ingest)", title_justify="left")
+    for column in ("head", "cursor", "lag (blocks)", "last step", "last reorg"):
+        table.add_column(column, justify="left" if column.startswith("last") else "right")
+    reorg = ingest.last_reorg
+    last_reorg = (
+        f"block {reorg.get('block')}, depth {reorg.get('depth')}, "
+        f"{reorg.get('rolled_back', 0)} log(s) rolled back, at {str(reorg.get('at'))[:19]}"
+        if isinstance(reorg, dict)
+        else "-"
+    )
+    table.add_row(
+        "-" if ingest.head is None else f"{ingest.head:,}",
+        "-" if ingest.cursor is None else f"{ingest.cursor:,}",
+        "-" if ingest.lag is None else f"{ingest.lag:,}",
+        (ingest.head_at or "-")[:19],
+        last_reorg,
+    )
+    if ingest.halted:
+        from rich.console import Group
+        from rich.text import Text
+
+        return Group(table, Text(f"STOPPED: {ingest.halted}", style="bold red"))
+    return table
 
 
 def render(status: PipelineStatus) -> Any:
@@ -351,6 +441,8 @@ def render(status: PipelineStatus) -> Any:
     parts: list[Any] = [stages, failed, totals]
     if status.keeper is not None and status.keeper.keepers:
         parts.extend(_render_keeper(status.keeper))
+    if status.ingest is not None:
+        parts.append(_ingest_table(status.ingest))
     if status.revealed_estimated:
         parts.append("~ estimate from planner statistics (--exact to count)")
     parts.append("oldest waiting: time since the mint of the oldest claimable token")

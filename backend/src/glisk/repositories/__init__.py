@@ -2,6 +2,7 @@
 commits, returns model instances (None when not found) and lets database errors propagate."""
 
 from glisk.repositories.author import AuthorRepository
+from glisk.repositories.chain_block import ChainBlockRepository
 from glisk.repositories.image_job import ImageGenerationJobRepository
 from glisk.repositories.ipfs_record import IPFSUploadRecordRepository
 from glisk.repositories.mint_event import MintEventRepository
@@ -11,6 +12,7 @@ from glisk.repositories.token import TokenRepository
 
 __all__ = [
     "AuthorRepository",
+    "ChainBlockRepository",
     "IPFSUploadRecordRepository",
     "ImageGenerationJobRepository",
     "MintEventRepository",

@@ -26,6 +26,19 @@ _ADVANCE = text(
     RETURNING s.state_value
     """
 )
+# Adds to a counter in one statement: a concurrent writer of the key is waited for and its value
+# added to, so no increment is lost.
+_INCREMENT = text(
+    """
+    INSERT INTO system_state AS s (key, state_value, updated_at)
+    VALUES (:key, to_jsonb(CAST(:by AS bigint)), :now)
+    ON CONFLICT (key) DO UPDATE
+    SET state_value = to_jsonb(CAST(s.state_value AS bigint) + CAST(:by AS bigint)),
+        updated_at = excluded.updated_at
+    WHERE jsonb_typeof(s.state_value) = 'number'
+    RETURNING s.state_value
+    """
+)
 # Compare-and-set: the UPDATE re-checks its WHERE on the newest row version after waiting for a
 # concurrent writer, so exactly one of several writers expecting the same old value succeeds.
 _SWAP = text(
@@ -122,6 +135,24 @@ class SystemStateRepository:
                 "key", f"must hold a number to be advanced (holds {current!r})", key
             )
         return StateChange(False, current)
+
+    async def increment(self, key: str, by: int = 1) -> int:
+        """Add ``by`` to the integer the key holds (absent: 0) and return the result; one
+        statement, safe from any number of writers at once. Raises FieldValidationError for a
+        ``by`` that is not an integer, or when the key holds something other than a number."""
+        v.state_key("key", key)
+        if isinstance(by, bool) or not isinstance(by, int):
+            raise v.FieldValidationError("by", "must be an integer", by)
+        row = (
+            await self.session.execute(_INCREMENT, {"key": key, "by": by, "now": utcnow()})
+        ).first()
+        if row is None:
+            raise v.FieldValidationError(
+                "key",
+                f"must hold a number to be incremented (holds {await self.get_state(key)!r})",
+                key,
+            )
+        return int(row[0])
 
     async def compare_and_set(self, key: str, expected: Any, value: Any) -> StateChange:
         """Store ``value`` only if the key holds ``expected`` now (JSON equality: 1 == 1.0, object

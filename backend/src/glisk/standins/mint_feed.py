@@ -10,6 +10,10 @@ The logs look like GliskNFT's: ``BatchMinted`` mints 1 to ``max_batch`` consecut
 1 on; its log_index follows the ERC-721 Transfer logs of the same call; a few transactions hold
 two mints; the same author's wallet arrives in different letter case (authors are found
 case-insensitively). Everything is derived from the seeds, so a failing run can be replayed.
+
+The real chain is ``glisk.ingest`` (the log follower on a node, the Alchemy webhook), proven on
+anvil in ``tests/ingest``; this feed stays for what needs many logs without a chain: the mint
+storm (concurrent recording) and the recording benchmark.
 """
 
 from __future__ import annotations

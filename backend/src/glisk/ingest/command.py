@@ -1,0 +1,189 @@
+"""``glisk ingest``: follow the GLISK contract's mint logs into the database until SIGTERM.
+
+    glisk ingest                      follow (catch up, then poll every INGEST_POLL_INTERVAL)
+    glisk ingest --once               catch up to the confirmed head, run a gap pass, exit
+    glisk ingest --rewind-to BLOCK    after a reorg deeper than the window: move the cursor back
+                                      to BLOCK (a block both chains share), clear the stop, exit
+
+Needs CHAIN_RPC_URL and GLISK_CONTRACT_ADDRESS; CHAIN_ID, when set, must be the node's. Exit
+codes, for a supervisor (systemd ``RestartPreventExitStatus=2``): 0 stopped by SIGTERM/SIGINT
+(or ``--once`` done); 1 the database or the node unreachable at start-up (worth restarting); 2 a
+configuration error, or a reorg deeper than the window (the operator must look first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from glisk.errors import EXIT_CONFIG, ConfigError, OperatorError, first_line
+
+if TYPE_CHECKING:
+    from glisk.core.config import Settings
+    from glisk.ingest.node import Node
+    from glisk.uow import UnitOfWorkFactory
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    ingest = commands.add_parser(
+        "ingest",
+        help="follow the contract's mint logs (eth_getLogs) into the database until SIGTERM",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ingest.add_argument("--once", action="store_true", help="catch up, run one gap pass, then exit")
+    ingest.add_argument(
+        "--rewind-to",
+        type=int,
+        metavar="BLOCK",
+        help="move the cursor back to BLOCK and clear a deep-reorg stop, then exit",
+    )
+    ingest.add_argument(
+        "--metrics-port", type=int, help="serve /metrics on this port (INGEST_METRICS_PORT)"
+    )
+    return ingest
+
+
+def _required(settings: Settings) -> tuple[str, str]:
+    if settings.chain_rpc_url is None:
+        raise ConfigError("CHAIN_RPC_URL: is required by glisk ingest (the node's JSON-RPC URL)")
+    if settings.glisk_contract_address is None:
+        raise ConfigError("GLISK_CONTRACT_ADDRESS: is required by glisk ingest")
+    return settings.chain_rpc_url.get_secret_value(), settings.glisk_contract_address
+
+
+def run(settings: Settings, args: argparse.Namespace) -> None:
+    """Entry point from ``glisk.cli``; raises OperatorErrors (ConfigError and DeepReorg exit 2,
+    an unreachable database or node 1)."""
+    from glisk.workers.worker import hold_stop_signals
+
+    hold_stop_signals()
+    _required(settings)
+    if args.rewind_to is not None and args.rewind_to < 0:
+        raise ConfigError(f"--rewind-to: must be a block number, 0 or more (got {args.rewind_to})")
+    if settings.database_url is not None:
+        asyncio.run(_main(settings, args, settings.database_url))
+        return
+    from glisk import migrations
+    from glisk.cli import _migrate, database
+
+    with database(settings) as url:
+        _migrate(url, lambda: migrations.upgrade(url))
+        asyncio.run(_main(settings, args, url))
+
+
+async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
+    import structlog
+
+    from glisk.chain import client
+    from glisk.core.database import engine_of, setup_db_session
+    from glisk.ingest.follower import Follower, FollowerOptions
+    from glisk.ingest.metrics import IngestMetrics
+    from glisk.ingest.node import Node
+    from glisk.uow import create_uow_factory
+    from glisk.workers.worker import install_stop_signals
+
+    rpc_url, contract = _required(settings)
+    # web3's HTTP provider logs its URL (every request at DEBUG, the disconnect at INFO), and
+    # providers put the API key in it: web3 speaks at WARNING or not at all, whatever LOG_LEVEL.
+    logging.getLogger("web3").setLevel(logging.WARNING)
+    log = structlog.get_logger("glisk.ingest")
+    options: dict[str, Any] = dict(settings.ingest_options())
+    w3 = client.connect(rpc_url, timeout=settings.ingest_rpc_timeout)
+    node = Node(w3, contract, max_range=options.pop("max_range"))
+    factory = setup_db_session(url, **settings.engine_options("ingest"))
+    uow_factory = create_uow_factory(factory)
+    try:
+        await _check(settings, node, uow_factory)
+        if args.rewind_to is not None:
+            await rewind(node, uow_factory, args.rewind_to)
+            return
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        metrics = IngestMetrics()
+        port = args.metrics_port or settings.ingest_metrics_port
+        if port is not None:
+            metrics.serve(port)
+        follower = Follower(node, uow_factory, FollowerOptions(**options), metrics=metrics)
+        log.info(
+            "ingest.start",
+            node=settings.masked_rpc_url(),
+            contract=contract,
+            confirmations=settings.ingest_confirmations,
+            reorg_window=settings.ingest_reorg_window,
+            max_range=settings.ingest_max_range,
+        )
+        stats = await follower.run(stop, once=args.once)
+        log.info("ingest.stop", **vars(stats))
+    finally:
+        await engine_of(factory).dispose()
+        await w3.provider.disconnect()
+
+
+async def _check(settings: Settings, node: Node, uow_factory: UnitOfWorkFactory) -> None:
+    """The database is migrated for ingest, the node answers, its chain is CHAIN_ID's, and the
+    contract is deployed there. Raises OperatorError (1) or ConfigError (2) in one line."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from glisk.errors import DatabaseError
+    from glisk.ingest.node import NodeUnavailable
+
+    try:
+        async with uow_factory() as uow:
+            found = (
+                await uow.session.execute(text("SELECT to_regclass('chain_blocks') IS NOT NULL"))
+            ).scalar()
+    except (SQLAlchemyError, DatabaseError, OSError) as exc:
+        raise OperatorError(f"database unreachable: {first_line(exc)}") from None
+    if not found:
+        raise OperatorError("the database is not migrated for glisk ingest: run 'glisk db upgrade'")
+    where = settings.masked_rpc_url()
+    try:
+        chain_id = int(await node.call("eth_chainId", []), 16)
+        code = await node.call("eth_getCode", [node.contract, "latest"])
+    except NodeUnavailable as exc:
+        raise OperatorError(f"the node at {where} is unusable: {exc}") from None
+    if settings.chain_id is not None and chain_id != settings.chain_id:
+        raise ConfigError(
+            f"CHAIN_ID: is {settings.chain_id} but the node at {where} is on {chain_id}"
+        )
+    if not code or code in ("0x", "0x0"):
+        raise ConfigError(
+            f"GLISK_CONTRACT_ADDRESS: no contract at {node.contract} on chain {chain_id}"
+        )
+
+
+async def rewind(node: Node, uow_factory: UnitOfWorkFactory, block: int) -> None:
+    """Move the cursor back to ``block`` (its hash read from the node now), forget the kept
+    blocks above it and clear a deep-reorg stop, in one transaction. The next step reads from
+    ``block + 1`` and rolls back whatever recorded there is not on the chain. The cursor's
+    totals are kept. Raises ConfigError when the node has no such block."""
+    import structlog
+
+    from glisk.ingest import state
+    from glisk.ingest.state import Cursor
+
+    found = await node.block(block)
+    if found is None:
+        raise ConfigError(f"--rewind-to: the node has no block {block}")
+    async with uow_factory() as uow:
+        raw = await uow.system_state.get_state(state.CURSOR)
+        cursor = Cursor.from_json(raw)
+        if cursor is not None and block > cursor.block:
+            raise ConfigError(f"--rewind-to: {block} is above the cursor ({cursor.block})")
+        moved = (cursor or Cursor(block, found.hash)).advanced(block, found.hash)
+        swap = await uow.system_state.compare_and_set(state.CURSOR, raw, moved.to_json())
+        if not swap.changed:
+            raise OperatorError("the cursor moved meanwhile (a follower is running?): try again")
+        await uow.chain_blocks.forget_above(block)
+        await uow.chain_blocks.keep([(block, found.hash)])
+        await uow.system_state.delete_state(state.HALTED)
+    structlog.get_logger("glisk.ingest").warning(
+        "ingest.rewound", block=block, was=cursor.block if cursor else None
+    )
+
+
+__all__ = ["EXIT_CONFIG", "add_parser", "rewind", "run"]

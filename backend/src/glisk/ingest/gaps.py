@@ -1,0 +1,122 @@
+"""Gap recovery: every token the contract minted up to the follower's cursor has a row, or the
+log that minted it is read again from the chain and recorded.
+
+The contract's ``nextTokenId()`` as of the cursor's block (the newest block known consumed; the
+confirmed head when no follower runs) says which ids exist: 1 to nextTokenId - 1.
+``missing_token_ids`` lists those without a row, from the point up to which the last pass found
+none (``ingest_gaps_checked``). Ids are minted in chain order, so the log of a missing range lies
+between the block of the recorded log just below it and the block of the one just above: only
+those blocks are read (``node.logs``, refused ranges split), and only logs whose ids meet the
+range are recorded (``record_mints``: a log that is there already is a duplicate). Their blocks
+are kept in the window, so the follower's check of consumed blocks knows them. An id no log
+mints stays missing and is reported: nothing is ever invented without its log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from glisk.ingest import state
+from glisk.ingest.node import Node
+from glisk.ingest.state import Cursor
+from glisk.models import MintLog
+from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT
+from glisk.uow import UnitOfWorkFactory
+
+MISSING_LIMIT = 100_000  # ids looked at per pass; the next pass goes on from there
+
+
+@dataclass
+class GapReport:
+    """One pass: ids checked up to ``up_to`` (nextTokenId - 1 at ``block``); ``missing`` ids
+    found without a row; ``recorded`` logs recorded; ``still_missing`` ids no log was found for;
+    ``conflicts`` logs that could not be recorded."""
+
+    block: int | None = None
+    up_to: int = 0
+    missing: int = 0
+    recorded: int = 0
+    still_missing: list[int] = field(default_factory=list[int])
+    conflicts: list[str] = field(default_factory=list[str])
+
+    def summary(self) -> dict[str, Any]:
+        shown = self.still_missing[:10]
+        return {
+            "block": self.block,
+            "up_to": self.up_to,
+            "missing": self.missing,
+            "recorded": self.recorded,
+            "still_missing": len(self.still_missing),
+            "first_still_missing": shown,
+            "conflicts": len(self.conflicts),
+        }
+
+
+def ranges(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as runs of consecutive ids: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+async def recover_gaps(
+    node: Node,
+    uow_factory: UnitOfWorkFactory,
+    *,
+    start_block: int = 0,
+    confirmations: int = 2,
+    new_author_prompt: str = DEFAULT_AUTHOR_PROMPT,
+) -> GapReport:
+    """One pass (see the module's docstring). Each range is recorded in its own transaction.
+    Raises NodeUnavailable or a database error; what was recorded before stays."""
+    async with uow_factory() as uow:
+        cursor = Cursor.from_json(await uow.system_state.get_state(state.CURSOR))
+        checked = await uow.system_state.get_state(state.GAPS_CHECKED)
+    checked = int(checked) if isinstance(checked, int) else 0
+    block = cursor.block if cursor else await node.head() - confirmations
+    report = GapReport(block=block)
+    if block < max(start_block, 0):
+        return report
+    report.up_to = await node.next_token_id(block) - 1
+    async with uow_factory() as uow:
+        missing = await uow.tokens.missing_token_ids(
+            report.up_to, start=checked + 1, limit=MISSING_LIMIT
+        )
+    report.missing = len(missing)
+    for low_id, high_id in ranges(missing):
+        async with uow_factory() as uow:
+            below = await uow.mint_events.block_of_token(low_id - 1) if low_id > 1 else None
+            above = await uow.mint_events.block_of_token(high_id + 1)
+        first = below if below is not None else start_block
+        last = min(above if above is not None else block, block)
+        wanted: list[MintLog] = [
+            log
+            for log in await node.mint_logs(first, last)
+            if log.start_token_id <= high_id and log.token_ids.stop - 1 >= low_id
+        ]
+        if not wanted:
+            continue
+        async with uow_factory() as uow:
+            outcomes = await uow.mint_events.record_mints(
+                wanted, new_author_prompt=new_author_prompt
+            )
+            blocks = [(o.log.block_number, o.log.block_hash) for o in outcomes]
+            await uow.chain_blocks.keep([(n, h) for n, h in blocks if h is not None])
+            recorded = sum(o.new for o in outcomes)
+            if recorded:
+                await uow.system_state.increment(state.GAPS_RECORDED, recorded)
+        report.recorded += recorded
+        report.conflicts += [str(o.conflict) for o in outcomes if o.conflict is not None]
+    async with uow_factory() as uow:
+        report.still_missing = await uow.tokens.missing_token_ids(
+            report.up_to, start=checked + 1, limit=MISSING_LIMIT
+        )
+        done = report.still_missing[0] - 1 if report.still_missing else report.up_to
+        if done > checked:
+            await uow.system_state.advance(state.GAPS_CHECKED, done)
+    return report
