@@ -465,7 +465,12 @@ class Worker:
     async def _checkpoint_write(
         self, query: str, params: dict[str, Any]
     ) -> Sequence[tuple[Any, ...]]:
-        ids: list[uuid.UUID] = list(params["claim_ids"])
+        # A checkpoint names its claims; a handler's own statement (handler_write) is fenced by
+        # the claims its call was given.
+        ids: list[uuid.UUID] | None = params.get("claim_ids")
+        if ids is None:
+            scope = current_scope.get()
+            ids = [c.claim_id for c in scope.claims] if scope is not None else []
         claims = [self._live[claim_id] for claim_id in ids if claim_id in self._live]
         return await self._write_for(claims, "checkpoint", query, params)
 
