@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import text
 
 from glisk.core.database import engine_of, setup_db_session
-from glisk.embedded_pg import EmbeddedPostgres, free_port
+from glisk.embedded import EmbeddedPostgres, free_port
 from glisk.testing import connect, scratch_database
 from glisk.uow import create_uow_factory
 

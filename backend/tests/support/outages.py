@@ -18,7 +18,8 @@ from typing import Any
 
 from glisk import migrations
 from glisk.core.config import BACKEND_DIR
-from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port, service_user
+from glisk.embedded import EmbeddedPostgres, free_port, service_user
+from glisk.errors import EmbeddedPostgresError
 from glisk.testing import connect
 from tests.support.outage_handlers import SECONDS_ENV
 from tests.support.processes import GLISK, glisk_env

@@ -176,7 +176,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
 
     from glisk import migrations
     from glisk.chain.anvil import Anvil
-    from glisk.embedded_pg import ephemeral_server
+    from glisk.embedded import ephemeral_server
     from glisk.ops import demo_chain
     from glisk.ops.demo_stages import gather_stage_facts, stage_services
     from glisk.ops.status import collect, render
