@@ -2,14 +2,18 @@
 
 As root, initdb and postgres refuse to run, so they run as an existing unprivileged account
 (``postgres`` if present, else ``nobody``): ``service_user()``. Every PostgreSQL process glisk
-starts runs as that account (``as_user``) in a clean environment (``server_env``).
+starts runs as that account (``as_user``) in a clean environment (``server_env``), from the
+temporary directory; ``run_as`` runs one to completion so.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import subprocess
+import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 from glisk.errors import EmbeddedPostgresError
 
@@ -68,8 +72,35 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def as_user(user: pwd.struct_passwd | None) -> dict[str, object]:
+class RunAs(TypedDict, total=False):
+    """The arguments of ``subprocess.Popen`` that choose the child's account."""
+
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
+def as_user(user: pwd.struct_passwd | None) -> RunAs:
     """subprocess arguments that run the child as ``user`` (nothing when we are not root)."""
     if user is None:
         return {}
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+
+def run_as(
+    user: pwd.struct_passwd | None, args: list[str], *, timeout: float, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL binary to completion as ``user`` (None: as ourselves), with
+    ``server_env()``, from the temporary directory (one the service account can enter), ``stdin``
+    as its input, its output captured as text. Raises what ``subprocess.run`` raises (OSError,
+    TimeoutExpired); a non-zero exit is the caller's to judge."""
+    return subprocess.run(
+        args,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        env=server_env(),
+        timeout=timeout,
+        **as_user(user),
+    )

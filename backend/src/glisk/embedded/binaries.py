@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from glisk.embedded.accounts import as_user, server_env
+from glisk.embedded.accounts import run_as
 from glisk.embedded.safety import owned_by_us_and_not_shared
 from glisk.errors import ConfigError, EmbeddedPostgresError
 
@@ -107,15 +107,7 @@ def _why_not_runnable(bindir: Path, user: pwd.struct_passwd) -> str | None:
     """
     for name in REQUIRED_BINARIES:
         try:
-            result = subprocess.run(
-                [str(bindir / name), "--version"],
-                capture_output=True,
-                text=True,
-                cwd=tempfile.gettempdir(),
-                env=server_env(),
-                timeout=60,
-                **as_user(user),  # type: ignore[arg-type]
-            )
+            result = run_as(user, [str(bindir / name), "--version"], timeout=60)
         except (OSError, subprocess.SubprocessError) as exc:
             return f"{bindir / name}: {exc}"
         if result.returncode != 0 or not result.stdout.startswith(f"{name} (PostgreSQL) "):

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import pwd
 import secrets
-import subprocess
-import tempfile
 from pathlib import Path
 
-from glisk.embedded.accounts import as_user, server_env
+from glisk.embedded.accounts import run_as
 from glisk.embedded.credentials import (
     HBA_CONF,
     SUPERUSER,
@@ -31,7 +29,8 @@ def initdb(
 ) -> None:
     """Initialise the empty ``data_dir`` as ``user``, every login refused (``--auth=reject``);
     without fsync when ``ephemeral``. EmbeddedPostgresError with initdb's output if it fails."""
-    result = subprocess.run(
+    result = run_as(
+        user,
         [
             str(bindir / "initdb"),
             "-D",
@@ -44,12 +43,7 @@ def initdb(
             "--no-instructions",
             *(["--no-sync"] if ephemeral else []),
         ],
-        capture_output=True,
-        text=True,
-        cwd=tempfile.gettempdir(),
-        env=server_env(),
         timeout=120,
-        **as_user(user),  # type: ignore[arg-type]
     )
     if result.returncode != 0:
         output = result.stderr.strip() or result.stdout.strip()
@@ -96,7 +90,8 @@ def _set_password(
     # Single-user mode: no port is open, and the password travels on stdin, never in argv.
     quoted = password.replace("'", "''")
     statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{quoted}'\n"
-    result = subprocess.run(
+    result = run_as(
+        user,
         [
             str(bindir / "postgres"),
             "--single",
@@ -109,13 +104,8 @@ def _set_password(
             *(["-c", "fsync=off"] if ephemeral else []),
             "postgres",
         ],
-        input=statement,
-        capture_output=True,
-        text=True,
-        cwd=tempfile.gettempdir(),
-        env=server_env(),
         timeout=120,
-        **as_user(user),  # type: ignore[arg-type]
+        stdin=statement,
     )
     if result.returncode != 0:
         output = (result.stderr.strip() or result.stdout.strip()).replace(password, "***")

@@ -258,7 +258,7 @@ class EmbeddedPostgres:
                 # Its own process group: Ctrl-C in glisk's terminal reaches glisk, which stops
                 # the server itself (and is not mistaken by the supervisor for a crash).
                 process_group=0,
-                **as_user(user),  # type: ignore[arg-type]
+                **as_user(user),
             )
         finally:
             os.close(log)
