@@ -23,8 +23,9 @@ from typing import Any
 
 from sqlalchemy import text
 
+from glisk.core import processes
 from glisk.core.database import engine_of, setup_db_session
-from glisk.embedded_pg import EmbeddedPostgres, free_port
+from glisk.embedded import EmbeddedPostgres, free_port
 from glisk.testing import connect, scratch_database
 from glisk.uow import create_uow_factory
 
@@ -198,11 +199,7 @@ def start_server(command: list[str], env: dict, port: int, log: Path) -> tuple[A
 def stop_server(server: subprocess.Popen[bytes]) -> float:
     """SIGTERM; the seconds until the server exited (killed after 30 s)."""
     started = time.perf_counter()
-    server.terminate()
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    processes.stop(server, 30)
     return time.perf_counter() - started
 
 

@@ -19,7 +19,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from bench.harness import database, query, reset, say, seed, table
-from glisk.embedded_pg import free_port
+from glisk.embedded import free_port
 from glisk.workers.connection import libpq_url
 
 PG15 = Path("/usr/lib/postgresql/15/bin")

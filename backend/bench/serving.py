@@ -24,7 +24,7 @@ from bench.harness import HTTP, database, quiet_env, say, start_server, stop_ser
 from glisk import migrations
 from glisk.app import create_app
 from glisk.core.config import load_settings
-from glisk.embedded_pg import EmbeddedPostgres, free_port
+from glisk.embedded import EmbeddedPostgres, free_port
 from glisk.testing import throwaway_database
 
 # clients, the server's LOG_LEVEL, uvicorn worker processes

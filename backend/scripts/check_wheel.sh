@@ -73,8 +73,8 @@ PY
   case "$current" in *"(up to date)") ;; *) fail "not at head after glisk db upgrade: $current" ;; esac
 fi
 
-PG_PORT="$("$PY" -c 'from glisk.embedded_pg import free_port; print(free_port())')"
-HTTP_PORT="$("$PY" -c 'from glisk.embedded_pg import free_port; print(free_port())')"
+PG_PORT="$("$PY" -c 'from glisk.embedded import free_port; print(free_port())')"
+HTTP_PORT="$("$PY" -c 'from glisk.embedded import free_port; print(free_port())')"
 export GLISK_PG_PORT="$PG_PORT"
 "$GLISK" db upgrade
 current="$("$GLISK" db current)"

@@ -7,11 +7,9 @@ session factory and unit-of-work factory, verifies the database once, publishes 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
@@ -28,6 +26,7 @@ from glisk.api.middleware import (
     RequestContextMiddleware,
     UnhandledErrorMiddleware,
 )
+from glisk.core import processes
 from glisk.core.config import PoolerMode, Settings, load_settings
 from glisk.core.database import engine_of, masked_url, psycopg_connect_kwargs, setup_db_session
 from glisk.core.logs import configure_logging
@@ -42,7 +41,6 @@ log = structlog.get_logger("glisk.app")
 
 # Set by `glisk serve --workers N` for its API processes: the pid of the serving parent.
 SERVE_PARENT_ENV = "GLISK_SERVE_PARENT_PID"
-PR_SET_PDEATHSIG = 1
 
 
 async def verify_database(
@@ -169,12 +167,10 @@ def stop_with_parent() -> None:
     the serving parent dies, even by SIGKILL, so no API process outlives it (uvicorn then shuts
     down gracefully). Does nothing outside such a process or off Linux."""
     expected = os.environ.get(SERVE_PARENT_ENV)
-    if not expected or not sys.platform.startswith("linux"):
+    if not expected:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != int(expected):  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if not processes.signal_on_parent_death(signal.SIGTERM, int(expected)):
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died first: stop as the signal would
 
 
 def create_served_app() -> FastAPI:

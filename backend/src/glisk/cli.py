@@ -24,7 +24,7 @@ from psycopg import sql
 from glisk.core.config import Settings, load_settings, project_dir
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
-from glisk.embedded_pg import EmbeddedPostgres, default_data_dir
+from glisk.embedded import EmbeddedPostgres, default_data_dir
 from glisk.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, OperatorError, first_line
 from glisk.ingest.command import add_parser as add_ingest_parser
 from glisk.ops.command import add_parsers as add_ops_parsers

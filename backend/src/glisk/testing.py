@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import make_url
 
 from glisk.core.config import normalize_database_url
-from glisk.embedded_pg import EmbeddedPostgres, ephemeral_server
+from glisk.embedded import EmbeddedPostgres, ephemeral_server
 
 
 def libpq_kwargs(url: str) -> dict[str, object]:

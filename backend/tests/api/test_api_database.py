@@ -28,12 +28,12 @@ from glisk.api.health import HEALTH_TIMEOUT_SECONDS
 from glisk.app import DatabaseUnavailableError, create_app
 from glisk.core.config import BACKEND_DIR
 from glisk.core.database import create_db_engine
-from glisk.embedded_pg import (
+from glisk.embedded import (
     EmbeddedPostgres,
-    EmbeddedPostgresError,
     free_port,
     service_user,
 )
+from glisk.errors import EmbeddedPostgresError
 from tests.support.api import (
     api_settings,
     assert_security_headers,

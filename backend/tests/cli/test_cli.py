@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from glisk.embedded_pg import (
+from glisk.embedded import (
     binaries_cache_dir,
     free_port,
     password_file,

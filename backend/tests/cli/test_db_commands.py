@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from glisk.core.config import PLACEHOLDER_SECRETS
-from glisk.embedded_pg import free_port, password_file, read_password, scratch_parent
+from glisk.embedded import free_port, password_file, read_password, scratch_parent
 from glisk.migrations import head_revision
 from glisk.testing import libpq_kwargs, throwaway_database
 from tests.support.cli import glisk_in_process

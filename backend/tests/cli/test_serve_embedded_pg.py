@@ -21,7 +21,7 @@ import pytest
 from glisk.api.health import DatabaseProbe
 from glisk.core.config import load_settings
 from glisk.core.database import psycopg_connect_kwargs
-from glisk.embedded_pg import free_port
+from glisk.embedded import free_port
 from tests.support.accounts import SYSTEM_PYTHON, as_account, throwaway_account
 from tests.support.fake_pg import PortThief, fake_server_command
 from tests.support.processes import (

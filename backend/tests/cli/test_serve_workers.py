@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 
-from glisk.embedded_pg import free_port, password_file, read_password
+from glisk.embedded import free_port, password_file, read_password
 from glisk.testing import libpq_kwargs
 from tests.support.database import Database
 from tests.support.processes import (

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from glisk import migrations
 from glisk.core.config import BACKEND_DIR, Settings
-from glisk.embedded_pg import free_port
+from glisk.embedded import free_port
 from glisk.testing import connect, throwaway_database
 from tests.support.database import Database
 from tests.support.processes import SERVE_START_SECONDS, health_status, wait_serving

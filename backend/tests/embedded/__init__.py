@@ -1,1 +1,1 @@
-"""Tests of glisk.embedded_pg: the embedded PostgreSQL launcher."""
+"""Tests of glisk.embedded: the embedded PostgreSQL launcher."""

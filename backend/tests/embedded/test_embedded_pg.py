@@ -24,9 +24,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from glisk.embedded_pg import (
+from glisk.embedded import (
     EmbeddedPostgres,
-    EmbeddedPostgresError,
     binaries_cache_dir,
     ephemeral_server,
     find_bindir,
@@ -35,7 +34,7 @@ from glisk.embedded_pg import (
     scratch_parent,
     service_user,
 )
-from glisk.errors import ConfigError
+from glisk.errors import ConfigError, EmbeddedPostgresError
 from tests.support.accounts import run_as, throwaway_account
 from tests.support.database import Database
 from tests.support.processes import alive, owned_scratch_dir, wait_gone
@@ -216,7 +215,7 @@ def test_missing_binaries_are_reported_with_what_was_tried(monkeypatch: pytest.M
 PARENT = textwrap.dedent(
     """
     import sys, time
-    from glisk.embedded_pg import ephemeral_server
+    from glisk.embedded import ephemeral_server
     server = ephemeral_server()
     print(server.pid, server.owned_dir, flush=True)
     time.sleep(120)
@@ -558,7 +557,7 @@ START_IN_A_CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from glisk.embedded_pg import EmbeddedPostgres
+    from glisk.embedded import EmbeddedPostgres
     from glisk.errors import OperatorError
     pg = EmbeddedPostgres(data_dir=Path(sys.argv[1]), port=int(sys.argv[2]), ephemeral=True)
     try:
@@ -736,9 +735,9 @@ def test_as_root_a_partial_copy_left_by_a_killed_glisk_is_removed_and_others_are
 def test_as_root_an_installation_too_big_to_be_postgresql_is_not_copied(
     private_wheel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from glisk import embedded_pg
+    from glisk.embedded import binaries
 
-    monkeypatch.setattr(embedded_pg, "COPY_LIMIT_BYTES", 1024)  # the wheel is ~45 MB
+    monkeypatch.setattr(binaries, "COPY_LIMIT_BYTES", 1024)  # the wheel is ~45 MB
     user = service_user()
     before = set(Path(tempfile.gettempdir()).glob("glisk-pgbin-*"))
     with pytest.raises(EmbeddedPostgresError, match="Refusing to copy the PostgreSQL installation"):

@@ -34,7 +34,7 @@ from eth_account.signers.local import LocalAccount
 from glisk.chain import client
 from glisk.chain import contract as glisk_contract
 from glisk.chain.anvil import Anvil
-from glisk.embedded_pg import free_port
+from glisk.embedded import free_port
 from glisk.ingest import state
 from glisk.ingest.node import Node
 from glisk.ingest.state import Cursor

@@ -163,7 +163,7 @@ def test_a_timed_reveal_handler_is_still_a_reconciler() -> None:
 
 
 async def test_a_worker_serves_its_metrics_over_http(uow_factory: UnitOfWorkFactory) -> None:
-    from glisk.embedded_pg import free_port
+    from glisk.embedded import free_port
 
     metrics = WorkerMetrics("upload")
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from glisk import migrations
+from glisk.core import processes
 from glisk.core.config import BACKEND_DIR
-from glisk.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, free_port, service_user
+from glisk.embedded import EmbeddedPostgres, free_port, service_user
+from glisk.errors import EmbeddedPostgresError
 from glisk.testing import connect
 from tests.support.outage_handlers import SECONDS_ENV
 from tests.support.processes import GLISK, glisk_env
@@ -112,13 +114,7 @@ class WorkerProcess:
 
     def stop(self, seconds: float = 60.0) -> int:
         """SIGTERM, then wait for the exit code (SIGKILL after ``seconds``)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(seconds)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        processes.stop(self.process, seconds)
         return self.process.returncode
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from glisk.core import processes as core_processes
+
 GLISK = (sys.executable, "-m", "glisk.cli")  # this interpreter's glisk, whatever is on PATH
 # How long a test waits for `glisk serve` (or the container entrypoint) to answer /health: a hang
 # guard, not a speed. It starts in seconds, but far slower while a loaded 2-core machine also runs
@@ -151,13 +153,8 @@ def wait_gone(pids: Iterable[int], seconds: float = 15.0) -> set[int]:
 
 
 def stop_all(processes: Sequence[BaseProcess], seconds: float = 15.0) -> None:
-    """SIGTERM every process (a worker drains), then wait ``seconds`` for each; SIGKILL the late."""
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(seconds)
-        if process.exitcode is None:
-            process.kill()
+    """SIGTERM every process (a worker drains), SIGKILL those still running ``seconds`` later."""
+    core_processes.stop_all(processes, seconds)
 
 
 def stderr_to(log_path: str, *, quiet_stdout: bool = False) -> None:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from glisk.embedded_pg import free_port
+from glisk.embedded import free_port
 from glisk.uow import UnitOfWorkFactory
 from tests.support import factories
 from tests.support.database import Database

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from glisk.embedded_pg import EmbeddedPostgres
+from glisk.embedded import EmbeddedPostgres
 from tests.support.outages import restartable_server, rows, seed_detected, worker_process
 from tests.support.waiting import eventually
 

