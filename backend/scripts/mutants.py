@@ -36,7 +36,8 @@ BACKEND = Path(__file__).resolve().parent.parent
 LIST = BACKEND / "scripts" / "mutants.toml"
 COPIED = ("src", "tests", "pyproject.toml")
 RUN_TIMEOUT = 300  # seconds for one pytest run; a hang counts as "could not run"
-PYTEST = ("-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "60")
+# `-m ""` lifts pyproject's marker filter: a mutant's tests may be end-to-end (slow) ones.
+PYTEST = ("-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "--timeout", "60", "-m", "")
 
 
 @dataclass(frozen=True)

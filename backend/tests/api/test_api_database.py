@@ -209,6 +209,7 @@ def glisk_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "glisk.cli"]
 
 
+@pytest.mark.slow
 def test_glisk_serve_against_an_unreachable_database_exits_nonzero_with_one_clear_line(
     tmp_path: Path,
 ) -> None:

@@ -17,6 +17,9 @@ from tests.support.factories import seed_in_bulk
 from tests.support.processes import GLISK, glisk_env
 from tests.support.waiting import eventually
 
+# End to end (processes, tens of seconds each): .ci/run runs them, the default run leaves them out.
+pytestmark = pytest.mark.slow
+
 HANDLER = "glisk.handlers.reveal:keeper"
 
 

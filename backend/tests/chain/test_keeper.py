@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
@@ -166,6 +167,7 @@ async def test_a_stuck_transaction_is_replaced_at_its_nonce_and_only_one_of_the_
     assert row_hash == mined[0] != first and nonce == 0
 
 
+@pytest.mark.slow
 async def test_a_dropped_transaction_is_broadcast_again_with_the_same_bytes(
     uow_factory: UnitOfWorkFactory, glisk_chain: Chain
 ) -> None:

@@ -9,6 +9,7 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from glisk.chain.keeper import Keeper
@@ -20,6 +21,9 @@ from tests.support.factories import expire_leases, seed_in_bulk
 from tests.support.processes import stop_all
 from tests.support.reveal_proc import RevealProcess, run_reveal_worker
 from tests.support.waiting import eventually
+
+# End to end (processes, tens of seconds each): .ci/run runs them, the default run leaves them out.
+pytestmark = pytest.mark.slow
 
 CONTEXT = multiprocessing.get_context("forkserver")
 CONTEXT.set_forkserver_preload(["tests.support.reveal_proc"])

@@ -53,6 +53,7 @@ def _main_in_process(
     return glisk_in_process(monkeypatch, capsys, *argv, **env)
 
 
+@pytest.mark.slow
 def test_serve_keeps_data_across_restarts_and_stops_postgres_on_sigterm_and_on_sigkill(
     data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,6 +43,7 @@ def _psql(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_db_psql_opens_psql_on_the_embedded_server_without_the_password_on_its_command_line(
     data_root: Path,
 ) -> None:
@@ -63,6 +64,7 @@ def test_db_psql_opens_psql_on_the_embedded_server_without_the_password_on_its_c
     assert "division by zero" in failed.stderr
 
 
+@pytest.mark.slow
 def test_db_psql_on_database_url_keeps_its_password_off_the_command_line(
     postgres_container: Database,
 ) -> None:

@@ -36,6 +36,9 @@ from tests.support.processes import (
     wait_serving,
 )
 
+# End to end (processes, tens of seconds each): .ci/run runs them, the default run leaves them out.
+pytestmark = pytest.mark.slow
+
 START_SECONDS = 60.0
 # How long a restart may take on a loaded machine: a promise, asserted with a wide margin.
 BACK_WITHIN_SECONDS = 60.0

@@ -30,6 +30,9 @@ from tests.support.processes import (
     wait_serving,
 )
 
+# End to end (processes, tens of seconds each): .ci/run runs them, the default run leaves them out.
+pytestmark = pytest.mark.slow
+
 GONE_SECONDS = 15.0
 
 

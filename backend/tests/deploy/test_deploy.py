@@ -229,6 +229,7 @@ def fresh_database(postgres_container: Database) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_entrypoint_migrates_serves_health_and_stops_on_sigterm(
     fresh_database: str, tmp_path: Path
 ) -> None:

@@ -429,6 +429,7 @@ def private_wheel() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the service user exists only when we are root")
 def test_as_root_binaries_the_service_user_cannot_reach_run_from_a_verified_copy(
     private_wheel: Path,

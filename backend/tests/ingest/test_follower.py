@@ -235,6 +235,7 @@ async def test_a_token_already_in_work_when_its_mint_is_orphaned_is_flagged_not_
     assert await recorded(uow_factory) == {}
 
 
+@pytest.mark.slow
 async def test_a_reorg_deeper_than_the_window_stops_the_follower_with_one_clear_line(
     glisk_chain: Chain, uow_factory: UnitOfWorkFactory, postgres_container: Database
 ) -> None:

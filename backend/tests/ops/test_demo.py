@@ -13,6 +13,7 @@ from tests.support.processes import GLISK, glisk_env
 
 # The image and upload stages call two more services (the Replicate and Pinata stand-ins): more
 # than the suite's default 120 s on a busy 2-core machine.
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_with_chaos_reveals_every_token_exactly_once_and_exits_zero() -> None:
     result = subprocess.run(
