@@ -46,7 +46,8 @@ from glisk.ingest.node import Block, ChainMoved, Node, NodeUnavailable
 from glisk.ingest.reorg import DeepReorg, Kept, find_ancestor, still_on_chain
 from glisk.ingest.state import Cursor
 from glisk.models import MintLog
-from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT, MintOutcome, RolledBack
+from glisk.repositories.mint_outcomes import DEFAULT_AUTHOR_PROMPT, MintOutcome
+from glisk.repositories.mint_rollback import RolledBack
 from glisk.uow import UnitOfWork, UnitOfWorkFactory
 
 log = structlog.get_logger("glisk.ingest")
