@@ -11,10 +11,12 @@ anvil); ``refusal(exc)`` sorts the ones the keeper acts on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from typing import Any, Literal
 
+import aiohttp
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import Web3RPCError
 from web3.middleware import AttributeDictMiddleware
@@ -30,12 +32,19 @@ Refusal = Literal[
 ]
 
 
+# Errors of the transport to the node: it did not answer, or not in time. Waiting may cure them.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    aiohttp.ClientError,
+)
+
+
 class CountingProvider(AsyncHTTPProvider):
     """AsyncHTTPProvider that counts the calls it makes, by method."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        import aiohttp
-
         super().__init__(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)})
         self.calls: Counter[str] = Counter()
 
