@@ -6,13 +6,15 @@ call is one the caller made. Its provider counts calls by method (``rpc_calls(w3
 how the keeper's figures (RPC calls and sends per revealed token) are measured.
 
 Node refusals of ``eth_sendRawTransaction`` differ in wording between nodes (geth, reth,
-anvil); ``refusal(exc)`` sorts the ones the keeper acts on.
+anvil); ``refusal(exc)`` sorts the ones the keeper acts on. ``transport_error(exc)`` is what may
+be said of a failed call: never the URL (where providers put the API key).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from typing import Any, Literal
 
@@ -101,3 +103,16 @@ def _message(exc: BaseException) -> str:
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
     return str(exc)
+
+
+_URL = re.compile(r"\w+://\S+")
+
+
+def transport_error(exc: BaseException) -> str:
+    """What may be logged of a transport error: never a URL (it may carry an API key). An HTTP
+    error is its status; anything else its first line, URLs replaced, at most 200 characters."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):  # aiohttp's ClientResponseError prints the URL: say the status
+        return f"HTTP {status}"
+    text = str(exc).strip().splitlines()
+    return _URL.sub("<url>", text[0])[:200] if text else ""

@@ -112,7 +112,8 @@ class Keeper:
         try:
             return await self._reveal(list(claims))
         except TRANSIENT as exc:
-            raise NodeUnavailable(self.config.poll, f"the node did not answer: {exc}") from None
+            said = client.transport_error(exc)
+            raise NodeUnavailable(self.config.poll, f"the node did not answer: {said}") from None
 
     async def reconcile(self, pending: PendingReveal) -> RevealState:
         try:
@@ -120,7 +121,7 @@ class Keeper:
             state, _ = await self.settler.settle(pending.id, pending.claims, rebroadcast_now=True)
             return state
         except TRANSIENT as exc:  # the node may be down: nothing known, nothing decided
-            self._log.warning("keeper.node_unavailable", error=str(exc))
+            self._log.warning("keeper.node_unavailable", error=client.transport_error(exc))
             return "unknown"
 
     # -- a batch ----------------------------------------------------------------------------

@@ -73,7 +73,9 @@ class Outbox:
                     "keeper.send_refused", tx_hash=signed.tx_hash, refusal=refused, error=str(exc)
                 )
         except TRANSIENT as exc:  # maybe taken, maybe not: a later rebroadcast settles it
-            self._log.warning("keeper.send_unanswered", tx_hash=signed.tx_hash, error=str(exc))
+            self._log.warning(
+                "keeper.send_unanswered", tx_hash=signed.tx_hash, error=client.transport_error(exc)
+            )
         await ledger.broadcast(signed.tx_hash)
         return refused
 

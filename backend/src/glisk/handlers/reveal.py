@@ -62,7 +62,7 @@ async def check(keeper: Keeper, node: str) -> None:
     """The node serves CHAIN_ID, the contract is deployed there and the key holds KEEPER_ROLE.
     ConfigError naming the variable at fault; OperatorError if the node does not answer.
     ``node`` names the node in those messages (``Settings.masked_rpc_url()``: never its key)."""
-    from glisk.chain.client import TRANSIENT
+    from glisk.chain.client import TRANSIENT, transport_error
 
     config = keeper.config
     try:
@@ -74,7 +74,8 @@ async def check(keeper: Keeper, node: str) -> None:
             and await keeper.contract.functions.hasRole(role, config.account.address).call()
         )
     except TRANSIENT as exc:
-        raise OperatorError(f"CHAIN_RPC_URL: the node at {node} did not answer ({exc})") from None
+        said = transport_error(exc)
+        raise OperatorError(f"CHAIN_RPC_URL: the node at {node} did not answer ({said})") from None
     if served != config.chain_id:
         raise ConfigError(f"CHAIN_ID: is {config.chain_id} but the node at {node} serves {served}")
     if not code:
