@@ -6,15 +6,19 @@ call is one the caller made. Its provider counts calls by method (``rpc_calls(w3
 how the keeper's figures (RPC calls and sends per revealed token) are measured.
 
 Node refusals of ``eth_sendRawTransaction`` differ in wording between nodes (geth, reth,
-anvil); ``refusal(exc)`` sorts the ones the keeper acts on.
+anvil); ``refusal(exc)`` sorts the ones the keeper acts on. ``transport_error(exc)`` is what may
+be said of a failed call: never the URL (where providers put the API key).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from collections import Counter
 from typing import Any, Literal
 
+import aiohttp
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.exceptions import Web3RPCError
 from web3.middleware import AttributeDictMiddleware
@@ -30,12 +34,19 @@ Refusal = Literal[
 ]
 
 
+# Errors of the transport to the node: it did not answer, or not in time. Waiting may cure them.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    aiohttp.ClientError,
+)
+
+
 class CountingProvider(AsyncHTTPProvider):
     """AsyncHTTPProvider that counts the calls it makes, by method."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        import aiohttp
-
         super().__init__(url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)})
         self.calls: Counter[str] = Counter()
 
@@ -92,3 +103,16 @@ def _message(exc: BaseException) -> str:
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
     return str(exc)
+
+
+_URL = re.compile(r"\w+://\S+")
+
+
+def transport_error(exc: BaseException) -> str:
+    """What may be logged of a transport error: never a URL (it may carry an API key). An HTTP
+    error is its status; anything else its first line, URLs replaced, at most 200 characters."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):  # aiohttp's ClientResponseError prints the URL: say the status
+        return f"HTTP {status}"
+    text = str(exc).strip().splitlines()
+    return _URL.sub("<url>", text[0])[:200] if text else ""

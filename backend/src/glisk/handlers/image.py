@@ -43,7 +43,6 @@ import os
 import time
 import unicodedata
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,14 +51,12 @@ import structlog
 
 from glisk.errors import (
     PermanentError,
-    RetryLater,
     ServiceError,
-    ServiceRateLimited,
     ServiceRefused,
     ServiceUnavailable,
 )
-from glisk.handlers.context import Lazy
-from glisk.handlers.records import JobStatus, Records, records_for
+from glisk.handlers.records import JobStatus
+from glisk.handlers.stage import Parts, ServiceStage
 from glisk.workers.checkpoints import checkpoint
 from glisk.workers.claims import Claim
 
@@ -118,63 +115,30 @@ def store_image(directory: Path, data: bytes, content_type: str) -> Path:
     return path
 
 
-@dataclass
-class _Parts:
-    settings: Settings
-    service: ReplicateService
-    records: Records
-
-
-class ImageStage:
+class ImageStage(ServiceStage["ReplicateService"]):
     """The image stage's handler; ``generate`` below is the one ``glisk worker`` runs."""
 
-    def __init__(self, settings: Settings | None = None, records: Records | None = None) -> None:
-        """``settings`` and ``records`` default to ``load_settings()`` and the worker's
-        database, read on first use (nothing happens here)."""
-        self._settings = settings
-        self._records = records
-        self._parts = Lazy(self._build)
+    secret_setting = "replicate_api_token"  # noqa: S105 - the setting's name, not its value
 
-    def _load(self) -> Settings:
-        from glisk.core.config import load_settings
-
-        return self._settings or load_settings()
-
-    def check(self) -> None:
-        """Validate the settings this handler needs (ConfigError naming the variable)."""
-        self._load().require_secret("replicate_api_token")
-
-    async def aclose(self) -> None:
-        """Close the service client and the database connection, if they were opened."""
-        if self._parts.built is not None:
-            await self._parts.built.service.aclose()
-            await self._parts.built.records.close()
-
-    async def _build(self) -> _Parts:
+    def _service(self, settings: Settings) -> ReplicateService:
         from glisk.services.replicate import ReplicateService
 
-        settings = self._load()
-        service = ReplicateService(
-            api_token=settings.require_secret("replicate_api_token"),
+        return ReplicateService(
+            api_token=settings.require_secret(self.secret_setting),
             model=settings.replicate_model,
             version=settings.replicate_version,
             base_url=settings.replicate_base_url,
             timeout=settings.replicate_http_timeout,
         )
-        return _Parts(settings, service, self._records or records_for(settings))
 
-    async def __call__(self, claim: Claim) -> str:
-        parts = await self._parts.get()
-        try:
-            return await _Generation(claim, parts).run()
-        except ServiceRateLimited as exc:
-            raise RetryLater(exc.retry_after, str(exc)) from exc
+    async def _run(self, claim: Claim, parts: Parts[ReplicateService]) -> str:
+        return await _Generation(claim, parts).run()
 
 
 class _Generation:
     """One handler call for one claim."""
 
-    def __init__(self, claim: Claim, parts: _Parts) -> None:
+    def __init__(self, claim: Claim, parts: Parts[ReplicateService]) -> None:
         self.claim = claim
         self.settings = parts.settings
         self.service = parts.service

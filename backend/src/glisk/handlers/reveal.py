@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 from uuid import UUID
 
 from glisk.errors import ConfigError, OperatorError
@@ -59,19 +58,13 @@ def keeper_config(settings: Settings) -> KeeperConfig:
     )
 
 
-def node_name(url: str) -> str:
-    """An RPC URL without its path and query (where providers put API keys), for messages."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
-
-
-async def check(keeper: Keeper) -> None:
+async def check(keeper: Keeper, node: str) -> None:
     """The node serves CHAIN_ID, the contract is deployed there and the key holds KEEPER_ROLE.
-    ConfigError naming the variable at fault; OperatorError if the node does not answer."""
-    from glisk.chain.keeper import TRANSIENT
+    ConfigError naming the variable at fault; OperatorError if the node does not answer.
+    ``node`` names the node in those messages (``Settings.masked_rpc_url()``: never its key)."""
+    from glisk.chain.client import TRANSIENT, transport_error
 
     config = keeper.config
-    node = node_name(config.rpc_url)
     try:
         served = int(await keeper.w3.eth.chain_id)
         code = await keeper.w3.eth.get_code(keeper.contract.address)
@@ -81,7 +74,8 @@ async def check(keeper: Keeper) -> None:
             and await keeper.contract.functions.hasRole(role, config.account.address).call()
         )
     except TRANSIENT as exc:
-        raise OperatorError(f"CHAIN_RPC_URL: the node at {node} did not answer ({exc})") from None
+        said = transport_error(exc)
+        raise OperatorError(f"CHAIN_RPC_URL: the node at {node} did not answer ({said})") from None
     if served != config.chain_id:
         raise ConfigError(f"CHAIN_ID: is {config.chain_id} but the node at {node} serves {served}")
     if not code:
@@ -100,18 +94,21 @@ class RevealHandler:
 
     def __init__(self) -> None:
         self._keeper: Keeper | None = None
+        self._node = "?"  # CHAIN_RPC_URL as messages may name it, once the keeper is built
 
     def _get(self) -> Keeper:
         if self._keeper is None:
             from glisk.chain.keeper import Keeper
             from glisk.core.config import load_settings
 
-            self._keeper = Keeper(keeper_config(load_settings()))
+            settings = load_settings()
+            self._keeper = Keeper(keeper_config(settings))
+            self._node = settings.masked_rpc_url() or "?"
         return self._keeper
 
     async def prepare(self) -> None:
         """Build the keeper and check it against the node (see the module docstring)."""
-        await check(self._get())
+        await check(self._get(), self._node)
 
     async def __call__(self, claims: Sequence[Claim]) -> dict[UUID, str]:
         return await self._get()(claims)

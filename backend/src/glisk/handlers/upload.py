@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,13 +40,11 @@ import structlog
 from glisk.errors import (
     CIDMismatch,
     PermanentError,
-    RetryLater,
-    ServiceRateLimited,
     ServiceRefused,
     ServiceUnavailable,
 )
-from glisk.handlers.context import Lazy
-from glisk.handlers.records import Records, UploadStatus, records_for
+from glisk.handlers.records import UploadStatus
+from glisk.handlers.stage import Parts, ServiceStage
 from glisk.workers.checkpoints import checkpoint
 from glisk.workers.claims import Claim
 
@@ -77,61 +74,29 @@ def metadata_document(token_id: int, image_cid: str, wallet: str, prompt: str) -
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-@dataclass
-class _Parts:
-    settings: Settings
-    service: PinataService
-    records: Records
-
-
-class UploadStage:
+class UploadStage(ServiceStage["PinataService"]):
     """The upload stage's handler; ``upload`` below is the one ``glisk worker`` runs."""
 
-    def __init__(self, settings: Settings | None = None, records: Records | None = None) -> None:
-        """``settings`` and ``records`` default to ``load_settings()`` and the worker's
-        database, read on first use (nothing happens here)."""
-        self._settings = settings
-        self._records = records
-        self._parts = Lazy(self._build)
+    secret_setting = "pinata_jwt"  # noqa: S105 - the setting's name, not its value
 
-    def _load(self) -> Settings:
-        from glisk.core.config import load_settings
-
-        return self._settings or load_settings()
-
-    def check(self) -> None:
-        """Validate the settings this handler needs (ConfigError naming the variable)."""
-        self._load().require_secret("pinata_jwt")
-
-    async def aclose(self) -> None:
-        """Close the service client and the database connection, if they were opened."""
-        if self._parts.built is not None:
-            await self._parts.built.service.aclose()
-            await self._parts.built.records.close()
-
-    async def _build(self) -> _Parts:
+    def _service(self, settings: Settings) -> PinataService:
         from glisk.services.pinata import PinataService
 
-        settings = self._load()
-        service = PinataService(
-            jwt=settings.require_secret("pinata_jwt"),
+        return PinataService(
+            jwt=settings.require_secret(self.secret_setting),
             api_url=settings.pinata_api_url,
             timeout=settings.pinata_http_timeout,
         )
-        return _Parts(settings, service, self._records or records_for(settings))
 
-    async def __call__(self, claim: Claim) -> str:
-        parts = await self._parts.get()
+    async def _run(self, claim: Claim, parts: Parts[PinataService]) -> str:
         try:
             return await _Upload(claim, parts).run()
-        except ServiceRateLimited as exc:
-            raise RetryLater(exc.retry_after, str(exc)) from exc
         except ServiceRefused as exc:
             raise PermanentError(f"the pinning service refused the file: {exc}") from exc
 
 
 class _Upload:
-    def __init__(self, claim: Claim, parts: _Parts) -> None:
+    def __init__(self, claim: Claim, parts: Parts[PinataService]) -> None:
         self.claim = claim
         self.service = parts.service
         self.records = parts.records

@@ -26,7 +26,7 @@ from glisk.ingest import state
 from glisk.ingest.alchemy import Payload
 from glisk.ingest.state import Cursor
 from glisk.models import MintLog
-from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT
+from glisk.repositories.mint_outcomes import DEFAULT_AUTHOR_PROMPT
 from glisk.uow import UnitOfWorkFactory
 
 Answer = Literal["new", "duplicate", "conflict", "orphaned", "rolled_back", "removed"]

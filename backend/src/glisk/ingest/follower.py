@@ -20,6 +20,11 @@ further and never past the head minus ``confirmations``:
    the value the step started with. If another follower moved it first the whole transaction is
    undone (``CursorMoved``) and the step starts over from the new cursor.
 
+Each step is four calls with explicit hand-offs: the state read here, ``plan.plan_step`` (2),
+``range_read.read_range`` (3), ``step_write.write_step`` (4); ``reorg`` finds the ancestor and
+halts on a deep reorg. ``run`` steps in a loop, with backoff on failures and a gap pass
+(``gaps.recover_gaps``) whenever caught up.
+
 After a reorg the step reads at least up to the old cursor, so the cursor never moves backwards:
 when the new chain is not yet confirmed up to the old cursor (or the node answers from the
 middle of its switch), the follower waits for it. Several followers (and the webhook) can run at
@@ -32,85 +37,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass
 
 import structlog
 
-from glisk.core.timezone import utcnow
-from glisk.errors import DatabaseError, GliskError, MintConflict
+from glisk.errors import DatabaseError
 from glisk.ingest import state
 from glisk.ingest.metrics import IngestMetrics
-from glisk.ingest.node import Block, ChainMoved, Node, NodeUnavailable
-from glisk.ingest.reorg import DeepReorg, Kept, find_ancestor, still_on_chain
+from glisk.ingest.node import ChainMoved, Node, NodeUnavailable
+from glisk.ingest.options import FollowerOptions
+from glisk.ingest.plan import plan_step
+from glisk.ingest.range_read import read_range
+from glisk.ingest.reorg import DeepReorg, Kept
 from glisk.ingest.state import Cursor
-from glisk.models import MintLog
-from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT, MintOutcome, RolledBack
-from glisk.uow import UnitOfWork, UnitOfWorkFactory
+from glisk.ingest.step_write import CursorMoved, StepReport, write_step
+from glisk.uow import UnitOfWorkFactory
+
+__all__ = ["CursorMoved", "Follower", "FollowerOptions", "FollowerStats", "StepReport"]
 
 log = structlog.get_logger("glisk.ingest")
 
 MAX_BACKOFF = 30.0
 
 
-class CursorMoved(GliskError):
-    """Another follower committed a step from the same cursor first: this one wrote nothing."""
-
-
-@dataclass(frozen=True)
-class FollowerOptions:
-    """``confirmations``: blocks the follower stays behind the head; ``reorg_window``: how deep
-    it keeps block hashes below its cursor (a reorg deeper than that stops it); ``start_block``:
-    where it starts when there is no cursor; ``poll_interval``: seconds between looks at an
-    unchanged head; ``gap_interval``: seconds between gap passes once caught up (0: never)."""
-
-    confirmations: int = 2
-    reorg_window: int = 200
-    start_block: int = 0
-    poll_interval: float = 2.0
-    gap_interval: float = 300.0
-    new_author_prompt: str = DEFAULT_AUTHOR_PROMPT
-
-    def __post_init__(self) -> None:
-        if self.confirmations < 0 or self.reorg_window < 1 or self.start_block < 0:
-            raise ValueError("confirmations >= 0, reorg_window >= 1 and start_block >= 0")
-
-
-@dataclass(frozen=True)
-class Reorg:
-    """A reorg a step handled: the cursor's block ``block`` had ``was`` and now has ``now``;
-    ``ancestor`` is the highest kept block still on the chain."""
-
-    block: int
-    was: str
-    now: str
-    ancestor: int
-
-    @property
-    def depth(self) -> int:
-        return self.block - self.ancestor
-
-
-@dataclass
-class StepReport:
-    """One committed step: blocks ``first..last`` read (none when ``first > last``), the cursor
-    now at ``cursor``; the logs recorded by outcome; what was rolled back."""
-
-    first: int
-    last: int
-    cursor: int
-    head: int
-    logs: int = 0
-    new: int = 0
-    duplicate: int = 0
-    conflicts: list[MintConflict] = field(default_factory=list[MintConflict])
-    rolled_back: RolledBack = field(default_factory=RolledBack)
-    reorg: Reorg | None = None
-
-
 @dataclass
 class FollowerStats:
+    """What this follower did since it was built: its committed steps' outcomes, and the steps
+    it lost or retried, by cause."""
+
     steps: int = 0
     new: int = 0
     duplicate: int = 0
@@ -123,36 +77,6 @@ class FollowerStats:
     node_errors: int = 0
     db_errors: int = 0
     gap_passes: int = 0
-
-
-@dataclass(frozen=True)
-class _Read:
-    """What step 3 read: the logs of ``first..last``, the hash of ``last``, and blocks below
-    it to keep as anchors of the window."""
-
-    first: int
-    last: int
-    last_hash: str
-    logs: list[MintLog]
-    anchors: list[Kept]
-
-
-def anchor_numbers(first: int, last: int, window: int, kept: Sequence[int]) -> list[int]:
-    """Blocks to keep besides the step's last one, so that the kept blocks reach ``window``
-    deep below ``last`` whatever the step's size: inside the range just read, those 1, 2, 4, ...
-    blocks below ``last``; and the block ``window`` below it unless one at or below it is kept
-    already. A long catch-up step thus costs a few more block reads (log2 of the window), a
-    step of one block usually none, and a reorg of depth d re-reads at most about 2d blocks."""
-    wanted: set[int] = set()
-    offset = 1
-    while offset < window:
-        if last - offset >= first:
-            wanted.add(last - offset)
-        offset *= 2
-    deep = last - window
-    if deep >= 0 and not any(number <= deep for number in kept):
-        wanted.add(deep)
-    return sorted(wanted - set(kept))
 
 
 class Follower:
@@ -190,190 +114,23 @@ class Follower:
         if halted:
             raise DeepReorg(str(halted.get("message", "stopped after a deep reorg")))
         head = await self.node.head()
-        target = head - options.confirmations
-        reorg: Reorg | None = None
-        ancestor: Kept | None = None
-        if cursor is not None:
-            here = await self.node.block(cursor.block)
-            if here is None:  # the node has not reached our cursor (a lagging replica): wait
-                await self._note_head(head, target)
-                return None
-            if here.hash == cursor.hash:
-                ancestor = Kept(cursor.block, cursor.hash)
-            else:
-                ancestor = await find_ancestor(
-                    self.node, [k for k in kept if k.number < cursor.block]
-                )
-                if ancestor is None:
-                    await self._halt(cursor, here, kept)
-                reorg = Reorg(cursor.block, cursor.hash, here.hash, ancestor.number)
-            if target < cursor.block or (reorg is None and target == cursor.block):
-                # Nothing new; or a reorg whose chain has not yet reached what was consumed
-                # (confirmed up to the cursor): wait for it rather than move the cursor back.
-                # A node in the middle of switching chains answers like that for a moment.
-                await self._note_head(head, target)
-                return None
-        elif target < options.start_block:
-            await self._note_head(head, target)
+        plan = await plan_step(
+            self.node, self.uow_factory, options, cursor, kept, head, self.metrics
+        )
+        if plan is None:
+            await self._note_head(head, head - options.confirmations)
             return None
-        first = ancestor.number + 1 if ancestor else options.start_block
-        # After a reorg, read at least up to where the cursor was: it never moves back.
-        last = min(max(first + self.node.span - 1, cursor.block if cursor else -1), target)
-        read = await self._read(first, last, ancestor, kept)
-        report = await self._write(cursor, ancestor, read, reorg, kept, head, target)
+        read = await read_range(self.node, plan, options.reorg_window)
+        report = await write_step(self.uow_factory, self.node, options, plan, read)
+        self._head_written = head
         self._count(report)
         return report
-
-    async def _read(
-        self, first: int, last: int, ancestor: Kept | None, kept: Sequence[Kept]
-    ) -> _Read:
-        before = await self.node.block(last)
-        raw = await self.node.logs(first, last)
-        anchors: list[Kept] = []
-        numbers = anchor_numbers(first, last, self.options.reorg_window, [k.number for k in kept])
-        for number in numbers:
-            found = await self.node.block(number)
-            if found is None:
-                raise ChainMoved(f"block {number} vanished while blocks {first}-{last} were read")
-            anchors.append(Kept(found.number, found.hash))
-        after = await self.node.block(last)
-        if before is None or after is None or before.hash != after.hash:
-            raise ChainMoved(f"block {last} changed while blocks {first}-{last} were read")
-        if ancestor is not None and not await still_on_chain(self.node, ancestor):
-            raise ChainMoved(
-                f"block {ancestor.number} changed while blocks {first}-{last} were read"
-            )
-        return _Read(first, last, after.hash, await self.node.decode(raw), anchors)
-
-    async def _write(
-        self,
-        cursor: Cursor | None,
-        ancestor: Kept | None,
-        read: _Read,
-        reorg: Reorg | None,
-        kept: Sequence[Kept],
-        head: int,
-        target: int,
-    ) -> StepReport:
-        logs = read.logs
-        low = ancestor.number if ancestor else self.options.start_block - 1
-        end = (read.last, read.last_hash)
-        assert cursor is None or end[0] >= cursor.block, "a step never moves the cursor back"
-        report = StepReport(read.first, read.last, end[0], head)
-        report.reorg = reorg
-        detail = (
-            f"reorg at block {reorg.block}: rolled back to block {reorg.ancestor}"
-            if reorg
-            else f"block {low + 1} to {end[0]} read again: not on the chain"
-        )
-        async with self.uow_factory() as uow:
-            orphans = await uow.mint_events.not_canonical_in_range(low, end[0], logs)
-            floor = min((k.number for k in kept), default=None)
-            if floor is not None and ancestor is not None:
-                orphans += await uow.mint_events.not_in_window(floor, ancestor.number)
-            report.rolled_back = await uow.mint_events.roll_back(orphans, detail=detail)
-            outcomes = await uow.mint_events.record_mints(
-                logs, new_author_prompt=self.options.new_author_prompt
-            )
-            outcomes, undone = await self._settle_conflicts(uow, outcomes, end[0], detail)
-            report.rolled_back += undone
-            report.logs = len(logs)
-            report.new = sum(o.status == "new" for o in outcomes)
-            report.duplicate = sum(o.status == "duplicate" for o in outcomes)
-            report.conflicts = [o.conflict for o in outcomes if o.conflict is not None]
-            if reorg is not None:
-                await uow.chain_blocks.forget_above(low)
-            kept_now: set[tuple[int, str]] = {end}
-            kept_now |= {(g.block_number, g.block_hash) for g in logs if g.block_hash is not None}
-            kept_now |= {(a.number, a.hash) for a in read.anchors}
-            await uow.chain_blocks.keep(sorted(kept_now))
-            await uow.chain_blocks.prune(end[0] - self.options.reorg_window)
-            base = cursor or Cursor(block=end[0], hash=end[1])
-            moved = base.advanced(
-                end[0],
-                end[1],
-                new=report.new,
-                duplicate=report.duplicate,
-                conflict=len(report.conflicts),
-                rolled_back=len(report.rolled_back.logs),
-                flagged=len(report.rolled_back.flagged),
-                reorgs=1 if reorg else 0,
-            )
-            swap = await uow.system_state.compare_and_set(
-                state.CURSOR, cursor.to_json() if cursor else None, moved.to_json()
-            )
-            if not swap.changed:
-                raise CursorMoved("another follower moved the cursor first")
-            await uow.system_state.set_state(state.HEAD, _head_state(head, target))
-            if reorg is not None:
-                await uow.system_state.set_state(
-                    state.LAST_REORG, _reorg_state(reorg, report.rolled_back)
-                )
-            if report.rolled_back.dropped:  # ids free again: the gap pass must look at them
-                checked = await uow.system_state.get_state(state.GAPS_CHECKED)
-                lowest = min(report.rolled_back.dropped) - 1
-                if isinstance(checked, int) and checked > lowest:
-                    await uow.system_state.set_state(state.GAPS_CHECKED, lowest)
-        self._head_written = head
-        return report
-
-    async def _settle_conflicts(
-        self, uow: UnitOfWork, outcomes: list[MintOutcome], last: int, detail: str
-    ) -> tuple[list[MintOutcome], RolledBack]:
-        """A canonical log refused because a log recorded above this step's range holds its ids:
-        that holder came from a webhook and may be from an orphaned block. Ask the node; roll
-        back the holders it no longer has and record the refused logs again (same transaction).
-        Rare: only after a reorg raced a webhook."""
-        refused = [o for o in outcomes if o.status == "conflict" and o.conflict is not None]
-        if not refused:
-            return outcomes, RolledBack()
-        ids = sorted({i for o in refused if o.conflict for i in o.conflict.token_ids})
-        orphaned = []
-        for holder in await uow.mint_events.holders_above(ids, last):
-            if holder.block_hash is None:
-                continue
-            if not await still_on_chain(self.node, Kept(holder.block_number, holder.block_hash)):
-                orphaned.append(holder.id)
-        if not orphaned:
-            return outcomes, RolledBack()
-        undone = await uow.mint_events.roll_back(orphaned, detail=detail)
-        log.warning("ingest.orphaned_holders", logs=len(undone.logs), flagged=len(undone.flagged))
-        again = await uow.mint_events.record_mints(
-            [o.log for o in refused], new_author_prompt=self.options.new_author_prompt
-        )
-        retried = {id(o): a for o, a in zip(refused, again, strict=True)}
-        return [retried.get(id(o), o) for o in outcomes], undone
-
-    async def _halt(self, cursor: Cursor, here: Block, kept: Sequence[Kept]) -> NoReturn:
-        floor = min((k.number for k in kept), default=cursor.block)
-        message = (
-            f"reorg deeper than the window: block {cursor.block} is now {here.hash[:12]}… "
-            f"(was {cursor.hash[:12]}…) and none of the {len(kept)} kept blocks down to block "
-            f"{floor} is still on the chain (INGEST_REORG_WINDOW={self.options.reorg_window}); "
-            "stopped, nothing written. Check the node, then run "
-            "'glisk ingest --rewind-to BLOCK' from a block both chains share"
-        )
-        async with self.uow_factory() as uow:
-            await uow.system_state.set_state(
-                state.HALTED,
-                {
-                    "at": utcnow().isoformat(),
-                    "block": cursor.block,
-                    "was": cursor.hash,
-                    "now": here.hash,
-                    "floor": floor,
-                    "message": message,
-                },
-            )
-        if self.metrics is not None:
-            self.metrics.deep_reorgs.inc()
-        raise DeepReorg(message)
 
     async def _note_head(self, head: int, target: int) -> None:
         if head == self._head_written:
             return
         async with self.uow_factory() as uow:
-            await uow.system_state.set_state(state.HEAD, _head_state(head, target))
+            await uow.system_state.set_state(state.HEAD, state.head_value(head, target))
         self._head_written = head
         if self.metrics is not None:
             self.metrics.head.set(head)
@@ -500,24 +257,6 @@ class Follower:
         log.warning("ingest.retry", kind=kind, error=first_line(exc))
         if self.metrics is not None:
             self.metrics.errors.labels(kind).inc()
-
-
-def _head_state(head: int, target: int) -> dict[str, Any]:
-    return {"head": head, "target": target, "at": utcnow().isoformat()}
-
-
-def _reorg_state(reorg: Reorg, undone: RolledBack) -> dict[str, Any]:
-    return {
-        "at": utcnow().isoformat(),
-        "block": reorg.block,
-        "depth": reorg.depth,
-        "ancestor": reorg.ancestor,
-        "was": reorg.was,
-        "now": reorg.now,
-        "rolled_back": len(undone.logs),
-        "tokens_dropped": len(undone.dropped),
-        "tokens_flagged": len(undone.flagged),
-    }
 
 
 def _backoff(base: float, failures: int) -> float:

@@ -21,7 +21,7 @@ from glisk.ingest import state
 from glisk.ingest.node import Node
 from glisk.ingest.state import Cursor
 from glisk.models import MintLog
-from glisk.repositories.mint_event import DEFAULT_AUTHOR_PROMPT
+from glisk.repositories.mint_outcomes import DEFAULT_AUTHOR_PROMPT
 from glisk.uow import UnitOfWorkFactory
 
 MISSING_LIMIT = 100_000  # ids looked at per pass; the next pass goes on from there

@@ -17,13 +17,13 @@ NodeUnavailable: the follower waits and tries again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from web3 import AsyncWeb3
 from web3.types import RPCEndpoint
 
+from glisk.chain.client import transport_error
 from glisk.errors import GliskError
 from glisk.ingest import logs as decoding
 from glisk.ingest.logs import batch_minted_topic, quantity
@@ -103,7 +103,8 @@ class Node:
         except TimeoutError as exc:
             raise NodeUnavailable(f"{method}: no answer in time") from exc
         except Exception as exc:  # aiohttp, HTTP status, decoding: the node is not usable now
-            raise NodeUnavailable(f"{method}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            said = transport_error(exc)
+            raise NodeUnavailable(f"{method}: {type(exc).__name__}: {said}") from exc
         error = response.get("error")
         if error:
             if method == "eth_getLogs" and range_refusal(error):
@@ -210,15 +211,3 @@ def _selector(signature: str) -> str:
     from eth_utils.crypto import keccak
 
     return keccak(text=signature)[:4].hex()
-
-
-_URL = re.compile(r"\w+://\S+")
-
-
-def _first_line(exc: BaseException) -> str:
-    """What may be logged of a transport error: never a URL (it may carry an API key)."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int):  # aiohttp's ClientResponseError prints the URL: say the status
-        return f"HTTP {status}"
-    text = str(exc).strip().splitlines()
-    return _URL.sub("<url>", text[0])[:200] if text else ""

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from glisk.core.timezone import utcnow
+
 CURSOR = "ingest_cursor"
 HEAD = "ingest_head"
 LAST_REORG = "ingest_last_reorg"
@@ -60,3 +62,8 @@ class Cursor:
         """This cursor at ``block``, with ``add`` added to its totals and one more step."""
         totals = {name: getattr(self, name) + n for name, n in add.items()}
         return replace(self, block=block, hash=block_hash, steps=self.steps + 1, **totals)
+
+
+def head_value(head: int, target: int) -> dict[str, Any]:
+    """What ``ingest_head`` holds: the node's head, the confirmed target, and now."""
+    return {"head": head, "target": target, "at": utcnow().isoformat()}

@@ -30,9 +30,11 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -120,6 +122,58 @@ class LostReply(Response):
         )
         await send({"type": "http.response.body", "body": self.body[:10], "more_body": True})
         # Returning without the rest: the server closes the connection.
+
+
+class Administered(Protocol):
+    """A stand-in's state as its admin endpoints see it: faults, knobs (a dataclass whose fields
+    ``POST /_standin/faults`` may set), counters, and a way to forget everything."""
+
+    @property
+    def faults(self) -> Faults: ...
+
+    @property
+    def knobs(self) -> object: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def reset(self) -> None: ...
+
+
+def add_admin_routes(
+    app: FastAPI, standin: Administered, known: Mapping[str, Sequence[str]]
+) -> None:
+    """The admin endpoints on ``app``: ``POST /_standin/faults`` (``script``, ``rates`` and
+    ``seed`` for ``standin.faults``, checked against ``known``; any other key sets the knob of
+    that name; an unknown operation, fault or knob is a 400 naming it), ``GET /_standin/stats``
+    and ``POST /_standin/reset``. Each reads ``standin`` when called (a reset replaces its
+    faults and knobs)."""
+
+    @app.post("/_standin/faults")
+    async def set_faults(request: Request) -> Any:
+        settings = await request.json()
+        try:
+            standin.faults.configure(
+                script=settings.pop("script", None),
+                rates=settings.pop("rates", None),
+                seed=settings.pop("seed", None),
+                known=known,
+            )
+            for key, value in settings.items():
+                if not hasattr(standin.knobs, key):
+                    raise ValueError(f"unknown setting {key!r}")
+                setattr(standin.knobs, key, value)
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return vars(standin.knobs)
+
+    @app.get("/_standin/stats")
+    async def stats() -> Any:
+        return standin.stats()
+
+    @app.post("/_standin/reset")
+    async def reset() -> Any:
+        standin.reset()
+        return {"reset": True}
 
 
 def serve(app: Any, name: str, host: str, port: int) -> None:

@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from glisk.standins.helia import HeliaImporter
-from glisk.standins.http_service import Faults, LostReply, serve
+from glisk.standins.http_service import Faults, LostReply, add_admin_routes, serve
 
 NAME = "pinata stand-in"
 FAULTS: dict[str, list[str]] = {"pin": ["429", "500", "503", "lost", "wrong_cid"]}
@@ -184,33 +184,7 @@ def create_app(token: str | None = None) -> FastAPI:
             return JSONResponse({"error": "not pinned here"}, status_code=404)
         return Response(pin.data, media_type=pin.content_type)
 
-    @app.post("/_standin/faults")
-    async def set_faults(request: Request) -> Any:
-        settings = await request.json()
-        try:
-            standin.faults.configure(
-                script=settings.pop("script", None),
-                rates=settings.pop("rates", None),
-                seed=settings.pop("seed", None),
-                known=FAULTS,
-            )
-            for key, value in settings.items():
-                if not hasattr(standin.knobs, key):
-                    raise ValueError(f"unknown setting {key!r}")
-                setattr(standin.knobs, key, value)
-        except (ValueError, TypeError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return vars(standin.knobs)
-
-    @app.get("/_standin/stats")
-    async def stats() -> Any:
-        return standin.stats()
-
-    @app.post("/_standin/reset")
-    async def reset() -> Any:
-        standin.reset()
-        return {"reset": True}
-
+    add_admin_routes(app, standin, FAULTS)
     return app
 
 
