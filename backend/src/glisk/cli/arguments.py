@@ -21,6 +21,17 @@ class Parser(argparse.ArgumentParser):
 Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
 
 
+def add_documented(commands: Subcommands, name: str, *, help: str, doc: str | None) -> Parser:
+    """The subcommand ``name``, whose ``--help`` shows ``doc`` (its module's docstring) as
+    written, from the second paragraph on."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=doc.split("\n\n", 1)[1] if doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def port_number(value: str) -> int:
     """An argparse type: a TCP port, 1-65535 (as PORT and WORKER_METRICS_PORT)."""
     try:

@@ -17,7 +17,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING
 
-from glisk.cli.arguments import Subcommands
+from glisk.cli.arguments import Subcommands, add_documented
 from glisk.cli.database import working_database
 from glisk.errors import ConfigError
 
@@ -26,11 +26,11 @@ if TYPE_CHECKING:
 
 
 def add_parser(commands: Subcommands) -> None:
-    ingest = commands.add_parser(
+    ingest = add_documented(
+        commands,
         "ingest",
         help="follow the contract's mint logs (eth_getLogs) into the database until SIGTERM",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     ingest.add_argument("--once", action="store_true", help="catch up, run one gap pass, then exit")
     ingest.add_argument(

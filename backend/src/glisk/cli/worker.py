@@ -22,7 +22,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from glisk.cli.arguments import Subcommands, port_number
+from glisk.cli.arguments import Subcommands, add_documented, port_number
 from glisk.cli.database import Supervision, working_database
 from glisk.errors import ConfigError, FieldValidationError, HandlerError, OperatorError, first_line
 from glisk.pipeline import stage_names
@@ -58,11 +58,11 @@ def _bounded(
 
 
 def add_parser(commands: Subcommands) -> None:
-    worker = commands.add_parser(
+    worker = add_documented(
+        commands,
         "worker",
         help="run one pipeline stage's handler over leased claims until SIGTERM",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     worker.add_argument("stage", choices=stage_names())
     worker.add_argument(
