@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from glisk.ops.demo_stages import HANDLERS as STAGE_HANDLERS
 from glisk.ops.demo_verdict import DemoFacts, database_facts, show, verdict
+from glisk.ops.queries import LIVE_HOLDER_PIDS
 from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
@@ -265,7 +266,5 @@ def run_demo(
 
 
 def _holders(conn: Any) -> set[int]:
-    from glisk.ops.queries import LIVE_HOLDER_PIDS
-
     rows = conn.execute(LIVE_HOLDER_PIDS.encode()).fetchall()
     return {int(pid) for (pid,) in rows if pid.isdigit()}

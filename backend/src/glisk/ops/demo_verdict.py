@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glisk.ops.demo_stages import StageFacts, stage_verdict
+from glisk.ops.queries import DEMO_REVEALS, DEMO_TOKENS, FAILED_BY_REASON
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,6 @@ class Verdict:
 
 def database_facts(conn: Any) -> DatabaseFacts:
     """What the database says (``conn``: a psycopg connection to the demo's database)."""
-    from glisk.ops.queries import DEMO_REVEALS, DEMO_TOKENS, FAILED_BY_REASON
-
     statuses: dict[int, str] = {}
     hashes: dict[int, str] = {}
     for token_id, status, tx_hash in conn.execute(DEMO_TOKENS):

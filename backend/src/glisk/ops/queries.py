@@ -1,15 +1,16 @@
-"""Every statement the operator's tools send, each written out whole, named and commented:
-``glisk status`` (``ops/status.py``), the API's ``/metrics`` gauges (``glisk.api.metrics``, the
-same reads), ``glisk tokens retry|show`` (``ops/tokens.py``) and what ``glisk demo`` watches.
+"""The operator's statements, each written out whole, named and commented: ``glisk status``
+(``ops/status.py``), the API's ``/metrics`` gauges (``glisk.api.metrics``, the same reads),
+``glisk tokens retry|show`` (``ops/tokens.py``), and what ``glisk demo`` watches and its verdict
+reads of the database (the demo's checks of its own stand-ins stay in ``demo_chain.py`` and
+``demo_stages.py``).
 
 Parameters use psycopg's ``%(name)s`` style; ``glisk status`` sends them through psycopg and the
 gauges through SQLAlchemy's ``exec_driver_sql``, so both run the same text. The parts that differ
 per stage (its index predicate) come from ``glisk.pipeline``, never user input; each such
 statement is built once per stage and cached.
 
-Locking: every read here is a plain read (no row locks) except the retry's selection, which locks
-the rows it moves. All times come from the database clock: ``NOW``, UTC, as the naive timestamp
-columns hold.
+Locking: plain reads, no row locks, except the retry's selection (FOR UPDATE) and its write. All
+times come from the database clock: ``NOW``, UTC, as the naive timestamp columns hold.
 """
 
 from __future__ import annotations
