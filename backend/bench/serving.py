@@ -117,7 +117,7 @@ def http(args: Namespace) -> None:
 # --- startup ------------------------------------------------------------------------------------
 
 # The web application is the reference: a worker process should import less.
-IMPORTED = ("glisk.workers.worker", "glisk.workers.noop", "glisk.workers.command", "glisk.app")
+IMPORTED = ("glisk.workers.worker", "glisk.workers.noop", "glisk.cli.worker", "glisk.app")
 SUITE = ["uv", "run", "pytest", "-q", "-p", "no:cacheprovider"]
 
 

@@ -22,7 +22,8 @@ from sqlalchemy import event, text
 from bench.harness import database, percentile, query, quiet_env, say, table
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.logs import configure_logging
-from glisk.ops.status import FAILED_BY_REASON, STATUS_COUNTS, collect, stage_counts
+from glisk.ops.queries import FAILED_BY_REASON, STATUS_COUNTS, stage_counts
+from glisk.ops.status import collect
 from glisk.pipeline import STAGES, StageName
 from glisk.testing import connect
 from glisk.uow import UnitOfWork, create_uow_factory

@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from glisk.api import health, webhooks
 from glisk.api.docs import OPENAPI_URL, install_docs
 from glisk.api.errors import install_error_handlers
+from glisk.api.metrics import install_api_metrics
 from glisk.api.middleware import (
     LifespanErrorMiddleware,
     RequestContextMiddleware,
@@ -32,7 +33,6 @@ from glisk.core.database import engine_of, masked_url, psycopg_connect_kwargs, s
 from glisk.core.logs import configure_logging
 from glisk.core.timezone import enforce_utc
 from glisk.errors import DatabaseUnavailableError, first_line
-from glisk.ops.metrics import install_api_metrics
 from glisk.uow import create_uow_factory
 
 __all__ = ["DatabaseUnavailableError", "create_app", "create_served_app", "verify_database"]

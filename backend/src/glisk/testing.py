@@ -22,7 +22,7 @@ from psycopg import sql
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import make_url
 
-from glisk.core.config import normalize_database_url
+from glisk.core.database_url import normalize_database_url
 from glisk.embedded import EmbeddedPostgres, ephemeral_server
 
 

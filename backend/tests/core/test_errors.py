@@ -25,7 +25,7 @@ from tests.support.factories import seed_tokens
 
 # Not errors but signals between two pieces of glisk's own code, never raised to a caller.
 CONTROL_FLOW = {
-    "glisk.cli.Terminated",  # SIGTERM unwinding `glisk serve`: catching GliskError must not stop it
+    "glisk.cli.serve.Terminated",  # SIGTERM unwinding `glisk serve`: catching GliskError must not stop it
     "glisk.standins.chain.RpcFault",  # the fake node turning a fault into its JSON-RPC reply
 }
 

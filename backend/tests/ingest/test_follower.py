@@ -18,11 +18,11 @@ from glisk.chain import client
 from glisk.chain import contract as glisk_contract
 from glisk.chain.contract import Minted
 from glisk.ingest import state
-from glisk.ingest.command import rewind
 from glisk.ingest.follower import CursorMoved, Follower
 from glisk.ingest.gaps import recover_gaps
 from glisk.ingest.node import Node, range_refusal
 from glisk.ingest.reorg import DeepReorg
+from glisk.ingest.run import rewind
 from glisk.ingest.state import Cursor
 from glisk.ops.status import IngestStatus, collect, render
 from glisk.testing import connect

@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from rich.console import Console
 
-from glisk.ops.demo import (
+from glisk.ops.demo_verdict import (
     ChainFacts,
     ChainTx,
     DatabaseFacts,

@@ -15,7 +15,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
-from glisk.ops.metrics import UNMATCHED, WorkerMetrics
+from glisk.api.metrics import UNMATCHED
+from glisk.ops.metrics import WorkerMetrics
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, Worker
 from glisk.workers.reveal import Reconciler

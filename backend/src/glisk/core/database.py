@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from glisk.core import db_errors
-from glisk.core.config import PoolerMode, normalize_database_url
+from glisk.core.database_url import PoolerMode, normalize_database_url
 
 UTC_OPTIONS = "-c timezone=UTC"
 

@@ -17,10 +17,10 @@ def database_url(settings: Settings) -> str:
     ``glisk worker`` has started in this process when DATABASE_URL is unset)."""
     if settings.database_url is not None:
         return settings.database_url
-    from glisk.cli import _url_for_tools  # pyright: ignore[reportPrivateUsage]
-    from glisk.core.config import normalize_database_url
+    from glisk.core.database_url import normalize_database_url
+    from glisk.core.embedded import url_for_tools
 
-    return normalize_database_url(_url_for_tools(settings))
+    return normalize_database_url(url_for_tools(settings))
 
 
 class Lazy(Generic[T]):

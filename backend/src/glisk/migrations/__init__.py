@@ -22,7 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
-from glisk.core.config import normalize_database_url
+from glisk.core.database_url import normalize_database_url
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 

@@ -1,4 +1,4 @@
-"""``glisk demo``: the whole pipeline on this machine, in worker processes, with nothing to set.
+"""``glisk demo``'s run: the whole pipeline on this machine, in worker processes, nothing to set.
 
 A throwaway embedded PostgreSQL (never DATABASE_URL: the demo must not write into a real
 database), migrated; a real EVM node (anvil, from the pinned npm packages) with the GLISK contract
@@ -14,11 +14,11 @@ the stand-ins inject 429s, 5xx, lost replies and slow predictions. Ends with a v
 from the chain and the stand-ins (glisk.ops.demo_verdict); exit 0 only if every token is
 revealed on chain, in exactly one transaction, the one the database names, with the URI the
 pipeline made, after exactly one prediction, every file pinned under the CID computed for it.
+The command (its options, exit code) is ``glisk.cli.demo``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -32,45 +32,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from glisk.core.processes import stop_all
-from glisk.errors import ConfigError, OperatorError
 from glisk.ops.demo_stages import HANDLERS as STAGE_HANDLERS
-from glisk.ops.demo_verdict import (  # noqa: F401 - the verdict's names, as they were here
-    ChainFacts,
-    ChainTx,
-    DatabaseFacts,
-    DemoFacts,
-    Verdict,
-    database_facts,
-    show,
-    verdict,
-)
+from glisk.ops.demo_verdict import DemoFacts, database_facts, show, verdict
+from glisk.ops.queries import LIVE_HOLDER_PIDS
 from glisk.pipeline import STAGES
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
 
 REPLACEMENT_GRACE = 30.0  # seconds chaos waits at most for the last replacement to get to work
-# The pids of the workers holding live claims (the holder name is host:pid:random).
-HOLDERS = """
-SELECT DISTINCT split_part(claimed_by, ':', 2) FROM tokens_s0
-WHERE claim_id IS NOT NULL AND lease_expires_at > timezone('utc', now())
-"""
 
 # The handler each stage's workers run: the real ones (image and upload against the stand-ins,
 # the keeper against anvil).
 HANDLERS = {**STAGE_HANDLERS, "reveal": "glisk.handlers.reveal:keeper"}
-
-
-def add_parser(commands: Any) -> None:
-    demo = commands.add_parser(
-        "demo", help="run the whole pipeline locally against stand-ins and verify it"
-    )
-    demo.add_argument("--tokens", type=int, default=1000, help="tokens to mint (default 1000)")
-    demo.add_argument("--workers", type=int, default=2, help="worker processes per stage")
-    demo.add_argument("--chaos", action="store_true", help="SIGKILL random workers as it runs")
-    demo.add_argument("--seed", type=int, default=0, help="chaos random seed")
-    demo.add_argument("--timeout", type=float, default=600.0, help="give up after SECONDS")
-    demo.set_defaults(handler=cmd_demo)
 
 
 @dataclass
@@ -151,16 +125,18 @@ class Pool:
         stop_all([p for ps in self.processes.values() for p in ps], 30)
 
 
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
-    if not 1 <= args.tokens <= 100_000:
-        raise ConfigError("--tokens: must be 1 to 100000")
-    if not 1 <= args.workers <= 8:
-        raise ConfigError("--workers: must be 1 to 8")
-    if not _run(settings, args):
-        raise OperatorError("the demo's verification failed (see the table above)")
-
-
-def _run(settings: Settings, args: argparse.Namespace) -> bool:
+def run_demo(
+    settings: Settings,
+    *,
+    tokens: int,
+    workers: int,
+    chaos: bool = False,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> bool:
+    """Mint ``tokens`` tokens, run ``workers`` worker processes per stage (SIGKILLing them at
+    random with ``chaos``, seeded by ``seed``) until every token is revealed or failed or
+    ``timeout`` seconds have passed, and show the verdict. Whether it is ok."""
     import psycopg
     from rich.console import Console, Group
     from rich.live import Live
@@ -184,11 +160,11 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
         dsn = libpq_url(url)
         with (
             Anvil() as node,
-            stage_services(work, chaos=args.chaos, seed=args.seed) as services,
+            stage_services(work, chaos=chaos, seed=seed) as services,
         ):
-            chain = asyncio.run(demo_chain.set_up(node, url, args.tokens, work))
+            chain = asyncio.run(demo_chain.set_up(node, url, tokens, work))
             console.print(
-                f"Minted {args.tokens:,} tokens in {chain.mint_transactions} mint transactions "
+                f"Minted {tokens:,} tokens in {chain.mint_transactions} mint transactions "
                 f"on anvil (chain {node.chain_id}, GLISK at {chain.contract}); files in {work}"
             )
             env = {
@@ -217,8 +193,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
             for name in ("WORKER_METRICS_PORT", "KEEPER_PRIVATE_KEY"):
                 env.pop(name, None)
             (work / "logs").mkdir()
-            pool = Pool(env, work / "logs", args.workers)
-            rng = random.Random(args.seed)  # noqa: S311 - chaos, not secrets
+            pool = Pool(env, work / "logs", workers)
+            rng = random.Random(seed)  # noqa: S311 - chaos, not secrets
             started = time.monotonic()
             finished = False
             with psycopg.connect(dsn, autocommit=True) as conn:
@@ -228,24 +204,24 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                         # The first kill as soon as workers hold tokens (a fast machine can
                         # finish 200 tokens in a second or two), then one about every second.
                         next_kill: float | None = None
-                        while time.monotonic() - started < args.timeout:
+                        while time.monotonic() - started < timeout:
                             status = collect(conn, exact=True)
                             done = status.statuses["revealed"] + status.statuses["failed"]
                             elapsed = time.monotonic() - started
                             live.update(
                                 Group(
                                     render(status),
-                                    f"revealed {status.statuses['revealed']:,}/{args.tokens:,}"
+                                    f"revealed {status.statuses['revealed']:,}/{tokens:,}"
                                     f"  workers killed {pool.kills}  {elapsed:.0f} s",
                                 )
                             )
-                            if done >= args.tokens:
+                            if done >= tokens:
                                 finished = True
                                 break
-                            if next_kill is None and status.statuses["detected"] < args.tokens:
+                            if next_kill is None and status.statuses["detected"] < tokens:
                                 next_kill = time.monotonic()
                             if (
-                                args.chaos
+                                chaos
                                 and next_kill is not None
                                 and time.monotonic() >= next_kill
                                 and pool.kill_one(rng, _holders(conn))
@@ -257,9 +233,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
                 elapsed = time.monotonic() - started
                 database = database_facts(conn)
                 chain_seen = asyncio.run(demo_chain.chain_facts(chain, conn))
-            stage_facts = gather_stage_facts(dsn, services, args.tokens)
+            stage_facts = gather_stage_facts(dsn, services, tokens)
         facts = DemoFacts(
-            minted=args.tokens,
+            minted=tokens,
             finished=finished,
             database=database,
             chain=chain_seen,
@@ -281,4 +257,5 @@ def _run(settings: Settings, args: argparse.Namespace) -> bool:
 
 
 def _holders(conn: Any) -> set[int]:
-    return {int(pid) for (pid,) in conn.execute(HOLDERS.encode()).fetchall() if pid.isdigit()}
+    rows = conn.execute(LIVE_HOLDER_PIDS.encode()).fetchall()
+    return {int(pid) for (pid,) in rows if pid.isdigit()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glisk.ops.demo_stages import StageFacts, stage_verdict
+from glisk.ops.queries import DEMO_REVEALS, DEMO_TOKENS, FAILED_BY_REASON
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,14 @@ class Verdict:
 
 def database_facts(conn: Any) -> DatabaseFacts:
     """What the database says (``conn``: a psycopg connection to the demo's database)."""
-    from glisk.ops.status import FAILED_BY_REASON
-
     statuses: dict[int, str] = {}
     hashes: dict[int, str] = {}
-    for token_id, status, tx_hash in conn.execute(
-        "SELECT token_id, status::text, reveal_tx_hash FROM tokens_s0"
-    ):
+    for token_id, status, tx_hash in conn.execute(DEMO_TOKENS):
         statuses[token_id] = status
         if tx_hash is not None:
             hashes[token_id] = tx_hash
     reveals: dict[str, list[str]] = {"pending": [], "confirmed": []}
-    for status, tx_hash in conn.execute(
-        "SELECT status::text, tx_hash FROM reveal_transactions ORDER BY created_at"
-    ):
+    for status, tx_hash in conn.execute(DEMO_REVEALS):
         reveals.setdefault(status, []).append(tx_hash or "")
     failed = tuple(
         (stage, reason, int(count)) for stage, reason, count in conn.execute(FAILED_BY_REASON)

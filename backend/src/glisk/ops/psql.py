@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import make_url
 
-from glisk.core.config import normalize_database_url
+from glisk.core.database_url import normalize_database_url
 from glisk.errors import OperatorError
 
 

@@ -7,134 +7,34 @@ that grows with the table's history is the number of revealed tokens: above ``es
 rows (planner statistics) it is estimated as ``reltuples`` minus every other status's exact count,
 and reported as an estimate; ``exact=True`` counts it (an index-only scan of every revealed row).
 
-All times come from the database clock (UTC, as the naive timestamp columns hold).
+The statements are ``glisk.ops.queries``'s (the API's gauges send the same); all times come
+from the database clock (UTC, as the naive timestamp columns hold).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from functools import cache
 from typing import Any
 
 import psycopg
 
-from glisk.core.timezone import DB_NOW as NOW
 from glisk.models.enums import TokenStatus
+from glisk.ops.queries import (
+    ESTIMATE_ABOVE,
+    FAILED_BY_REASON,
+    IN_FLIGHT,
+    IN_FLIGHT_SHOWN,
+    INGEST_STATE,
+    KEEPER,
+    REVEALED_EXACT,
+    STATUS_AT,
+    STATUS_COUNTS,
+    TABLE_ROWS,
+    stage_counts,
+    stage_holders,
+)
 from glisk.pipeline import STAGES
-
-# Above this many rows (planner statistics) the revealed total is an estimate unless asked exactly.
-ESTIMATE_ABOVE = 100_000
-
-_STAGE_COUNTS = """
--- status_{stage}: the stage's tokens by lease state. Walks ix_tokens_s0_claim_{stage} (the same
--- predicate), so it reads only the stage's backlog. 'waiting' is unclaimed and past any backoff;
--- an expired lease is claimable too but counted apart (its holder died or stalled).
-SELECT
-    count(*) FILTER (WHERE claim_id IS NULL AND (not_before IS NULL OR not_before <= {now})),
-    count(*) FILTER (WHERE claim_id IS NOT NULL AND lease_expires_at > {now}),
-    count(*) FILTER (WHERE claim_id IS NOT NULL AND lease_expires_at <= {now}),
-    count(*) FILTER (WHERE claim_id IS NULL AND not_before > {now}),
-    extract(epoch FROM {now} - min(mint_timestamp) FILTER (
-        WHERE claim_id IS NULL AND (not_before IS NULL OR not_before <= {now})))
-FROM tokens_s0
-WHERE {predicate}
-"""
-
-_HOLDERS = """
--- status_holders_{stage}: live leases of the stage by holder (the stage's partial index).
-SELECT claimed_by, count(*) FROM tokens_s0
-WHERE {predicate} AND claim_id IS NOT NULL AND lease_expires_at > {now}
-GROUP BY claimed_by ORDER BY count(*) DESC, claimed_by
-"""
-
-UNFINISHED_STATUSES: tuple[str, ...] = ("detected", "generating", "uploading", "ready", "failed")
-
-STATUS_COUNTS = """
--- status_counts: every status but 'revealed', exactly, from ix_tokens_s0_status_mint_timestamp
--- (one index range per status: the work is the number of unfinished and failed tokens).
-SELECT s.status, (SELECT count(*) FROM tokens_s0 AS t WHERE t.status = s.status)
-FROM unnest(CAST(ARRAY['detected', 'generating', 'uploading', 'ready', 'failed']
-                 AS token_status_enum[])) AS s(status)
-"""
-
-REVEALED_EXACT = "SELECT count(*) FROM tokens_s0 WHERE status = 'revealed'"
-
-TABLE_ROWS = """
--- the planner's row count of tokens_s0 (updated by VACUUM, ANALYZE and autovacuum); -1 or 0
--- before the table was first analyzed.
-SELECT reltuples::bigint FROM pg_class WHERE oid = 'tokens_s0'::regclass
-"""
-
-KEEPER = f"""
--- status_keeper: each reveal keeper (chain, sender): the allocator's next nonce, the nonce after
--- its newest confirmed reveal, and its pending reveals: how many, the oldest's age, how many are
--- stuck (their newest signed attempt older than %(stuck)s seconds). keeper_nonces holds a row
--- per key; the pending reveals come through ix_reveal_transactions_status, the newest confirmed
--- nonce through uq_reveal_transactions_chain_id_sender_nonce read backwards.
-SELECT k.chain_id, k.address, k.next_nonce,
-       (SELECT c.nonce + 1 FROM reveal_transactions AS c
-        WHERE c.chain_id = k.chain_id AND c.sender = k.address AND c.status = 'confirmed'
-        ORDER BY c.nonce DESC LIMIT 1),
-       count(p.id),
-       extract(epoch FROM {NOW} - min(p.created_at)),
-       count(p.id) FILTER (WHERE p.newest_age > %(stuck)s)
-FROM keeper_nonces AS k
-LEFT JOIN LATERAL (
-    SELECT r.id, r.created_at,
-           (SELECT extract(epoch FROM {NOW} - max(a.created_at)) FROM reveal_attempts AS a
-            WHERE a.reveal_id = r.id) AS newest_age
-    FROM reveal_transactions AS r
-    WHERE r.status = 'pending' AND r.chain_id = k.chain_id AND r.sender = k.address
-) AS p ON true
-GROUP BY k.chain_id, k.address, k.next_nonce
-ORDER BY k.chain_id, k.address
-"""
-
-IN_FLIGHT = f"""
--- status_in_flight: the oldest pending reveals (at most %(limit)s), each with its newest signed
--- attempt (hash, fees, age) and how many it has had (replacements). Pending reveals come through
--- ix_reveal_transactions_status, their attempts through ix_reveal_attempts_reveal_id.
-SELECT r.nonce, r.sender, cardinality(r.token_ids), extract(epoch FROM {NOW} - r.created_at),
-       a.tx_hash, a.max_fee_per_gas, a.max_priority_fee_per_gas,
-       extract(epoch FROM {NOW} - a.created_at), n.attempts, n.broadcasts
-FROM reveal_transactions AS r
-JOIN LATERAL (
-    SELECT tx_hash, max_fee_per_gas, max_priority_fee_per_gas, created_at
-    FROM reveal_attempts WHERE reveal_id = r.id ORDER BY created_at DESC, id DESC LIMIT 1
-) AS a ON true
-JOIN LATERAL (
-    SELECT count(*) AS attempts, sum(broadcasts) AS broadcasts
-    FROM reveal_attempts WHERE reveal_id = r.id
-) AS n ON true
-WHERE r.status = 'pending'
-ORDER BY r.created_at, r.id
-LIMIT %(limit)s
-"""
-
-FAILED_BY_REASON = """
--- status_failed: failed tokens by stage and reason (ix_tokens_s0_status_mint_timestamp).
-SELECT error_data ->> 'stage', error_data ->> 'reason', count(*)
-FROM tokens_s0 WHERE status = 'failed'
-GROUP BY 1, 2 ORDER BY count(*) DESC, 1, 2
-"""
-
-
-INGEST_STATE = """
--- status_ingest: the log follower's state, four system_state rows by primary key.
-SELECT key, state_value FROM system_state
-WHERE key IN ('ingest_cursor', 'ingest_head', 'ingest_last_reorg', 'ingest_halted')
-"""
-
-
-@cache
-def stage_counts(stage: str) -> str:
-    return _STAGE_COUNTS.format(stage=stage, predicate=STAGES[stage].predicate, now=NOW)
-
-
-@cache
-def stage_holders(stage: str) -> str:
-    return _HOLDERS.format(stage=stage, predicate=STAGES[stage].predicate, now=NOW)
 
 
 @dataclass
@@ -240,9 +140,6 @@ def token_counts(
     return {s.value: counts.get(s.value, 0) for s in TokenStatus}, estimated
 
 
-IN_FLIGHT_SHOWN = 20
-
-
 def keeper_report(
     conn: psycopg.Connection[Any], *, stuck_after: float = 90.0, fee_cap_gwei: float | None = None
 ) -> KeeperReport:
@@ -331,7 +228,7 @@ def collect(
     ``fee_cap_gwei`` (REVEAL_STUCK_SECONDS, REVEAL_MAX_GAS_PRICE_GWEI) shape the keeper's part."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        at_row = conn.execute(f"SELECT {NOW}".encode()).fetchone()
+        at_row = conn.execute(STATUS_AT.encode()).fetchone()
         assert at_row is not None
         stages: dict[str, StageStatus] = {}
         for name in STAGES:

@@ -16,18 +16,19 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from glisk.core.timezone import DB_NOW as NOW
 from glisk.errors import InvalidStateTransition
 from glisk.models import validation as v
 from glisk.models.enums import TokenStatus
 from glisk.models.token import Token
-from glisk.pipeline import STAGES
-
-_COLUMNS = (
-    "id, token_id, author_id, minter_address, status, mint_timestamp, image_path, image_cid, "
-    "metadata_cid, reveal_tx_hash, error_data, created_at, claimed_by, claim_id, "
-    "lease_expires_at, attempts, not_before, deferrals, checkpoint"
+from glisk.ops.queries import (
+    RETRY_REVEALS,
+    RETRY_WRITE,
+    SHOW_TOKEN,
+    TOKEN_REVEALS,
+    WAKE_STAGE,
+    retry_select,
 )
+from glisk.pipeline import STAGES
 
 
 @dataclass(frozen=True)
@@ -111,41 +112,15 @@ class RetryOutcome:
 
 
 def _select(selection: RetryFilter) -> tuple[str, dict[str, Any]]:
-    # With --ids every named token is read whatever its status, so one that is not failed is
-    # refused by the state machine (and reported) instead of silently skipped.
-    where = ["status = 'failed'"] if selection.ids is None else ["token_id = ANY(%(ids)s)"]
-    params: dict[str, Any] = {}
-    if selection.ids is not None:
-        params["ids"] = list(selection.ids)
-    if selection.reason is not None:
-        where.append("error_data ->> 'reason' = %(reason)s")
-        params["reason"] = selection.reason
-    if selection.stage is not None:
-        where.append("error_data ->> 'stage' = %(stage)s")
-        params["stage"] = selection.stage
-    if selection.since is not None:
-        where.append("mint_timestamp >= %(since)s")
-        params["since"] = selection.since
-    statement = (
-        f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE {' AND '.join(where)} "
-        "ORDER BY token_id FOR UPDATE"
-    )
-    return statement, params
-
-
-_WRITE = """
--- retry: what Token.retry_from_failed changed, for a token still failed (locked above).
-UPDATE tokens_s0
-SET status = CAST(%(status)s AS token_status_enum), image_path = %(image_path)s,
-    metadata_cid = %(metadata_cid)s, reveal_tx_hash = %(reveal_tx_hash)s, attempts = 0,
-    deferrals = 0, not_before = NULL, checkpoint = %(checkpoint)s, error_data = %(error_data)s
-WHERE id = %(id)s AND status = 'failed'
-"""
-
-_REVEALS = """
--- retry_reveals: the reveal transactions retried tokens' checkpoints point at (no locks).
-SELECT id::text, tx_hash, status FROM reveal_transactions WHERE id = ANY(CAST(%(ids)s AS uuid[]))
-"""
+    """The retry's selection and its parameters: one per filter given."""
+    given = {
+        "ids": None if selection.ids is None else list(selection.ids),
+        "reason": selection.reason,
+        "stage": selection.stage,
+        "since": selection.since,
+    }
+    params = {name: value for name, value in given.items() if value is not None}
+    return retry_select(tuple(params)), params
 
 
 def retry_failed(
@@ -198,11 +173,11 @@ def retry_failed(
         if dry_run:
             raise psycopg.Rollback(tx)  # leaves the block rolled back; not raised further
         if writes:
-            cur.executemany(_WRITE.encode(), writes)
+            cur.executemany(RETRY_WRITE.encode(), writes)
             targets = {m.target for m in outcome.moved}
             for stage in STAGES.values():  # wake the stages that claim from where tokens went
                 if stage.claim_from in targets:
-                    cur.execute("SELECT pg_notify(%s, '')", (stage.channel,))
+                    cur.execute(WAKE_STAGE.encode(), (stage.channel,))
     return outcome
 
 
@@ -218,32 +193,12 @@ def _say_which_reveals_are_reconciled(
             pointers[moved.token_id] = str(reveal_id)
     if not pointers:
         return
-    rows = cur.execute(_REVEALS.encode(), {"ids": sorted(set(pointers.values()))}).fetchall()
+    rows = cur.execute(RETRY_REVEALS.encode(), {"ids": sorted(set(pointers.values()))}).fetchall()
     found = {row["id"]: (row["tx_hash"] or "?", str(row["status"])) for row in rows}
     outcome.moved = [
         replace(m, reveal=found.get(pointers[m.token_id])) if m.token_id in pointers else m
         for m in outcome.moved
     ]
-
-
-_TOKEN_REVEALS = f"""
--- show_reveals: the reveal transactions that carried a token (newest first), each with its
--- signed attempts. Reads reveal_transactions whole (no index on token_ids but the partial one for
--- pending reveals): fine for one token at the operator's request.
-SELECT r.id::text, r.status, r.nonce, r.sender, r.tx_hash, r.block_number, r.block_hash,
-       r.idempotency_key, r.created_at,
-       coalesce(jsonb_agg(jsonb_build_object(
-           'tx_hash', a.tx_hash, 'kind', a.kind,
-           'max_fee_gwei', round(a.max_fee_per_gas / 1e9, 9),
-           'tip_gwei', round(a.max_priority_fee_per_gas / 1e9, 9),
-           'broadcasts', a.broadcasts,
-           'age_seconds', round(CAST(extract(epoch FROM {NOW} - a.created_at) AS numeric), 1))
-           ORDER BY a.created_at) FILTER (WHERE a.id IS NOT NULL), '[]')
-FROM reveal_transactions AS r LEFT JOIN reveal_attempts AS a ON a.reveal_id = r.id
-WHERE %(id)s = ANY(r.token_ids)
-GROUP BY r.id
-ORDER BY r.created_at DESC
-"""
 
 
 _REVEAL_FIELDS = (
@@ -266,10 +221,7 @@ def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] |
     the reveal transactions that carried it (the keeper's: nonce, key, block, every signed
     attempt with its fees and sends)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(
-            f"SELECT {_COLUMNS}, {NOW} AS now FROM tokens_s0 WHERE token_id = %s".encode(),
-            (token_id,),
-        ).fetchone()
+        row = cur.execute(SHOW_TOKEN.encode(), (token_id,)).fetchone()
     if row is None:
         return None
     now = row.pop("now")
@@ -277,6 +229,6 @@ def show_token(conn: psycopg.Connection[Any], token_id: int) -> dict[str, Any] |
     row["lease"] = "none" if expires is None else ("live" if expires > now else "expired")
     row["status"] = str(row["status"])
     with conn.cursor() as cur:
-        reveals = cur.execute(_TOKEN_REVEALS.encode(), {"id": row["id"]}).fetchall()
+        reveals = cur.execute(TOKEN_REVEALS.encode(), {"id": row["id"]}).fetchall()
     row["reveals"] = [dict(zip(_REVEAL_FIELDS, reveal, strict=True)) for reveal in reveals]
     return row

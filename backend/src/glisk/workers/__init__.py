@@ -10,8 +10,8 @@ Two ways to take work, side by side:
 The layout: ``queries`` (every statement, whole and named), ``claims`` (what a handler gets),
 ``connection`` (bounded connections), ``outage`` (an unreachable database: told once, one
 backoff for every connection), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker
-class), ``run`` (run_worker), ``repository`` (``uow.leases``), ``command`` (``glisk worker``),
-``noop``. The stage table is ``glisk.pipeline``.
+class), ``run`` (run_worker), ``repository`` (``uow.leases``), ``noop``. The stage table is
+``glisk.pipeline``; the ``glisk worker`` command is ``glisk.cli.worker``.
 """
 
 from glisk.pipeline import STAGES, Stage, StageName

@@ -346,6 +346,13 @@ SELECT count(*) FROM tokens_s0
 WHERE claim_id IS NOT NULL AND (CAST(%(status)s AS text) IS NULL OR status::text = %(status)s)
 """
 
+MIGRATED = """
+-- migrated: whether the database has the worker runtime's columns (tokens_s0.not_before, added
+-- by migration 0004); glisk worker asks once before it claims anything. A catalog read, no locks.
+SELECT 1 FROM information_schema.columns
+WHERE table_name = 'tokens_s0' AND column_name = 'not_before'
+"""
+
 
 @cache
 def claim(stage: Stage, limit: int) -> str:

@@ -1,7 +1,8 @@
 """``glisk status`` and ``glisk tokens retry|show``: the operator's commands.
 
 They need database access (DATABASE_URL, or the embedded server in development) and nothing
-else; nothing here is reachable over HTTP. Heavy imports (rich, psycopg) wait for the command.
+else; nothing here is reachable over HTTP. What they read and change is ``glisk.ops.status`` and
+``glisk.ops.tokens``; heavy imports (rich, psycopg) wait for the command.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from glisk.cli.arguments import Subcommands
+from glisk.cli.database import database
 from glisk.errors import ConfigError, FieldValidationError, OperatorError, first_line
 from glisk.pipeline import stage_names
 
@@ -23,10 +26,8 @@ if TYPE_CHECKING:
     from glisk.core.config import Settings
 
 
-def add_parsers(commands: Any) -> None:
-    """Add ``status``, ``tokens`` and ``demo`` to the ``glisk`` subcommands."""
-    from glisk.ops.demo import add_parser as add_demo_parser
-
+def add_parsers(commands: Subcommands) -> None:
+    """Add ``status`` and ``tokens`` to the ``glisk`` subcommands."""
     status = commands.add_parser("status", help="tokens per stage, leases, failures, totals")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.add_argument(
@@ -59,8 +60,6 @@ def add_parsers(commands: Any) -> None:
     show.add_argument("token_id", type=int)
     show.set_defaults(handler=cmd_tokens_show)
 
-    add_demo_parser(commands)
-
 
 @contextmanager
 def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
@@ -68,7 +67,6 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     unusable."""
     import psycopg
 
-    from glisk.cli import database
     from glisk.workers.connection import libpq_url
 
     with database(settings) as url:
@@ -121,7 +119,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> None:
 
         interval = max(0.2, float(args.watch))
         with Live(render(read()), console=console) as live:
-            while True:  # until Ctrl-C (KeyboardInterrupt: exit 130 in glisk.cli.main)
+            while True:  # until Ctrl-C (KeyboardInterrupt: exit 130 in glisk.cli's main)
                 time.sleep(interval)
                 live.update(render(read()))
 

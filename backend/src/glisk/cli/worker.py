@@ -19,20 +19,25 @@ import asyncio
 import importlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from glisk.cli.arguments import Subcommands, add_documented, port_number
+from glisk.cli.database import Supervision, working_database
 from glisk.errors import ConfigError, FieldValidationError, HandlerError, OperatorError, first_line
 from glisk.pipeline import stage_names
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
-    from glisk.workers.worker import Handler
+    from glisk.workers.connection import ConnectOptions
+    from glisk.workers.worker import Handler, Worker
 
 NOOP = "noop"
 
 
-def _bounded(kind: Callable[[str], float], low: float, high: float, *, above: bool = False) -> Any:
+def _bounded(
+    kind: Callable[[str], float], low: float, high: float, *, above: bool = False
+) -> Callable[[str], float]:
     """An argparse type: a finite number from ``low`` (excluded when ``above``) to ``high``,
     the same range as the WORKER_* setting the option overrides."""
 
@@ -52,12 +57,12 @@ def _bounded(kind: Callable[[str], float], low: float, high: float, *, above: bo
     return parse
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    worker = commands.add_parser(
+def add_parser(commands: Subcommands) -> None:
+    worker = add_documented(
+        commands,
         "worker",
         help="run one pipeline stage's handler over leased claims until SIGTERM",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     worker.add_argument("stage", choices=stage_names())
     worker.add_argument(
@@ -66,8 +71,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         required=True,
         help="package.module:function, an async function; 'noop' for the built-in no-op handler",
     )
-    from glisk.cli import port_number
-
     worker.add_argument(
         "--concurrency",
         type=_bounded(int, 1, 10000),
@@ -91,7 +94,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port", type=port_number, help="serve /metrics (WORKER_METRICS_PORT)"
     )
-    return worker
+    worker.set_defaults(handler=cmd_worker)
 
 
 def load_handler(path: str, stage: str) -> Handler:
@@ -122,9 +125,9 @@ def load_handler(path: str, stage: str) -> Handler:
     return cast("Handler", target)
 
 
-def run(settings: Settings, args: argparse.Namespace) -> None:
-    """Entry point from ``glisk.cli``; raises OperatorErrors: HandlerError or another
-    ConfigError (exit 2), an unreachable or unmigrated database (exit 1)."""
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
+    """Raises OperatorErrors: HandlerError or another ConfigError (exit 2), an unreachable or
+    unmigrated database (exit 1)."""
     from glisk.workers.worker import hold_stop_signals
 
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
@@ -134,17 +137,10 @@ def run(settings: Settings, args: argparse.Namespace) -> None:
     check = getattr(handler, "check", None)
     if callable(check):
         check()
-    if settings.database_url is not None:
-        _serve(settings, args, handler, settings.database_url)
-        return
-    # Development without DATABASE_URL: the embedded server, migrated, for this process's life
+    # DATABASE_URL as it is; without it the embedded server, migrated, for this process's life
     # (or the one `glisk serve` of this checkout runs), restarted if it dies.
-    from glisk import migrations
-    from glisk.cli import Supervision, _migrate, database
-
     supervision = Supervision()
-    with database(settings, on_failure=supervision) as url:
-        _migrate(url, lambda: migrations.upgrade(url))
+    with working_database(settings, on_failure=supervision) as url:
         _serve(settings, args, handler, url)
     supervision.raise_if_failed()
 
@@ -188,24 +184,25 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
             raise OperatorError(
                 f"--metrics-port {port}: cannot listen on it: {exc.strerror or exc}"
             ) from None
-    asyncio.run(_run(worker, connect, prepare if callable(prepare) else None))
+    prepared = prepare if callable(prepare) else None
+    asyncio.run(_run(worker, connect, cast("Callable[[], Awaitable[object]] | None", prepared)))
 
 
-async def _run(worker: Any, connect: Any, prepare: Any = None) -> None:
+async def _run(
+    worker: Worker,
+    connect: ConnectOptions,
+    prepare: Callable[[], Awaitable[object]] | None = None,
+) -> None:
     import structlog
 
     from glisk.workers.connection import DATABASE_ERRORS
+    from glisk.workers.queries import MIGRATED
     from glisk.workers.worker import install_stop_signals
 
     try:
         conn = await connect.connect()
         try:
-            found = await (
-                await conn.execute(
-                    b"SELECT 1 FROM information_schema.columns "
-                    b"WHERE table_name = 'tokens_s0' AND column_name = 'not_before'"
-                )
-            ).fetchone()
+            found = await (await conn.execute(MIGRATED.encode())).fetchone()
         finally:
             await conn.close()
     except DATABASE_ERRORS as exc:

@@ -1,24 +1,17 @@
-"""``glisk ingest``: follow the GLISK contract's mint logs into the database until SIGTERM.
+"""``glisk ingest``'s process: connect to the node and the database, check both, then follow the
+contract's mint logs until ``stop`` (or move the cursor back after a deep reorg).
 
-    glisk ingest                      follow (catch up, then poll every INGEST_POLL_INTERVAL)
-    glisk ingest --once               catch up to the confirmed head, run a gap pass, exit
-    glisk ingest --rewind-to BLOCK    after a reorg deeper than the window: move the cursor back
-                                      to BLOCK (a block both chains share), clear the stop, exit
-
-Needs CHAIN_RPC_URL and GLISK_CONTRACT_ADDRESS; CHAIN_ID, when set, must be the node's. Exit
-codes, for a supervisor (systemd ``RestartPreventExitStatus=2``): 0 stopped by SIGTERM/SIGINT
-(or ``--once`` done); 1 the database or the node unreachable at start-up (worth restarting); 2 a
-configuration error, or a reorg deeper than the window (the operator must look first).
+``glisk.cli.ingest`` parses the command line and chooses the database; everything from there on
+is here.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from glisk.errors import EXIT_CONFIG, ConfigError, OperatorError, first_line
+from glisk.errors import ConfigError, OperatorError, first_line
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
@@ -26,27 +19,8 @@ if TYPE_CHECKING:
     from glisk.uow import UnitOfWorkFactory
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    ingest = commands.add_parser(
-        "ingest",
-        help="follow the contract's mint logs (eth_getLogs) into the database until SIGTERM",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ingest.add_argument("--once", action="store_true", help="catch up, run one gap pass, then exit")
-    ingest.add_argument(
-        "--rewind-to",
-        type=int,
-        metavar="BLOCK",
-        help="move the cursor back to BLOCK and clear a deep-reorg stop, then exit",
-    )
-    ingest.add_argument(
-        "--metrics-port", type=int, help="serve /metrics on this port (INGEST_METRICS_PORT)"
-    )
-    return ingest
-
-
-def _required(settings: Settings) -> tuple[str, str]:
+def required(settings: Settings) -> tuple[str, str]:
+    """CHAIN_RPC_URL and GLISK_CONTRACT_ADDRESS; ConfigError naming the one that is unset."""
     if settings.chain_rpc_url is None:
         raise ConfigError("CHAIN_RPC_URL: is required by glisk ingest (the node's JSON-RPC URL)")
     if settings.glisk_contract_address is None:
@@ -54,27 +28,17 @@ def _required(settings: Settings) -> tuple[str, str]:
     return settings.chain_rpc_url.get_secret_value(), settings.glisk_contract_address
 
 
-def run(settings: Settings, args: argparse.Namespace) -> None:
-    """Entry point from ``glisk.cli``; raises OperatorErrors (ConfigError and DeepReorg exit 2,
-    an unreachable database or node 1)."""
-    from glisk.workers.worker import hold_stop_signals
-
-    hold_stop_signals()
-    _required(settings)
-    if args.rewind_to is not None and args.rewind_to < 0:
-        raise ConfigError(f"--rewind-to: must be a block number, 0 or more (got {args.rewind_to})")
-    if settings.database_url is not None:
-        asyncio.run(_main(settings, args, settings.database_url))
-        return
-    from glisk import migrations
-    from glisk.cli import _migrate, database
-
-    with database(settings) as url:
-        _migrate(url, lambda: migrations.upgrade(url))
-        asyncio.run(_main(settings, args, url))
-
-
-async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
+async def run_ingest(
+    settings: Settings,
+    url: str,
+    *,
+    once: bool = False,
+    rewind_to: int | None = None,
+    metrics_port: int | None = None,
+) -> None:
+    """Check the database at ``url`` and the node, then follow until SIGTERM or SIGINT (with
+    ``once``: catch up, one gap pass, return), or with ``rewind_to`` rewind and return. Raises
+    OperatorError (1) or ConfigError (2) in one line."""
     import structlog
 
     from glisk.chain import client
@@ -85,7 +49,7 @@ async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
     from glisk.uow import create_uow_factory
     from glisk.workers.worker import install_stop_signals
 
-    rpc_url, contract = _required(settings)
+    rpc_url, contract = required(settings)
     # web3's HTTP provider logs its URL (every request at DEBUG, the disconnect at INFO), and
     # providers put the API key in it: web3 speaks at WARNING or not at all, whatever LOG_LEVEL.
     logging.getLogger("web3").setLevel(logging.WARNING)
@@ -97,13 +61,13 @@ async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
     uow_factory = create_uow_factory(factory)
     try:
         await _check(settings, node, uow_factory)
-        if args.rewind_to is not None:
-            await rewind(node, uow_factory, args.rewind_to)
+        if rewind_to is not None:
+            await rewind(node, uow_factory, rewind_to)
             return
         stop = asyncio.Event()
         install_stop_signals(stop)
         metrics = IngestMetrics()
-        port = args.metrics_port or settings.ingest_metrics_port
+        port = metrics_port or settings.ingest_metrics_port
         if port is not None:
             metrics.serve(port)
         follower = Follower(node, uow_factory, FollowerOptions(**options), metrics=metrics)
@@ -115,7 +79,7 @@ async def _main(settings: Settings, args: argparse.Namespace, url: str) -> None:
             reorg_window=settings.ingest_reorg_window,
             max_range=settings.ingest_max_range,
         )
-        stats = await follower.run(stop, once=args.once)
+        stats = await follower.run(stop, once=once)
         log.info("ingest.stop", **vars(stats))
     finally:
         await engine_of(factory).dispose()
@@ -184,6 +148,3 @@ async def rewind(node: Node, uow_factory: UnitOfWorkFactory, block: int) -> None
     structlog.get_logger("glisk.ingest").warning(
         "ingest.rewound", block=block, was=cursor.block if cursor else None
     )
-
-
-__all__ = ["EXIT_CONFIG", "add_parser", "rewind", "run"]
