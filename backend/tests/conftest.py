@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from glisk import migrations
-from glisk.chain.anvil import Anvil
 from glisk.core.database import engine_of, setup_db_session
 from glisk.core.timezone import enforce_utc
 from glisk.models import metadata
 from glisk.uow import UnitOfWorkFactory, create_uow_factory
-from tests.support.chain import Chain, deployed
 from tests.support.database import (
     Database,
     pooler_for,
     provide_database,
 )
+
+if TYPE_CHECKING:
+    # web3 and eth-account take seconds to import: only the chain tests pay for them, in their
+    # fixtures (every xdist process imports this file before it runs a test).
+    from glisk.chain.anvil import Anvil
+    from tests.support.chain import Chain
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,6 +97,8 @@ async def uow_factory(session_factory: async_sessionmaker[AsyncSession]) -> Unit
 @pytest.fixture(scope="module")
 def anvil() -> Iterator[Anvil]:
     """One anvil node (automine) for the test module; ``glisk_chain`` isolates each test."""
+    from glisk.chain.anvil import Anvil
+
     with Anvil() as node:
         yield node
 
@@ -99,5 +106,7 @@ def anvil() -> Iterator[Anvil]:
 @pytest.fixture
 async def glisk_chain(anvil: Anvil) -> AsyncIterator[Chain]:
     """A fresh GLISK contract on the module's anvil (tests/support/chain.py), undone after."""
+    from tests.support.chain import deployed
+
     async with deployed(anvil) as chain:
         yield chain

@@ -39,6 +39,10 @@ from tests.support.accounts import run_as, throwaway_account
 from tests.support.database import Database
 from tests.support.processes import alive, owned_scratch_dir, wait_gone
 
+# End to end (real servers or glisk processes, seconds each): .ci/run runs them in its step
+# for slow tests; the default run leaves them out.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[EmbeddedPostgres]:

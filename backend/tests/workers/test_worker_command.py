@@ -18,6 +18,10 @@ from tests.support.database import Database
 from tests.support.processes import GLISK, glisk_env
 from tests.support.waiting import eventually
 
+# End to end (real servers or glisk processes, seconds each): .ci/run runs them in its step
+# for slow tests; the default run leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def _worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

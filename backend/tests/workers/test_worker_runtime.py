@@ -59,6 +59,7 @@ class _Gate:
         await self.go.wait()
 
 
+@pytest.mark.slow
 async def test_twenty_handlers_run_at_once_in_one_process_within_a_three_connection_budget(
     uow_factory: UnitOfWorkFactory,
 ) -> None:
