@@ -342,7 +342,11 @@ class Worker:
 
     async def _handle(self, claims: list[Claim]) -> None:
         # checkpoint() and record_reveal() inside the handler write through this worker.
-        current_scope.set(HandlerScope(claims, self._checkpoint_write))
+        current_scope.set(
+            HandlerScope(
+                claims, lambda query, params: self._checkpoint_write(claims, query, params)
+            )
+        )
         try:
             if self.stage.whole_batch:
                 await self._handle_batch(claims)
@@ -463,9 +467,10 @@ class Worker:
         return _Failure(claim, error, "permanent", 0.0)
 
     async def _checkpoint_write(
-        self, query: str, params: dict[str, Any]
+        self, held: list[Claim], query: str, params: dict[str, Any]
     ) -> Sequence[tuple[Any, ...]]:
-        ids: list[uuid.UUID] = list(params["claim_ids"])
+        # The leases that bound the wait: the claims the statement names, else the handler's.
+        ids: list[uuid.UUID] = list(params.get("claim_ids", [c.claim_id for c in held]))
         claims = [self._live[claim_id] for claim_id in ids if claim_id in self._live]
         return await self._write_for(claims, "checkpoint", query, params)
 
