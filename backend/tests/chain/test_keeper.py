@@ -16,10 +16,10 @@ from web3.exceptions import TransactionNotFound
 
 from glisk.chain import contract as glisk_contract
 from glisk.chain.keeper import Keeper
+from glisk.pipeline import STAGES, StageName
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Worker
 from glisk.workers.run import connect_options_of
-from glisk.pipeline import STAGES, StageName
 from tests.support.chain import GWEI, Chain
 from tests.support.factories import seed_in_bulk
 from tests.support.waiting import eventually

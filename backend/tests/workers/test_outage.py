@@ -13,15 +13,16 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
+from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from glisk.errors import DatabaseError, DatabaseTimeout
-from glisk.ops.metrics import WorkerMetrics, generate_latest
 from glisk.pipeline import STAGES, StageName
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, LeaseLost, Worker, checkpoint
 from glisk.workers.connection import libpq_url
+from glisk.workers.metrics import WorkerMetrics
 from glisk.workers.outage import Backoff, Outage, unreachable
 from tests.support.database import Database
 from tests.support.factories import seed_tokens

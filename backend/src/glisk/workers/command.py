@@ -27,7 +27,7 @@ from glisk.pipeline import stage_names
 
 if TYPE_CHECKING:
     from glisk.core.config import Settings
-    from glisk.workers.worker import Handler
+    from glisk.workers.executor import Handler
 
 NOOP = "noop"
 
@@ -171,13 +171,13 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
     prepare = getattr(handler, "prepare", None)
     port = args.metrics_port or settings.worker_metrics_port
     metrics = None
-    if port is not None:  # operator's metrics (glisk.ops.metrics): the handler timed, stats read
-        from glisk.ops.metrics import WorkerMetrics
+    if port is not None:  # glisk.workers.metrics: the handler timed, the stats read on scrape
+        from glisk.workers.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(args.stage)
         handler = metrics.wrap(handler)
     try:
-        worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
+        worker = Worker(args.stage, handler, connect, holder=args.worker_id, **options)
     except FieldValidationError as exc:  # an option out of range: a configuration error
         raise ConfigError(str(exc)) from None
     if metrics is not None and port is not None:
