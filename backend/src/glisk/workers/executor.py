@@ -94,6 +94,8 @@ class Executor:
         return abandoned
 
     async def _handle(self, claims: list[Claim]) -> None:
+        # Set in this task only: checkpoint() and record_reveal() in this handler call write
+        # through the worker's writer, fenced by these claims.
         current_scope.set(HandlerScope(claims, self._writer))
         try:
             fresh = claims if self._settle is None else await self._settled(self._settle, claims)

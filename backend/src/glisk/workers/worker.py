@@ -10,8 +10,8 @@ Handlers must be idempotent, or record progress before an external effect.
 ``Worker`` wires the parts and runs the claim loop; each part has one job, and a claim travels
 through them by calls:
 
-    Claimer.claim ──> Leases.hold ──> Executor.start ──> [Settle] ──> handler
-        ──> Completer.add_results / add_failures / give_back ──> Completer.run ──> Writer.write
+    Claimer.claim -> Leases.hold -> Executor.start -> [Settle] -> the handler
+      -> Completer.add_results / add_failures / give_back -> Completer.run -> Writer.write
 
 - ``claimer``: the claim statement and what its rows say (exhausted, rescued);
 - ``leases``: the claims held, their deadlines, the heartbeat, lost claims;
@@ -67,14 +67,17 @@ MAX_BACKOFF_SECONDS = 86400.0 * 7
 default_worker_id = default_holder  # deprecated name
 
 
-def _check_ranges(**bounds: tuple[float, float, bool]) -> None:
-    """Each ``name=(value, most, above_zero)``: finite and bounded as the WORKER_* settings are
-    (a lease of 1e300 seconds is no lease, and PostgreSQL's interval refuses it on every claim:
-    "interval out of range"). Raises FieldValidationError naming the argument."""
-    for name, (value, most, above_zero) in bounds.items():
-        if above_zero and not 0 < value <= most:
+def _check_ranges(
+    *, above_zero: dict[str, tuple[float, float]], from_zero: dict[str, tuple[float, float]]
+) -> None:
+    """Each ``name: (value, most)`` finite and bounded as the WORKER_* settings are (a lease of
+    1e300 seconds is no lease, and PostgreSQL's interval refuses it on every claim: "interval out
+    of range"). Raises FieldValidationError naming the first argument out of range."""
+    for name, (value, most) in above_zero.items():
+        if not 0 < value <= most:
             raise v.FieldValidationError(name, f"must be > 0 and at most {most:g}", value)
-        if not above_zero and not 0 <= value <= most:
+    for name, (value, most) in from_zero.items():
+        if not 0 <= value <= most:
             raise v.FieldValidationError(name, f"must be >= 0 and at most {most:g}", value)
 
 
@@ -138,12 +141,16 @@ class Worker:
             concurrency = 1 if self.stage.whole_batch else self.batch
         self.concurrency = v.int_at_least("concurrency", concurrency, 1)
         _check_ranges(
-            lease_seconds=(lease_seconds, MAX_LEASE_SECONDS, True),
-            poll_interval=(poll_interval, MAX_POLL_SECONDS, True),
-            reconnect_cap=(reconnect_cap, MAX_POLL_SECONDS, True),
-            backoff_base=(backoff_base, MAX_BACKOFF_SECONDS, False),
-            backoff_cap=(backoff_cap, MAX_BACKOFF_SECONDS, False),
-            completion_window=(completion_window, MAX_POLL_SECONDS, False),
+            above_zero={
+                "lease_seconds": (lease_seconds, MAX_LEASE_SECONDS),
+                "poll_interval": (poll_interval, MAX_POLL_SECONDS),
+                "reconnect_cap": (reconnect_cap, MAX_POLL_SECONDS),
+            },
+            from_zero={
+                "backoff_base": (backoff_base, MAX_BACKOFF_SECONDS),
+                "backoff_cap": (backoff_cap, MAX_BACKOFF_SECONDS),
+                "completion_window": (completion_window, MAX_POLL_SECONDS),
+            },
         )
         self.lease_seconds = lease_seconds
         self.max_attempts = v.int_at_least("max_attempts", max_attempts, 1)
@@ -227,7 +234,12 @@ class Worker:
         self, stop: asyncio.Event | None = None, *, exit_when_idle: bool = False
     ) -> WorkerStats:
         """Work until ``stop`` is set; with ``exit_when_idle``, until nothing is claimable, in
-        flight or waiting out a backoff. Returns the counts of what happened."""
+        flight or waiting out a backoff. Returns the counts of what happened.
+
+        The stop, in order: no more claims; running handlers finish (up to ``drain_timeout``,
+        the rest are cancelled and their claims given back); the completer writes what is left,
+        trying an unreachable database until the stop's deadline; the heartbeat ends; what could
+        still not be written is given up (ERROR lines); the connections close."""
         stop = stop or asyncio.Event()
         if self.listener is not None:
             self.listener.start()
