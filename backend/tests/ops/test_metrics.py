@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from glisk.api.metrics import UNMATCHED
-from glisk.ops.metrics import WorkerMetrics
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, PermanentError, Worker
+from glisk.workers.metrics import WorkerMetrics
 from glisk.workers.reveal import Reconciler
 from glisk.workers.run import database_url_of
 from tests.support.api import api_settings, create_logged_app, logging_restored, serving
@@ -127,7 +127,7 @@ async def test_worker_metrics_count_what_the_worker_did_and_time_each_handler_ca
         "image",
         metrics.wrap(image),
         ConnectOptions(database_url_of(uow_factory)),
-        worker_id="metrics-test",
+        holder="metrics-test",
         max_attempts=5,
     )
     metrics.attach(worker)

@@ -25,6 +25,7 @@ from glisk.workers import (
     checkpoint,
     record_reveal,
 )
+from glisk.workers.checkpoints import handler_write
 from glisk.workers.run import connect_options_of, database_url_of
 from tests.support.factories import expire_leases, make_ready, seed_tokens
 
@@ -139,6 +140,25 @@ async def test_a_reveal_record_naming_one_lost_claim_writes_nothing_and_stops_th
     assert await _reveal_rows(uow_factory) == []
     for token in ids:
         assert await _column(uow_factory, "checkpoint", token) is None
+
+
+async def test_a_handlers_own_statement_naming_no_claim_runs_on_the_workers_connection(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    ids = await seed_tokens(uow_factory, 2)
+    seen: list[Sequence[tuple[Any, ...]]] = []
+
+    async def reveal(claims: Sequence[Claim]) -> str:
+        # As the keeper's ledger does (glisk.chain): a statement with no claim_ids parameter.
+        statement = "SELECT count(*) FROM tokens_s0 WHERE id = ANY(%(ids)s)"
+        seen.append(await handler_write(statement, {"ids": [c.token_uuid for c in claims]}))
+        return "0x" + "3" * 64
+
+    worker = Worker(REVEAL, reveal, connect_options_of(uow_factory), batch=2)
+    await make_ready(uow_factory, ids)
+    stats = await asyncio.wait_for(worker.run(exit_when_idle=True), 10)
+    assert [list(rows) for rows in seen] == [[(2,)]]
+    assert (stats.completed, stats.failed) == (2, 0)
 
 
 async def test_a_workers_completion_and_final_failure_clear_the_checkpoint_and_a_retry_keeps_it(

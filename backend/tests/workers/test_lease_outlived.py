@@ -56,7 +56,7 @@ def _worker(uow_factory: UnitOfWorkFactory, stage: Stage, handler: Any, batch: i
         stage,
         handler,
         connect_options_of(uow_factory),
-        worker_id=HOLDER,
+        holder=HOLDER,
         concurrency=1,
         batch=batch,
         lease_seconds=LEASE,

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
 import pytest
 import structlog
+from prometheus_client import generate_latest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from glisk.errors import DatabaseError, DatabaseTimeout
-from glisk.ops.metrics import WorkerMetrics, generate_latest
 from glisk.pipeline import STAGES, StageName
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Claim, ConnectOptions, LeaseLost, Worker, checkpoint
 from glisk.workers.connection import libpq_url
+from glisk.workers.metrics import WorkerMetrics
 from glisk.workers.outage import Backoff, Outage, unreachable
+from glisk.workers.run import connect_options_of
 from tests.support.database import Database
 from tests.support.factories import seed_tokens
 from tests.support.proxy import Proxy, target_of
@@ -253,3 +255,39 @@ async def test_a_completion_whose_answer_was_lost_counts_as_written_not_given_up
     async with uow_factory() as uow:
         path = (await uow.session.execute(text("SELECT image_path FROM tokens_s0"))).scalar_one()
     assert path is not None
+
+
+async def test_nothing_is_claimed_while_a_finished_result_waits_for_the_database(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # Claiming then could take this worker's own tokens over once their leases run out, and
+    # spend an attempt on work that finished. Only the write connection is cut here: claims get
+    # through, so only the wait for the kept result stops them.
+    await seed_tokens(uow_factory, 1)
+
+    async def done(claim: Claim) -> str:
+        return f"/img/{claim.token_id}.png"
+
+    worker = Worker(
+        IMAGE, done, connect_options_of(uow_factory), batch=1, concurrency=1, listen=False,
+        poll_interval=0.05, reconnect_cap=0.2,
+    )  # fmt: skip
+    cut = True
+    fetch = worker._writes_db.fetch
+
+    async def cut_fetch(query: str, params: dict[str, Any]) -> Sequence[tuple[Any, ...]]:
+        if cut:
+            raise DatabaseTimeout("no answer within 1 s; the connection was closed")
+        return await fetch(query, params)
+
+    worker._writes_db.fetch = cut_fetch  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run(exit_when_idle=True))
+    await eventually(lambda: worker.stats.db_errors >= 2, 10, "the result kept")
+    await seed_tokens(uow_factory, 1)  # claimable now, by a claim that gets through
+    errors = worker.stats.db_errors
+    await eventually(lambda: worker.stats.db_errors >= errors + 5, 10, "more tries to write")
+    claimed_meanwhile = worker.stats.claimed
+    cut = False
+    stats = await asyncio.wait_for(task, 30)
+    assert claimed_meanwhile == 1, "a claim was made while a finished result waited"
+    assert (stats.claimed, stats.completed, stats.rescued) == (2, 2, 0)

@@ -220,10 +220,22 @@ def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
             uuid.uuid4(), 1, uuid.uuid4(), uuid.uuid4(), "w", attempt, BASE_TIME, BASE_TIME,
             None, None, None,
         )  # fmt: skip
-        delays = [worker._failure(claim, RuntimeError("x")).delay for _ in range(300)]
+        delays = [worker._retry.failure(claim, RuntimeError("x")).delay for _ in range(300)]
         bound = min(10.0, 2.0 ** (attempt - 1))
         assert all(0 <= d <= bound for d in delays)
         assert max(delays) > 0.8 * bound, "the jitter does not cover its range"
+
+
+def test_worker_id_is_a_deprecated_name_of_holder() -> None:
+    async def never(claim: Claim) -> str:
+        raise AssertionError
+
+    connect = ConnectOptions("postgresql://x@127.0.0.1/x")
+    with pytest.warns(DeprecationWarning, match="holder="):
+        assert Worker(IMAGE, never, connect, worker_id="old-name").holder == "old-name"
+    assert Worker(IMAGE, never, connect, holder="new-name").holder == "new-name"
+    with pytest.raises(TypeError, match="not both"):
+        Worker(IMAGE, never, connect, holder="a", worker_id="b")
 
 
 async def test_a_failed_token_is_not_claimed_again_before_its_backoff_delay(

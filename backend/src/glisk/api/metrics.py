@@ -22,7 +22,7 @@ builds its own ``CollectorRegistry``: nothing is registered at import.
   (POST /webhooks/alchemy); from the same read as the tokens, once ``glisk ingest`` has run:
   ``glisk_ingest_lag_blocks`` and ``glisk_ingest_halted`` (1 after a reorg deeper than the window)
 
-A worker's own endpoint is ``glisk.ops.metrics``.
+A worker's own endpoint is ``glisk.workers.metrics``.
 """
 
 from __future__ import annotations

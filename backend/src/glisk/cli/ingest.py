@@ -49,7 +49,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> None:
     """Raises OperatorErrors (ConfigError and DeepReorg exit 2, an unreachable database or
     node 1)."""
     from glisk.ingest.run import required, run_ingest
-    from glisk.workers.worker import hold_stop_signals
+    from glisk.workers.signals import hold_stop_signals
 
     hold_stop_signals()
     required(settings)

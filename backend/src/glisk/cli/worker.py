@@ -30,7 +30,8 @@ from glisk.pipeline import stage_names
 if TYPE_CHECKING:
     from glisk.core.config import Settings
     from glisk.workers.connection import ConnectOptions
-    from glisk.workers.worker import Handler, Worker
+    from glisk.workers.executor import Handler
+    from glisk.workers.worker import Worker
 
 NOOP = "noop"
 
@@ -128,7 +129,7 @@ def load_handler(path: str, stage: str) -> Handler:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> None:
     """Raises OperatorErrors: HandlerError or another ConfigError (exit 2), an unreachable or
     unmigrated database (exit 1)."""
-    from glisk.workers.worker import hold_stop_signals
+    from glisk.workers.signals import hold_stop_signals
 
     hold_stop_signals()  # a stop before the worker is up is a clean stop too
     handler = load_handler(args.handler_path, args.stage)
@@ -167,13 +168,13 @@ def _serve(settings: Settings, args: argparse.Namespace, handler: Handler, url: 
     prepare = getattr(handler, "prepare", None)
     port = args.metrics_port or settings.worker_metrics_port
     metrics = None
-    if port is not None:  # operator's metrics (glisk.ops.metrics): the handler timed, stats read
-        from glisk.ops.metrics import WorkerMetrics
+    if port is not None:  # glisk.workers.metrics: the handler timed, the stats read on scrape
+        from glisk.workers.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(args.stage)
         handler = metrics.wrap(handler)
     try:
-        worker = Worker(args.stage, handler, connect, worker_id=args.worker_id, **options)
+        worker = Worker(args.stage, handler, connect, holder=args.worker_id, **options)
     except FieldValidationError as exc:  # an option out of range: a configuration error
         raise ConfigError(str(exc)) from None
     if metrics is not None and port is not None:
@@ -197,7 +198,7 @@ async def _run(
 
     from glisk.workers.connection import DATABASE_ERRORS
     from glisk.workers.queries import MIGRATED
-    from glisk.workers.worker import install_stop_signals
+    from glisk.workers.signals import install_stop_signals
 
     try:
         conn = await connect.connect()

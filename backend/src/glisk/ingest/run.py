@@ -47,7 +47,7 @@ async def run_ingest(
     from glisk.ingest.metrics import IngestMetrics
     from glisk.ingest.node import Node
     from glisk.uow import create_uow_factory
-    from glisk.workers.worker import install_stop_signals
+    from glisk.workers.signals import install_stop_signals
 
     rpc_url, contract = required(settings)
     # web3's HTTP provider logs its URL (every request at DEBUG, the disconnect at INFO), and

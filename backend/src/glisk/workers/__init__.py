@@ -9,9 +9,16 @@ Two ways to take work, side by side:
 
 The layout: ``queries`` (every statement, whole and named), ``claims`` (what a handler gets),
 ``connection`` (bounded connections), ``outage`` (an unreachable database: told once, one
-backoff for every connection), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker
-class), ``run`` (run_worker), ``repository`` (``uow.leases``), ``noop``. The stage table is
-``glisk.pipeline``; the ``glisk worker`` command is ``glisk.cli.worker``.
+backoff for every connection), ``listener`` (LISTEN wake-ups), ``worker`` (the Worker: the claim
+loop wiring its parts), and the parts, one job each: ``claimer`` (the claim statement),
+``leases`` (the claims held, heartbeats, lost claims), ``executor`` (running handlers),
+``reveal`` (the reveal stage's reconcile before its handler), ``retry`` (what a failure does to
+its token), ``completer`` (batched writes of what finished, kept through an outage), ``writes``
+(retried writes, waits through an outage), ``checkpoints`` (a handler's own writes),
+``signals`` (SIGTERM and SIGINT), ``stats``; ``metrics`` (a worker's Prometheus endpoint, loaded
+only by ``glisk worker --metrics-port``), ``run`` (run_worker), ``repository``
+(``uow.leases``), ``noop``. The stage table is ``glisk.pipeline``; the ``glisk worker``
+command is ``glisk.cli.worker``.
 """
 
 from glisk.pipeline import STAGES, Stage, StageName
@@ -21,7 +28,9 @@ from glisk.workers.connection import ConnectOptions
 from glisk.workers.errors import DatabaseTimeout, LeaseLost, PermanentError, RetryLater
 from glisk.workers.reveal import PendingReveal, RevealState
 from glisk.workers.run import run_worker
-from glisk.workers.worker import Worker, WorkerStats, install_stop_signals
+from glisk.workers.signals import install_stop_signals
+from glisk.workers.stats import WorkerStats
+from glisk.workers.worker import Worker
 
 __all__ = [
     "STAGES",

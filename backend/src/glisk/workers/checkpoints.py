@@ -7,32 +7,46 @@ claim, fenced like a completion: the write happens only while every claim named 
 be making too. After a rescue, the next holder finds the last checkpoint in ``Claim.checkpoint``.
 A completion, or a final failure, clears it.
 
-These functions work inside a handler that a Worker runs (they use the worker's write
-connection); elsewhere, use ``uow.leases.checkpoint``.
+These functions work inside a handler that a Worker runs: the worker's executor opens a
+``HandlerScope`` (the claims it handed the handler and the worker's ``Writer``) in the handler's
+task, and they write through that writer, on the worker's write connection. A context variable
+carries the scope because the public calls name no worker (``checkpoint(claim, data)``); it is
+set in the handler's own task, so handlers running side by side each see their own. Elsewhere,
+use ``uow.leases.checkpoint``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from glisk.errors import FieldValidationError, LeaseLost
 from glisk.workers import queries
 from glisk.workers.claims import Claim
 
-Write = Callable[[str, dict[str, Any]], Awaitable[Sequence[tuple[Any, ...]]]]
+if TYPE_CHECKING:
+    from glisk.workers.writes import Writer
 
 
 @dataclass(frozen=True)
 class HandlerScope:
-    """What the worker running the current handler call lends it."""
+    """What the worker running the current handler call lends it: the claims it was handed and
+    the worker's writer."""
 
     claims: Sequence[Claim]
-    write: Write
+    writer: Writer
+
+    async def write(self, query: str, params: dict[str, Any]) -> Sequence[tuple[Any, ...]]:
+        """Run a handler's statement through the worker's writer. An unreachable database is
+        waited out while the leases of the claims the statement names (``claim_ids``), else of
+        the handler's own claims, are certainly live; then LeaseLost (see Writer.write_for)."""
+        named = params.get("claim_ids")
+        ids = [claim.claim_id for claim in self.claims] if named is None else list(named)
+        return await self.writer.handler_write(ids, query, params)
 
 
 current_scope: ContextVar[HandlerScope | None] = ContextVar("glisk_handler_scope", default=None)

@@ -13,8 +13,12 @@ from uuid import UUID
 class Claim:
     """A token held by one worker until ``lease_expires_at`` (database time, naive UTC).
 
-    ``attempt`` counts this stage's claims of the token, this one included; ``deferrals`` how
-    often a handler asked to be called later (RetryLater) in this stage.
+    Two ids, both kept: ``token_uuid`` is the token's row (``tokens_s0.id``), the key a batch
+    handler's mapping of results uses and the one statements join on; ``token_id`` is its number
+    on chain (the NFT's token id), the one log lines and error reports name. ``holder`` is the
+    worker that holds it (``claimed_by``). ``attempt`` counts this stage's claims of the token,
+    this one included; ``deferrals`` how often a handler asked to be called later (RetryLater)
+    in this stage.
     """
 
     token_uuid: UUID
@@ -35,7 +39,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class Exhausted:
-    """A token failed by a claim because it had used max_attempts (error_data says why)."""
+    """A token failed by a claim because it had used max_attempts (error_data says why). The
+    ids are a Claim's; ``last_holder`` is who held it last."""
 
     token_uuid: UUID
     token_id: int

@@ -24,7 +24,9 @@ from glisk.core.timezone import enforce_utc
 from glisk.pipeline import StageName
 from glisk.workers.claims import Claim
 from glisk.workers.connection import ConnectOptions
-from glisk.workers.worker import Handler, Worker, hold_stop_signals, install_stop_signals
+from glisk.workers.executor import Handler
+from glisk.workers.signals import hold_stop_signals, install_stop_signals
+from glisk.workers.worker import Worker
 
 
 def handlers(sleep: float = 0.0) -> dict[StageName, Handler]:

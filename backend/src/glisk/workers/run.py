@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from glisk.pipeline import Stage, StageName
 from glisk.workers.connection import ConnectOptions
-from glisk.workers.worker import Handler, Worker, WorkerStats
+from glisk.workers.executor import Handler
+from glisk.workers.leases import holder_named
+from glisk.workers.stats import WorkerStats
+from glisk.workers.worker import Worker
 
 if TYPE_CHECKING:
     from glisk.uow import UnitOfWorkFactory
@@ -36,7 +39,7 @@ async def run_worker(
     handler: Handler,
     uow_factory: UnitOfWorkFactory,
     *,
-    worker_id: str | None = None,
+    holder: str | None = None,
     batch: int | None = None,
     lease_seconds: float = 60.0,
     max_attempts: int = 3,
@@ -52,6 +55,7 @@ async def run_worker(
     prepare_statements: bool | None = None,
     drain_timeout: float | None = None,
     reconnect_cap: float = 5.0,
+    worker_id: str | None = None,
 ) -> WorkerStats:
     """Run one stage until ``stop`` is set (or, with ``exit_when_idle``, until nothing of the
     stage is claimable, in flight or waiting out a backoff).
@@ -66,8 +70,10 @@ async def run_worker(
     it answers; reconnection backs off up to ``reconnect_cap`` seconds. See ``Worker`` for the
     rest; the worker opens its own connections (three at most)
     to the database ``uow_factory`` uses. ``listen`` and ``prepare_statements`` default to what
-    that engine's DB_POOLER mode allows (both off behind a transaction-mode pooler).
+    that engine's DB_POOLER mode allows (both off behind a transaction-mode pooler). ``holder``
+    is the name recorded on the claims (``worker_id``: its deprecated name).
     """
+    holder = holder_named(holder, worker_id)
     connect = connect_options_of(uow_factory, timeout=db_timeout)
     if prepare_statements is False:  # as behind a transaction-mode pooler
         connect = replace(connect, pooler="transaction")
@@ -75,7 +81,7 @@ async def run_worker(
         stage,
         handler,
         connect,
-        worker_id=worker_id,
+        holder=holder,
         concurrency=concurrency,
         batch=batch,
         lease_seconds=lease_seconds,

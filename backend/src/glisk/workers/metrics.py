@@ -1,10 +1,12 @@
-"""Prometheus metrics of a worker: its own ``/metrics`` endpoint (``glisk worker --metrics-port``).
+"""A worker's Prometheus metrics, served on its own port (``glisk worker --metrics-port``).
 
-Counts and durations only; each worker builds its own ``CollectorRegistry``: nothing is
-registered at import. The API's metrics are ``glisk.api.metrics``.
+Counts and durations only, as the API's (glisk.api.metrics): no label holds a wallet, a prompt, a
+URL or a token id. Each worker builds its own ``CollectorRegistry``: nothing is registered at
+import. Not imported by ``glisk.workers``: only a worker that serves metrics loads
+prometheus_client.
 
-Worker (``WorkerMetrics``; read from ``Worker.stats`` on every scrape, nothing in the worker's
-path but the handler timing):
+``WorkerMetrics``, read from ``Worker.stats`` on every scrape, nothing in the worker's
+path but the handler timing:
 - ``glisk_worker_claims_total``, ``glisk_worker_completions_total``,
   ``glisk_worker_failures_total{kind}`` (attempt: a handler failure, retried or final;
   exhausted: a claim that found the attempts used up; deferred: a RetryLater),
@@ -25,9 +27,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client import generate_latest as generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+from glisk.workers.leases import holder_named
 
 if TYPE_CHECKING:
     from glisk.workers.worker import Worker
@@ -80,7 +83,12 @@ class WorkerMetrics:
     """A worker's registry. ``wrap`` times its handler (before the Worker is built);
     ``attach`` reads the worker's stats on scrape; ``serve`` starts the HTTP endpoint."""
 
-    def __init__(self, stage: str, worker_id: str | None = None) -> None:
+    def __init__(
+        self, stage: str, holder: str | None = None, *, worker_id: str | None = None
+    ) -> None:
+        # ``holder`` (``worker_id``: its deprecated name) is unused: the ``worker`` label is
+        # read from the attached worker.
+        holder_named(holder, worker_id)
         self.registry = CollectorRegistry()
         self.stage = stage
         self.duration = Histogram(
