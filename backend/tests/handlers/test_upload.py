@@ -21,7 +21,7 @@ from glisk.ipfs.unixfs import file_cid
 from glisk.models import TokenStatus
 from glisk.pipeline import STAGES, StageName
 from glisk.standins.http_service import RunningStandin, StandinControl
-from glisk.standins.replicate import render_png
+from glisk.standins.png import render_png
 from glisk.uow import UnitOfWorkFactory
 from glisk.workers import Worker
 from glisk.workers.run import connect_options_of

@@ -17,11 +17,10 @@ import base64
 import hashlib
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
+from glisk.standins import png
 from glisk.workers.claims import Claim
 
 SIZE = 32
@@ -40,26 +39,7 @@ def cid_v1_raw(data: bytes) -> str:
 
 def render_png(token_id: int, size: int = SIZE) -> bytes:
     """A deterministic size x size RGB PNG for ``token_id``."""
-    seed = hashlib.sha256(f"glisk-demo-{token_id}".encode()).digest()
-    rows = bytearray()
-    for y in range(size):
-        rows.append(0)  # filter: none
-        for x in range(size):
-            on = (seed[(x * 7 + y * 3) % 32] >> ((x + y) % 8)) & 1
-            base = seed[0:3] if on else seed[3:6]
-            rows += bytes(base)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(rows)))
-        + chunk(b"IEND", b"")
-    )
+    return png.render_png(f"glisk-demo-{token_id}".encode(), size)
 
 
 def _write(path: Path, data: bytes) -> None:

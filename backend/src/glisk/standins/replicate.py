@@ -35,13 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import secrets
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from glisk.standins.http_service import Faults, LostReply, add_admin_routes, serve
+from glisk.standins.png import render_png
 
 NAME = "replicate stand-in"
 FAULTS: dict[str, list[str]] = {
@@ -101,29 +99,6 @@ class Record:
 
 def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def render_png(seed: bytes, size: int) -> bytes:
-    """A deterministic ``size`` x ``size`` RGB PNG drawn from ``seed``."""
-    digest = hashlib.sha256(seed).digest()
-    rows = bytearray()
-    for y in range(size):
-        rows.append(0)  # filter: none
-        for x in range(size):
-            on = (digest[(x * 7 + y * 3) % 32] >> ((x + y) % 8)) & 1
-            rows += digest[0:3] if on else digest[3:6]
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(rows)))
-        + chunk(b"IEND", b"")
-    )
 
 
 class ReplicateStandin:
