@@ -173,6 +173,7 @@ def _one(conn: psycopg.Connection[Any], statement: str) -> Any:
 
 @pytest.mark.proof
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a minute or two; the chaos may go on until every fault happened
 def test_killed_paused_dropped_spiked_and_reorged_reveal_workers_reveal_each_token_once(
     postgres_container: Database, emptied_tables: None, tmp_path: Path
 ) -> None:
