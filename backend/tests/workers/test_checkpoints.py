@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from glisk.workers import (
     RevealState,
     Worker,
     checkpoint,
+    ensure_live,
+    lease_left,
     record_reveal,
 )
 from glisk.workers.checkpoints import handler_write
@@ -471,3 +474,31 @@ async def test_an_operator_retry_of_exhausted_tokens_reconciles_before_sending(
     assert stats.completed == 2
     await _reveal_tokens_with(uow_factory, ids, tx_hash)
     assert list(chain.payloads) == [tx_hash], "the retry sent a second transaction"
+
+
+async def test_a_handler_paused_past_its_lease_after_its_checkpoint_makes_no_effect(
+    uow_factory: UnitOfWorkFactory,
+) -> None:
+    # The image handler's window: intent checkpointed, then the process is paused (SIGSTOP, a
+    # frozen VM) past its lease before it calls the paid service. Blocking the event loop stops
+    # the heartbeats as a pause does; ensure_live must then refuse the effect.
+    [token] = await seed_tokens(uow_factory, 1)
+    effects: list[int] = []
+    left_before: list[float] = []
+
+    async def handler(claim: Claim) -> str:
+        await checkpoint(claim, {"step": "intent"})
+        left_before.append(lease_left(claim))
+        ensure_live(claim)  # a live lease: no objection
+        if len(left_before) == 1:
+            time.sleep(1.6)  # noqa: ASYNC251 - the pause: nothing in this process runs
+            ensure_live(claim)  # raises LeaseLost: the effect below is never made
+        effects.append(claim.token_id)
+        return "/img.png"
+
+    worker = Worker(IMAGE, handler, connect_options_of(uow_factory), lease_seconds=1.0)
+    stats = await asyncio.wait_for(worker.run(exit_when_idle=True), 30)
+    assert left_before[0] > 0.25  # a fresh lease, by the worker's own clock
+    assert effects == [(await _column(uow_factory, "token_id", token))]  # once, by the next run
+    assert stats.completed == 1
+    assert await _column(uow_factory, "attempts", token) <= 2

@@ -15,7 +15,9 @@ For each token, in order:
    prompt, REPLICATE_INPUT, and a seed derived from the token: ``seed_for``) and the time. The
    job is recorded in ``image_generation_jobs`` (pending).
 3. The prediction is created (asynchronously: its id comes back at once) and its id checkpointed
-   before any waiting; the job becomes running with that id.
+   before any waiting; the job becomes running with that id. Right before the create the
+   handler checks, by its own clock, that its lease still has a quarter of its length left
+   (``ensure_live``): a holder paused after its checkpoint never creates once a rescuer may.
 4. The handler polls every REPLICATE_POLL_INTERVAL until the prediction succeeds, fails or is
    canceled; one still running REPLICATE_PREDICTION_TIMEOUT after its creation is canceled (the
    attempt fails and the next one creates a new prediction).
@@ -57,7 +59,7 @@ from glisk.errors import (
 )
 from glisk.handlers.records import JobStatus
 from glisk.handlers.stage import Parts, ServiceStage
-from glisk.workers.checkpoints import checkpoint
+from glisk.workers.checkpoints import checkpoint, ensure_live
 from glisk.workers.claims import Claim
 
 if TYPE_CHECKING:
@@ -246,6 +248,10 @@ class _Generation:
             # An earlier holder's intent whose prediction was never made: the same job and
             # input; checkpointed again, so that only a live holder creates.
             await self._save()
+        # A holder paused between that checkpoint and this call (SIGSTOP, a frozen VM) may have
+        # lost its lease meanwhile; its rescuer, finding no prediction yet, creates one: never a
+        # second one from here (LeaseLost gives the token back, no attempt spent).
+        ensure_live(self.claim)
         try:
             prediction = await self.service.create(self.state["input"])
         except ServiceUnavailable:

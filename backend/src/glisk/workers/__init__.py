@@ -22,7 +22,7 @@ command is ``glisk.cli.worker``.
 """
 
 from glisk.pipeline import STAGES, Stage, StageName
-from glisk.workers.checkpoints import checkpoint, record_reveal
+from glisk.workers.checkpoints import checkpoint, ensure_live, lease_left, record_reveal
 from glisk.workers.claims import Claim, ClaimBatch, Exhausted
 from glisk.workers.connection import ConnectOptions
 from glisk.workers.errors import DatabaseTimeout, LeaseLost, PermanentError, RetryLater
@@ -49,7 +49,9 @@ __all__ = [
     "Worker",
     "WorkerStats",
     "checkpoint",
+    "ensure_live",
     "install_stop_signals",
+    "lease_left",
     "record_reveal",
     "run_worker",
 ]

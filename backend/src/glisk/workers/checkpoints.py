@@ -76,6 +76,27 @@ async def checkpoint(claims: Claim | Sequence[Claim], data: Mapping[str, Any]) -
         raise LeaseLost(f"{len(ids) - len(rows)} of {len(ids)} claims are no longer live")
 
 
+def lease_left(claims: Claim | Sequence[Claim]) -> float:
+    """Seconds this worker still certainly holds every one of ``claims`` by its own clock (a
+    lease counts from when its claim or last heartbeat was sent); 0 when any is lost."""
+    return _scope().writer.lease_left(_claim_ids(claims))[0]
+
+
+def ensure_live(claims: Claim | Sequence[Claim], *, margin: float | None = None) -> None:
+    """Raise LeaseLost unless every one of ``claims`` is held for at least ``margin`` more
+    seconds (default: a quarter of the lease). Call it right before an external effect whose
+    intent a checkpoint recorded: a process paused between the checkpoint and the call (SIGSTOP,
+    a frozen VM, a long GC) may have lost its lease meanwhile, and its rescuer, finding nothing
+    made yet, may be making the same effect. Synchronous on purpose: nothing may run between the
+    check and the call that follows it."""
+    left, lease = _scope().writer.lease_left(_claim_ids(claims))
+    needed = lease / 4 if margin is None else margin
+    if left < needed:
+        raise LeaseLost(
+            f"the lease has {left:.2f} s left, under the {needed:.2f} s an external effect needs"
+        )
+
+
 async def record_reveal(
     claims: Sequence[Claim], tx_hash: str, data: Mapping[str, Any] | None = None
 ) -> UUID:

@@ -117,6 +117,16 @@ class Writer:
         claims among ``claim_ids`` this worker still holds."""
         return await self.write_for(self._leases.live(claim_ids), "checkpoint", query, params)
 
+    def lease_left(self, claim_ids: Iterable[uuid.UUID]) -> tuple[float, float]:
+        """(seconds the first of these leases certainly still lasts by this worker's clock, 0 for
+        a claim no longer held; the lease length)."""
+        ids = list(claim_ids)
+        held = self._leases.live(ids)
+        if len(held) < len(set(ids)):
+            return 0.0, self._leases.lease_seconds
+        left = self._leases.until(held) - time.monotonic()
+        return max(0.0, left), self._leases.lease_seconds
+
     def failed(self, step: str, exc: BaseException, **fields: Any) -> bool:
         """Count a failed database call. An outage goes to the tracker (logged once per change);
         any other error is logged here. Returns whether it was an outage."""
