@@ -16,8 +16,10 @@ For each token, in order:
    job is recorded in ``image_generation_jobs`` (pending).
 3. The prediction is created (asynchronously: its id comes back at once) and its id checkpointed
    before any waiting; the job becomes running with that id. Right before the create the
-   handler checks, by its own clock, that its lease still has a quarter of its length left
-   (``ensure_live``): a holder paused after its checkpoint never creates once a rescuer may.
+   handler checks, by its own clock, that its lease still has half its length left
+   (``ensure_live``): a holder paused after its checkpoint never creates once a rescuer may; and
+   a rescuer that finds another holder's intent without a prediction waits half a lease before
+   it looks, so a create that holder sent just before its lease ran out has landed.
 4. The handler polls every REPLICATE_POLL_INTERVAL until the prediction succeeds, fails or is
    canceled; one still running REPLICATE_PREDICTION_TIMEOUT after its creation is canceled (the
    attempt fails and the next one creates a new prediction).
@@ -59,7 +61,7 @@ from glisk.errors import (
 )
 from glisk.handlers.records import JobStatus
 from glisk.handlers.stage import Parts, ServiceStage
-from glisk.workers.checkpoints import checkpoint, ensure_live
+from glisk.workers.checkpoints import checkpoint, ensure_live, lease_seconds
 from glisk.workers.claims import Claim
 
 if TYPE_CHECKING:
@@ -190,6 +192,7 @@ class _Generation:
             "job": str(uuid.uuid4()),
             "input": previous_input,
             "since": datetime.now(UTC).isoformat(),
+            "claim": str(self.claim.claim_id),  # whose intent: a rescuer waits before it looks
         }
         await self._save()
         await self._record("pending")
@@ -208,6 +211,10 @@ class _Generation:
             except ServiceRefused:  # 404: gone (expired); a new one is needed
                 prediction = None
         else:
+            if self.state.get("claim") != str(self.claim.claim_id):
+                # Another holder's intent: a create it sent with its lease still live may be on
+                # its way; give it half a lease to land before looking (see ensure_live).
+                await asyncio.sleep(lease_seconds() / 2)
             prediction = await self._lookup()
             if prediction is not None:
                 await self._adopt(prediction)
@@ -246,7 +253,8 @@ class _Generation:
             await self._intend()
         else:
             # An earlier holder's intent whose prediction was never made: the same job and
-            # input; checkpointed again, so that only a live holder creates.
+            # input, now ours; checkpointed again, so that only a live holder creates.
+            self.state = {**self.state, "claim": str(self.claim.claim_id)}
             await self._save()
         # A holder paused between that checkpoint and this call (SIGSTOP, a frozen VM) may have
         # lost its lease meanwhile; its rescuer, finding no prediction yet, creates one: never a

@@ -82,15 +82,20 @@ def lease_left(claims: Claim | Sequence[Claim]) -> float:
     return _scope().writer.lease_left(_claim_ids(claims))[0]
 
 
+def lease_seconds() -> float:
+    """The lease length of the worker running this handler, in seconds."""
+    return _scope().writer.lease_seconds
+
+
 def ensure_live(claims: Claim | Sequence[Claim], *, margin: float | None = None) -> None:
     """Raise LeaseLost unless every one of ``claims`` is held for at least ``margin`` more
-    seconds (default: a quarter of the lease). Call it right before an external effect whose
-    intent a checkpoint recorded: a process paused between the checkpoint and the call (SIGSTOP,
-    a frozen VM, a long GC) may have lost its lease meanwhile, and its rescuer, finding nothing
-    made yet, may be making the same effect. Synchronous on purpose: nothing may run between the
-    check and the call that follows it."""
+    seconds (default: half the lease; heartbeats renew it every third). Call it right before an
+    external effect whose intent a checkpoint recorded: a process paused between the checkpoint
+    and the call (SIGSTOP, a frozen VM, a long GC) may have lost its lease meanwhile, and its
+    rescuer, finding nothing made yet, may be making the same effect. Synchronous on purpose:
+    nothing may run between the check and the call that follows it."""
     left, lease = _scope().writer.lease_left(_claim_ids(claims))
-    needed = lease / 4 if margin is None else margin
+    needed = lease / 2 if margin is None else margin
     if left < needed:
         raise LeaseLost(
             f"the lease has {left:.2f} s left, under the {needed:.2f} s an external effect needs"

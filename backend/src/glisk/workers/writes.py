@@ -117,6 +117,10 @@ class Writer:
         claims among ``claim_ids`` this worker still holds."""
         return await self.write_for(self._leases.live(claim_ids), "checkpoint", query, params)
 
+    @property
+    def lease_seconds(self) -> float:
+        return self._leases.lease_seconds
+
     def lease_left(self, claim_ids: Iterable[uuid.UUID]) -> tuple[float, float]:
         """(seconds the first of these leases certainly still lasts by this worker's clock, 0 for
         a claim no longer held; the lease length)."""
