@@ -23,6 +23,9 @@ from glisk.app import create_app
 from tests.support.api import SECURITY_HEADERS, add_probe_routes, api_settings, logging_restored
 from tests.support.database import Database
 
+# A property run of hundreds of requests: in the slow group (.ci/run runs it).
+pytestmark = pytest.mark.slow
+
 MAX_EXAMPLES = 100
 
 

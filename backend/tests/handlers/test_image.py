@@ -261,6 +261,7 @@ async def test_a_prediction_past_its_timeout_is_canceled_and_the_next_attempt_ma
     assert [status for status, _ in await _jobs(uow_factory, token)] == ["completed", "failed"]
 
 
+@pytest.mark.slow  # a glisk worker process per case
 @pytest.mark.parametrize(
     ("env", "message"),
     [

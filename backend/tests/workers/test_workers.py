@@ -398,6 +398,7 @@ async def test_the_database_refuses_inconsistent_claims(
         assert info.value.diag.constraint_name == constraint
 
 
+@pytest.mark.slow  # a worker process, SIGTERMed
 async def test_sigterm_finishes_the_token_in_hand_releases_the_rest_and_exits(
     uow_factory: UnitOfWorkFactory, postgres_container: Database
 ) -> None:
