@@ -5,17 +5,22 @@ refused prompt failed at once with its reason."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 
 from glisk.handlers.image import ImageStage, PromptRefused, seed_for, validate_prompt
+from glisk.handlers.records import Records
 from glisk.models import ImageJobStatus, TokenStatus
 from glisk.pipeline import STAGES, StageName
 from glisk.services.replicate import ReplicateService
@@ -239,6 +244,80 @@ async def test_a_rescuer_resumes_the_prediction_the_dead_holder_started(
     assert (stats.rescued, stats.completed) == (1, 1)
     assert control.stats()["created"] == 1  # resumed, not paid again
     assert await _jobs(uow_factory, token) == [("completed", created.id)]
+
+
+class _PausedBeforeWriting(httpx.AsyncBaseTransport):
+    """Carries the API's requests; the first create stops the whole process (the event loop is
+    blocked: no heartbeat runs) after the call began and before its request is written, as a
+    SIGSTOP landing during the connection's set-up would."""
+
+    def __init__(self, pause: float, paused: threading.Event) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+        self._pause = pause
+        self._paused = paused
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and not self._paused.is_set():
+            self._paused.set()
+            time.sleep(self._pause)  # noqa: ASYNC251 - the pause: nothing in this process runs
+        return await self._real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+class _PausingStage(ImageStage):
+    def __init__(self, settings: Any, records: Any, transport: httpx.AsyncBaseTransport) -> None:
+        super().__init__(settings, records)
+        self._transport = transport
+
+    def _service(self, settings: Any) -> ReplicateService:
+        return ReplicateService(
+            api_token=REPLICATE_TOKEN,
+            model=settings.replicate_model,
+            base_url=settings.replicate_base_url,
+            transport=self._transport,
+        )
+
+
+async def test_a_holder_paused_inside_its_create_call_never_sends_it_once_a_rescuer_may(
+    uow_factory: UnitOfWorkFactory, control: StandinControl, tmp_path: Path
+) -> None:
+    # The holder checkpoints its intent and calls create; the process stops before the request
+    # is written, for longer than its lease. Another worker rescues the token, waits for a
+    # create the holder could have sent, finds none and creates the prediction. When the holder
+    # wakes its request must not go out: the lease is checked on the wire, not at the call.
+    lease, pause = 1.0, 3.2
+    settings = handler_settings(tmp_path / "images", replicate_url=control.url)
+    paused = threading.Event()
+    holder = _PausingStage(settings, records_on(uow_factory), _PausedBeforeWriting(pause, paused))
+    token = await _token(uow_factory)
+    options = connect_options_of(uow_factory)
+
+    def rescue() -> Any:
+        async def run() -> Any:
+            rescuer = ImageStage(settings, Records(options))
+            try:
+                worker = Worker(IMAGE, rescuer, options, lease_seconds=lease, poll_interval=0.05)
+                return await asyncio.wait_for(worker.run(exit_when_idle=True), 20)
+            finally:
+                await rescuer.aclose()
+
+        assert paused.wait(20), "the holder never reached its create"
+        time.sleep(lease + 0.2)  # the holder's lease has run out: the token is claimable
+        return asyncio.run(run())
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        rescued = pool.submit(rescue)
+        try:
+            await _run(uow_factory, holder, lease_seconds=lease)
+        finally:
+            await holder.aclose()
+        stats = await asyncio.wrap_future(rescued)
+    assert (stats.rescued, stats.completed) == (1, 1)
+    assert control.stats()["created"] == 1  # the rescuer's; the woken holder sent nothing
+    assert (await _row(uow_factory, token))["image_path"]
+    assert [status for status, _ in await _jobs(uow_factory, token)] == ["completed"]
 
 
 async def test_a_prediction_past_its_timeout_is_canceled_and_the_next_attempt_makes_another(

@@ -15,9 +15,10 @@ For each token, in order:
    prompt, REPLICATE_INPUT, and a seed derived from the token: ``seed_for``) and the time. The
    job is recorded in ``image_generation_jobs`` (pending).
 3. The prediction is created (asynchronously: its id comes back at once) and its id checkpointed
-   before any waiting; the job becomes running with that id. Right before the create the
-   handler checks, by its own clock, that its lease still has half its length left
-   (``ensure_live``): a holder paused after its checkpoint never creates once a rescuer may; and
+   before any waiting; the job becomes running with that id. Right before the create request's
+   first byte is written the handler checks, by its own clock, that its lease still has half
+   its length left (``ensure_live`` under ``send_guard``): a holder paused after its checkpoint,
+   even in the middle of the call, never creates once a rescuer may; and
    a rescuer that finds another holder's intent without a prediction waits half a lease before
    it looks, so a create that holder sent just before its lease ran out has landed.
 4. The handler polls every REPLICATE_POLL_INTERVAL until the prediction succeeds, fails or is
@@ -61,6 +62,7 @@ from glisk.errors import (
 )
 from glisk.handlers.records import JobStatus
 from glisk.handlers.stage import Parts, ServiceStage
+from glisk.services.http import send_guard
 from glisk.workers.checkpoints import checkpoint, ensure_live, lease_seconds
 from glisk.workers.claims import Claim
 
@@ -256,12 +258,14 @@ class _Generation:
             # input, now ours; checkpointed again, so that only a live holder creates.
             self.state = {**self.state, "claim": str(self.claim.claim_id)}
             await self._save()
-        # A holder paused between that checkpoint and this call (SIGSTOP, a frozen VM) may have
+        # A holder paused between that checkpoint and the request (SIGSTOP, a frozen VM) may have
         # lost its lease meanwhile; its rescuer, finding no prediction yet, creates one: never a
-        # second one from here (LeaseLost gives the token back, no attempt spent).
-        ensure_live(self.claim)
+        # second one from here. The lease is checked on the wire, right before the request's
+        # first byte is written, not before the call: a pause during the connection's set-up
+        # is caught too (LeaseLost gives the token back, no attempt spent).
         try:
-            prediction = await self.service.create(self.state["input"])
+            with send_guard(lambda: ensure_live(self.claim)):
+                prediction = await self.service.create(self.state["input"])
         except ServiceUnavailable:
             # The reply is lost: the prediction may exist. Adopt it if so; else this attempt
             # fails, and the next one looks again before creating.

@@ -1,11 +1,15 @@
-"""What the service clients share: reading ``Retry-After``, and a transport that turns every HTTP
-429 into ``ServiceRateLimited`` before any client library retries it on its own."""
+"""What the service clients share: reading ``Retry-After``; a transport that turns every HTTP 429
+into ``ServiceRateLimited`` before any client library retries it on its own; and a guard checked
+on the wire, right before a request's first byte is written (``send_guard``)."""
 
 from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import httpx
 
@@ -57,3 +61,60 @@ class RateLimitTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._wrapped.aclose()
+
+
+# The check the calling task asked to run before each request it sends (see send_guard).
+_guard: ContextVar[Callable[[], None] | None] = ContextVar("glisk_send_guard", default=None)
+# httpcore's trace events fired right before a request's headers go on the wire.
+_BEFORE_WRITE = frozenset(
+    {"http11.send_request_headers.started", "http2.send_request_headers.started"}
+)
+
+
+@contextmanager
+def send_guard(guard: Callable[[], None]) -> Iterator[None]:
+    """Within the block, every request this task sends through a ``SendGuardTransport`` calls
+    ``guard()`` once its connection is ready, right before the request's first byte is written;
+    whatever ``guard`` raises propagates to the caller and nothing of the request is sent.
+
+    Why on the wire and not before the call: a process paused (SIGSTOP, a frozen VM) after a
+    check made at the start of the call but before the request is written sends it when it
+    wakes, however stale the check; here the gap is the few microseconds between the trace
+    event and the socket write, instead of the whole connection set-up."""
+    token = _guard.set(guard)
+    try:
+        yield
+    finally:
+        _guard.reset(token)
+
+
+class SendGuardTransport(httpx.AsyncBaseTransport):
+    """Wraps a transport built on httpcore (``httpx.AsyncHTTPTransport``); runs the calling
+    task's ``send_guard`` right before each request is written (through httpcore's ``trace``
+    extension, chained with any trace the request already carries)."""
+
+    def __init__(self, wrapped: httpx.AsyncBaseTransport) -> None:
+        self._wrapped = wrapped
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        guard = _guard.get()
+        if guard is not None:
+            request.extensions = {**request.extensions, "trace": _traced(guard, request)}
+        return await self._wrapped.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._wrapped.aclose()
+
+
+def _traced(
+    guard: Callable[[], None], request: httpx.Request
+) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    earlier = request.extensions.get("trace")
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event in _BEFORE_WRITE:
+            guard()
+        if earlier is not None:
+            await earlier(event, info)
+
+    return trace

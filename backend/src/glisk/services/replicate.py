@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from glisk.errors import ServiceError, ServiceRefused, ServiceUnavailable, first_line
-from glisk.services.http import RateLimitTransport
+from glisk.services.http import RateLimitTransport, SendGuardTransport
 
 if TYPE_CHECKING:
     from replicate.client import Client
@@ -94,7 +94,9 @@ class ReplicateService:
 
     ``model`` is ``owner/name``; with ``version`` (a version id) predictions are created on that
     version, else on the model's latest. ``timeout`` bounds each request, ``base_url`` points
-    at Replicate or at a stand-in. Building one does no I/O."""
+    at Replicate or at a stand-in; ``transport`` (httpcore-based, default
+    ``httpx.AsyncHTTPTransport``) carries the API's requests, under the 429 and send-guard
+    layers (see ``glisk.services.http``). Building one does no I/O."""
 
     def __init__(
         self,
@@ -105,6 +107,7 @@ class ReplicateService:
         base_url: str = "https://api.replicate.com",
         timeout: float = 30.0,
         max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         from replicate.client import Client
 
@@ -115,7 +118,10 @@ class ReplicateService:
             api_token=api_token,
             base_url=base_url,
             timeout=httpx.Timeout(timeout),
-            transport=RateLimitTransport(SERVICE, httpx.AsyncHTTPTransport(limits=limits)),
+            transport=RateLimitTransport(
+                SERVICE,
+                SendGuardTransport(transport or httpx.AsyncHTTPTransport(limits=limits)),
+            ),
         )
         # Output files live elsewhere (a CDN): fetched by a client that carries no token.
         self._downloads = httpx.AsyncClient(
