@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -132,6 +133,7 @@ class Feed:
         self.seen = 0
         self.pending: list[bytes] = []
         self.answers: Counter[str] = Counter()
+        self.told: dict[tuple[str, int, int], list[str]] = {}
         self.posts = 0
 
     async def poll(self) -> None:
@@ -170,6 +172,9 @@ class Feed:
             answer = response.json()
             for name in ("new", "duplicate", "conflict", "orphaned", "rolled_back", "removed"):
                 self.answers[name] += answer[name]
+            for item in answer["logs"]:  # what each log was told, to explain a failure
+                key = (item["tx_hash"], item["log_index"], item["block_number"])
+                self.told.setdefault(key, []).append(item["answer"])
 
 
 def replacement(w3: Any, address: str, account: LocalAccount, rng: random.Random) -> dict[str, Any]:
@@ -416,10 +421,12 @@ async def _chaos(
     assert final is not None
 
     # Every canonical log once, from its canonical block, and nothing else (no orphaned block).
-    assert sorted((e[0], e[1], e[2], e[3], e[4], e[5]) for e in events) == sorted(
+    recorded = sorted((e[0], e[1], e[2], e[3], e[4], e[5]) for e in events)
+    wanted = sorted(
         (g.tx_hash, g.log_index, g.block_number, g.block_hash, g.start_token_id, g.quantity)
         for g in canonical
     )
+    assert recorded == wanted, _explain(recorded, wanted, feed, logs, moves)
     expected = {
         t: (g.author.lower(), g.minter, g.block_timestamp, "detected")
         for g in canonical
@@ -443,3 +450,32 @@ async def _chaos(
         f"seen, {final.conflict} conflicts; gap passes: {gap_new} new; webhook: {feed.posts} "
         f"posts, {dict(feed.answers)}; cursor moved {len(moves)} times, never back"
     )
+
+
+def _explain(
+    recorded: list[tuple[Any, ...]],
+    wanted: list[tuple[Any, ...]],
+    feed: Feed,
+    logs: Path,
+    moves: list[tuple[Any, ...]],
+) -> str:
+    """What the recorded logs lack and hold too many of, with what the webhook told each and
+    the followers' log lines about their blocks."""
+    missing = sorted(set(wanted) - set(recorded))
+    extra = sorted(set(recorded) - set(wanted))
+    lines = [f"missing {len(missing)}, extra {len(extra)}"]
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("ingest-*.log")))
+    for kind, rows in (("missing", missing), ("extra", extra)):
+        for row in rows:
+            tx, index, block = row[0], row[1], row[2]
+            lines.append(f"{kind}: {row}; webhook told {feed.told.get((tx, index, block))}")
+            for line in text.splitlines():
+                span = re.search(r"first=(\d+) .*last=(\d+)", line)
+                near = re.search(r"(?:ancestor|block)=(\d+)", line)
+                if (span and int(span[1]) <= block <= int(span[2])) or (
+                    near and abs(int(near[1]) - block) <= 3
+                ):
+                    lines.append("  " + line[:240])
+    lines.append(f"cursor moves (last 15): {moves[-15:]}")
+    lines += [line[:240] for line in text.splitlines() if "gaps" in line or "conflict" in line]
+    return "\n".join(lines[:200])

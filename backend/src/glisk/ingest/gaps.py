@@ -2,7 +2,8 @@
 log that minted it is read again from the chain and recorded.
 
 The contract's ``nextTokenId()`` as of the cursor's block (the newest block known consumed; the
-confirmed head when no follower runs) says which ids exist: 1 to nextTokenId - 1.
+confirmed head when no follower runs) says which ids exist: 1 to nextTokenId - 1 (none when the
+node has no contract code at that block: before the deployment, or a node switching chains).
 ``missing_token_ids`` lists those without a row, from the point up to which the last pass found
 none (``ingest_gaps_checked``). Ids are minted in chain order, so the log of a missing range lies
 between the block of the recorded log just below it and the block of the one just above: only
@@ -82,7 +83,10 @@ async def recover_gaps(
     report = GapReport(block=block)
     if block < max(start_block, 0):
         return report
-    report.up_to = await node.next_token_id(block) - 1
+    next_id = await node.next_token_id(block)
+    if next_id is None:  # no contract there (yet, or for a moment): nothing to check this pass
+        return report
+    report.up_to = next_id - 1
     async with uow_factory() as uow:
         missing = await uow.tokens.missing_token_ids(
             report.up_to, start=checked + 1, limit=MISSING_LIMIT

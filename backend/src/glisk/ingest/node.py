@@ -123,10 +123,14 @@ class Node:
     async def block_by_hash(self, block_hash: str) -> Block | None:
         return _block(await self.call("eth_getBlockByHash", [block_hash, False]))
 
-    async def next_token_id(self, block: int) -> int:
-        """The contract's ``nextTokenId()`` as of ``block``."""
+    async def next_token_id(self, block: int) -> int | None:
+        """The contract's ``nextTokenId()`` as of ``block``; None when the node answers nothing
+        (no contract code there: a block before the deployment, or anvil in the middle of
+        switching chains)."""
         selector = "0x" + _selector("nextTokenId()")
         result = await self.call("eth_call", [{"to": self.contract, "data": selector}, hex(block)])
+        if result in (None, "", "0x"):
+            return None
         return quantity(result, "nextTokenId")
 
     async def logs(self, first: int, last: int) -> list[dict[str, Any]]:
