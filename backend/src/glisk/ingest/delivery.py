@@ -12,8 +12,10 @@ and the reorg checks, and recorded every mint log they hold. So:
 - a log marked ``removed`` above the cursor is rolled back if it was recorded from that block
   (``rolled_back``), else nothing is done (``removed``); below the cursor the follower decides.
 
-A duplicate, a conflict or a removed log never stops the others. Redelivering or reordering
-payloads changes nothing: every write is conditioned on what is recorded.
+The delivery holds the cursor's row shared (FOR SHARE) until it commits: deliveries run side by
+side, a follower step waits for them and they for it, so "above the cursor" stays true while the
+delivery writes. A duplicate, a conflict or a removed log never stops the others. Redelivering or
+reordering payloads changes nothing: every write is conditioned on what is recorded.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ async def deliver(
         return report
     answers: dict[int, tuple[Answer, str | None]] = {}
     async with uow_factory() as uow:
-        cursor = Cursor.from_json(await uow.system_state.get_state(state.CURSOR))
+        # Shared with other deliveries, exclusive of a follower's step: the cursor read here
+        # stays the cursor until this delivery commits, so a log decided "above" is never
+        # written under a step that has just consumed its block (and missed it).
+        cursor = Cursor.from_json(await uow.system_state.lock_state(state.CURSOR, share=True))
         consumed = cursor.block if cursor else -1
         removed = [(i, d.log) for i, d in enumerate(payload.logs) if d.removed]
         live = [(i, d.log) for i, d in enumerate(payload.logs) if not d.removed]

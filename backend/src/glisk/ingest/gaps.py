@@ -11,6 +11,12 @@ those blocks are read (``node.logs``, refused ranges split), and only logs whose
 range are recorded (``record_mints``: a log that is there already is a duplicate). Their blocks
 are kept in the window, so the follower's check of consumed blocks knows them. An id no log
 mints stays missing and is reported: nothing is ever invented without its log.
+
+A pass only records from the chain the follower consumed: the cursor's block must still have the
+cursor's hash before the read and after it, and each range is written with the cursor's row
+locked (shared) and unmoved, so a follower step that rolls a reorg back runs before the pass
+(which then skips) or after it (and sees what it recorded). Otherwise the pass checks nothing:
+the next one, after the follower's step, does.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from glisk.ingest.node import Node
 from glisk.ingest.state import Cursor
 from glisk.models import MintLog
 from glisk.repositories.mint_outcomes import DEFAULT_AUTHOR_PROMPT
-from glisk.uow import UnitOfWorkFactory
+from glisk.uow import UnitOfWork, UnitOfWorkFactory
 
 MISSING_LIMIT = 100_000  # ids looked at per pass; the next pass goes on from there
 
@@ -83,6 +89,8 @@ async def recover_gaps(
     report = GapReport(block=block)
     if block < max(start_block, 0):
         return report
+    if not await _consumed_chain(node, cursor):
+        return report  # a reorg below the cursor: the follower rolls it back first
     next_id = await node.next_token_id(block)
     if next_id is None:  # no contract there (yet, or for a moment): nothing to check this pass
         return report
@@ -105,7 +113,11 @@ async def recover_gaps(
         ]
         if not wanted:
             continue
+        if not await _consumed_chain(node, cursor):
+            return report  # the chain moved under the read: what it gave may be orphaned
         async with uow_factory() as uow:
+            if not await _cursor_unmoved(uow, cursor):
+                return report  # a follower step came first: the next pass looks again
             outcomes = await uow.mint_events.record_mints(
                 wanted, new_author_prompt=new_author_prompt
             )
@@ -124,3 +136,19 @@ async def recover_gaps(
         if done > checked:
             await uow.system_state.advance(state.GAPS_CHECKED, done)
     return report
+
+
+async def _consumed_chain(node: Node, cursor: Cursor | None) -> bool:
+    """Whether the node's chain is still the one the follower consumed: the cursor's block has
+    the cursor's hash (a block hash commits to every block below it). True without a cursor."""
+    if cursor is None:
+        return True
+    here = await node.block(cursor.block)
+    return here is not None and here.hash == cursor.hash
+
+
+async def _cursor_unmoved(uow: UnitOfWork, cursor: Cursor | None) -> bool:
+    """Lock the cursor's row, shared, for the rest of the transaction (a follower step waits
+    for it; see ``step_write``) and say whether it is still ``cursor``."""
+    locked = await uow.system_state.lock_state(state.CURSOR, share=True)
+    return Cursor.from_json(locked) == cursor

@@ -1,11 +1,14 @@
 """Step 4 of the follower (see ``glisk.ingest.follower``): write a step in one transaction.
 
-Roll back what orphaned blocks recorded (logs in the range that the chain no longer has there;
-logs of consumed blocks in the window whose block is not the kept one, i.e. recorded by the
-webhook from a block that lost), record the range's logs with ``record_mints``, keep the block
-hashes, and move the cursor by compare-and-set from the value the step started with. If another
-follower moved it first the whole transaction is undone (``CursorMoved``) and the step starts
-over from the new cursor.
+The transaction locks the cursor's row first (FOR UPDATE) and stops at once (``CursorMoved``) if it
+is no longer the cursor the step started from. Webhook deliveries and gap passes hold that row
+shared while they write, so they and a step never interleave: a step sees every log they committed,
+and they read the cursor the step left. Then: roll back what orphaned blocks recorded (logs in the
+range that the chain no longer has there; logs of consumed blocks in the window whose block is not
+the kept one, i.e. recorded by the webhook from a block that lost), record the range's logs with
+``record_mints``, keep the block hashes, and move the cursor by compare-and-set from the value the
+step started with. If another follower moved it first the whole transaction is undone
+(``CursorMoved``) and the step starts over from the new cursor.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ async def write_step(
         else f"block {low + 1} to {end[0]} read again: not on the chain"
     )
     async with uow_factory() as uow:
+        # The cursor's row first, exclusively: a webhook delivery or a gap pass in flight (they
+        # hold it shared) is waited for and its rows are seen below; none starts until this
+        # step commits, and then it reads the cursor this step moved.
+        if Cursor.from_json(await uow.system_state.lock_state(state.CURSOR)) != cursor:
+            raise CursorMoved("another follower moved the cursor first")
         orphans = await uow.mint_events.not_canonical_in_range(low, end[0], logs)
         floor = min((k.number for k in kept), default=None)
         if floor is not None and ancestor is not None:
@@ -135,7 +143,8 @@ async def _settle_conflicts(
     """A canonical log refused because a log recorded above this step's range holds its ids:
     that holder came from a webhook and may be from an orphaned block. Ask the node; roll
     back the holders it no longer has and record the refused logs again (same transaction).
-    Rare: only after a reorg raced a webhook."""
+    Rare: only after a reorg raced a webhook. (A holder inside the range was rolled back already
+    if orphaned: the step sees every webhook write, see the module's docstring.)"""
     refused = [o for o in outcomes if o.status == "conflict" and o.conflict is not None]
     if not refused:
         return outcomes, RolledBack()

@@ -61,6 +61,15 @@ _SWAP_ABSENT = text(
 )
 
 
+# The key's value, its row locked until the transaction ends: FOR UPDATE against every other
+# locker, FOR SHARE against FOR UPDATE only (sharers do not wait for one another). An absent key
+# locks nothing.
+_LOCK = {
+    True: text("SELECT state_value FROM system_state WHERE key = :key FOR SHARE"),
+    False: text("SELECT state_value FROM system_state WHERE key = :key FOR UPDATE"),
+}
+
+
 @dataclass(frozen=True)
 class StateChange:
     """The outcome of a conditional write: ``changed`` says whether this call wrote; ``value`` is
@@ -82,6 +91,14 @@ class SystemStateRepository:
             select(col(SystemState.state_value)).where(col(SystemState.key) == key)
         )
         return result.scalar_one_or_none()
+
+    async def lock_state(self, key: str, *, share: bool = False) -> Any:
+        """``get_state``, with the key's row locked until the caller's transaction ends:
+        exclusively, or with ``share`` against exclusive lockers only. Waits for a transaction
+        holding a conflicting lock, then returns the value it committed. An absent key is
+        returned as None and locks nothing."""
+        v.state_key("key", key)
+        return (await self.session.execute(_LOCK[share], {"key": key})).scalar_one_or_none()
 
     async def set_state(self, key: str, value: Any) -> None:
         """Insert or overwrite in one statement (INSERT ... ON CONFLICT (key) DO UPDATE), which
