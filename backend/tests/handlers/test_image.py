@@ -240,7 +240,8 @@ async def test_a_rescuer_resumes_the_prediction_the_dead_holder_started(
         assert await uow.leases.checkpoint([claim], {"replicate": state})
     await expire_leases(uow_factory, token)
 
-    stats = await _run(uow_factory, stage)
+    # A short lease: with only the intent recorded the rescuer waits half of one before it looks.
+    stats = await _run(uow_factory, stage, lease_seconds=2)
     assert (stats.rescued, stats.completed) == (1, 1)
     assert control.stats()["created"] == 1  # resumed, not paid again
     assert await _jobs(uow_factory, token) == [("completed", created.id)]
