@@ -20,7 +20,9 @@ For each token, in order:
    its length left (``ensure_live`` under ``send_guard``): a holder paused after its checkpoint,
    even in the middle of the call, never creates once a rescuer may; and
    a rescuer that finds another holder's intent without a prediction waits half a lease before
-   it looks, so a create that holder sent just before its lease ran out has landed.
+   it looks, so a create that holder sent just before its lease ran out has landed. (Replicate
+   takes no idempotency key: a pause in the microseconds between that check and the request's
+   last byte leaving is the one window left.)
 4. The handler polls every REPLICATE_POLL_INTERVAL until the prediction succeeds, fails or is
    canceled; one still running REPLICATE_PREDICTION_TIMEOUT after its creation is canceled (the
    attempt fails and the next one creates a new prediction).

@@ -80,7 +80,8 @@ def send_guard(guard: Callable[[], None]) -> Iterator[None]:
     Why on the wire and not before the call: a process paused (SIGSTOP, a frozen VM) after a
     check made at the start of the call but before the request is written sends it when it
     wakes, however stale the check; here the gap is the few microseconds between the trace
-    event and the socket write, instead of the whole connection set-up."""
+    event and the request's last write (headers, then a small body), instead of the whole
+    connection set-up."""
     token = _guard.set(guard)
     try:
         yield
