@@ -16,8 +16,10 @@ from sqlalchemy import text
 from glisk.ingest import state
 from glisk.ingest.alchemy import parse
 from glisk.ingest.delivery import deliver
-from glisk.ingest.gaps import recover_gaps
+from glisk.ingest.follower import Follower
+from glisk.ingest.gaps import continues, recover_gaps
 from glisk.ingest.node import Node
+from glisk.ingest.state import Cursor
 from glisk.uow import UnitOfWork, UnitOfWorkFactory
 from tests.ingest.test_follower import (
     assert_matches_chain,
@@ -173,3 +175,56 @@ async def recorded_ids(uow_factory: UnitOfWorkFactory) -> list[int]:
     async with uow_factory() as uow:
         rows = await uow.session.execute(text("SELECT token_id FROM tokens_s0 ORDER BY 1"))
         return [r[0] for r in rows]
+
+
+class StepDuringRead(Node):
+    """A node that, right after the first range of logs it answers, lets another follower mint
+    and consume a new block: the cursor moves on by an ordinary step while the gap pass reads."""
+
+    def __init__(self, chain: Chain, other: Follower) -> None:
+        super().__init__(chain.w3, chain.address)
+        self.chain, self.other = chain, other
+        self.done = False
+
+    async def mint_logs(self, first: int, last: int) -> list[Any]:
+        found = await super().mint_logs(first, last)
+        if not self.done:
+            self.done = True
+            await mint(self.chain, 1, minter=3)
+            while await self.other.step() is not None:
+                pass
+        return found
+
+
+async def test_a_gap_pass_still_records_when_another_follower_steps_on_during_its_read(
+    glisk_chain: Chain, uow_factory: UnitOfWorkFactory
+) -> None:
+    # Two followers at work: the cursor moves at every block. A pass must not give up because
+    # of that, only because a reorg was rolled back; else gaps would never be filled.
+    await mint(glisk_chain, 2)
+    await mint(glisk_chain, 3, minter=1, author=1)
+    await mint(glisk_chain, 2, minter=2)
+    f = follower(glisk_chain.w3, glisk_chain.address, uow_factory)
+    await catch_up(f)
+    before = await cursor_of(uow_factory)
+    async with uow_factory() as uow:
+        await uow.session.execute(text("DELETE FROM tokens_s0 WHERE token_id BETWEEN 3 AND 5"))
+        await uow.session.execute(text("DELETE FROM mint_events WHERE token_id = 3"))
+        await uow.system_state.delete_state(state.GAPS_CHECKED)
+
+    other = follower(glisk_chain.w3, glisk_chain.address, uow_factory)
+    report = await recover_gaps(StepDuringRead(glisk_chain, other), uow_factory)
+    assert (await cursor_of(uow_factory)).block > before.block  # it did move meanwhile
+    assert (report.missing, report.recorded, report.still_missing) == (3, 1, [])
+    await assert_matches_chain(glisk_chain, uow_factory)
+
+
+def test_a_pass_goes_on_from_a_cursor_moved_forward_not_from_one_that_met_a_reorg() -> None:
+    at = Cursor(10, "0xa", reorgs=2)
+    assert continues(at, at)
+    assert continues(at, Cursor(14, "0xb", reorgs=2))  # ordinary steps since
+    assert not continues(at, Cursor(14, "0xc", reorgs=3))  # a reorg rolled back since
+    assert not continues(at, Cursor(8, "0xd", reorgs=2))  # rewound by the operator
+    assert not continues(at, None)
+    assert not continues(None, at)  # a follower started meanwhile
+    assert continues(None, None)

@@ -14,9 +14,10 @@ mints stays missing and is reported: nothing is ever invented without its log.
 
 A pass only records from the chain the follower consumed: the cursor's block must still have the
 cursor's hash before the read and after it, and each range is written with the cursor's row
-locked (shared) and unmoved, so a follower step that rolls a reorg back runs before the pass
-(which then skips) or after it (and sees what it recorded). Otherwise the pass checks nothing:
-the next one, after the follower's step, does.
+locked (shared) and no reorg rolled back since the pass began (ordinary steps of another
+follower may have moved it on), so a follower step that rolls a reorg back runs before the
+write (and the pass skips) or after it (and sees what it recorded). Otherwise the pass checks
+nothing: the next one, after the follower's step, does.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ async def recover_gaps(
         if not await _consumed_chain(node, cursor):
             return report  # the chain moved under the read: what it gave may be orphaned
         async with uow_factory() as uow:
-            if not await _cursor_unmoved(uow, cursor):
-                return report  # a follower step came first: the next pass looks again
+            if not await _no_reorg_since(uow, cursor):
+                return report  # a reorg was rolled back meanwhile: the next pass looks again
             outcomes = await uow.mint_events.record_mints(
                 wanted, new_author_prompt=new_author_prompt
             )
@@ -147,8 +148,17 @@ async def _consumed_chain(node: Node, cursor: Cursor | None) -> bool:
     return here is not None and here.hash == cursor.hash
 
 
-async def _cursor_unmoved(uow: UnitOfWork, cursor: Cursor | None) -> bool:
+async def _no_reorg_since(uow: UnitOfWork, cursor: Cursor | None) -> bool:
     """Lock the cursor's row, shared, for the rest of the transaction (a follower step waits
-    for it; see ``step_write``) and say whether it is still ``cursor``."""
-    locked = await uow.system_state.lock_state(state.CURSOR, share=True)
-    return Cursor.from_json(locked) == cursor
+    for it; see ``step_write``) and say whether the follower has stayed on ``cursor``'s chain."""
+    locked = Cursor.from_json(await uow.system_state.lock_state(state.CURSOR, share=True))
+    return continues(cursor, locked)
+
+
+def continues(before: Cursor | None, now: Cursor | None) -> bool:
+    """Whether the cursor ``now`` follows on from ``before`` with no reorg handled in between:
+    the same, or moved forward by ordinary steps (a second follower at work). A step that rolled
+    a reorg back, or an operator's rewind, means what was read at ``before`` may be orphaned."""
+    if before is None or now is None:
+        return before == now
+    return now.block >= before.block and now.reorgs == before.reorgs
