@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from glisk.ingest import state
 from glisk.ingest.alchemy import parse
-from glisk.ingest.delivery import deliver
+from glisk.ingest.delivery import DeliveryReport, deliver
 from glisk.ingest.follower import Follower
 from glisk.ingest.gaps import continues, recover_gaps
 from glisk.ingest.node import Node
@@ -52,35 +52,40 @@ class HeldCommit:
             await self.release.wait()
 
 
-async def test_a_stale_webhook_log_in_flight_is_rolled_back_by_the_step_that_consumes_its_block(
-    glisk_chain: Chain, uow_factory: UnitOfWorkFactory
-) -> None:
-    # The follower has consumed the chain; then a mint lands and a reorg replaces its block by
-    # one minting the same token ids. A late redelivery of the orphaned log reaches the webhook
-    # while the block is still above the cursor; the follower's step consumes that block before
-    # the delivery commits. The canonical log must end up recorded, the orphan not.
-    await mint(glisk_chain, 2)
-    f = follower(glisk_chain.w3, glisk_chain.address, uow_factory)
+async def stale_delivery_during_a_step(
+    chain: Chain, uow_factory: UnitOfWorkFactory, replacements: list[Any]
+) -> DeliveryReport:
+    """The race: the follower has consumed the chain; a mint lands and a reorg replaces its block
+    (by one holding ``replacements``). A late redelivery of the orphaned log reaches the webhook
+    while the block is still above the cursor, and the follower's step consumes that block
+    before the delivery commits. Returns the delivery's report once both are done."""
+    await mint(chain, 2)
+    f = follower(chain.w3, chain.address, uow_factory)
     await catch_up(f)
     before = await cursor_of(uow_factory)
-    await mint(glisk_chain, 3, minter=1, author=1)
-    [orphan] = await Node(glisk_chain.w3, glisk_chain.address).mint_logs(
-        before.block + 1, before.block + 1
-    )
-    replacement = await replacement_mint(glisk_chain, quantity=4, minter=2, author=2)
-    await glisk_chain.rpc("anvil_reorg", [1, [[replacement, 0]]])
+    await mint(chain, 3, minter=1, author=1)
+    [orphan] = await Node(chain.w3, chain.address).mint_logs(before.block + 1, before.block + 1)
+    await chain.rpc("anvil_reorg", [1, replacements])
 
     held = HeldCommit(uow_factory)
-    body = alchemy_payload(glisk_chain.address, block_of(orphan), [orphan])
-    delivery = asyncio.create_task(
-        deliver(cast(Any, held), parse(body, contract=glisk_chain.address))
-    )
+    body = alchemy_payload(chain.address, block_of(orphan), [orphan])
+    delivery = asyncio.create_task(deliver(cast(Any, held), parse(body, contract=chain.address)))
     await asyncio.wait_for(held.written.wait(), 10)  # the orphan written, not committed
     step = asyncio.create_task(catch_up(f))
     await asyncio.sleep(1.0)  # the step reaches its write while the delivery is open
     held.release.set()
     report = await asyncio.wait_for(delivery, 10)
     await asyncio.wait_for(step, 20)
+    return report
+
+
+async def test_a_stale_webhook_log_in_flight_is_rolled_back_by_the_step_that_consumes_its_block(
+    glisk_chain: Chain, uow_factory: UnitOfWorkFactory
+) -> None:
+    # The replacement block mints the same token ids: the canonical log must end up recorded,
+    # the orphan not.
+    replacement = await replacement_mint(glisk_chain, quantity=4, minter=2, author=2)
+    report = await stale_delivery_during_a_step(glisk_chain, uow_factory, [[replacement, 0]])
 
     assert [answer for _, answer, _ in report.answers] == ["new"]  # above the cursor then
     await assert_matches_chain(glisk_chain, uow_factory)
@@ -93,27 +98,7 @@ async def test_a_stale_webhook_log_in_flight_for_a_block_now_empty_is_rolled_bac
 ) -> None:
     # The same race with no replacement mint: nothing conflicts with the orphan, so only the
     # step's seeing the delivery's write (it waits for it) can undo it.
-    await mint(glisk_chain, 2)
-    f = follower(glisk_chain.w3, glisk_chain.address, uow_factory)
-    await catch_up(f)
-    before = await cursor_of(uow_factory)
-    await mint(glisk_chain, 3, minter=1, author=1)
-    [orphan] = await Node(glisk_chain.w3, glisk_chain.address).mint_logs(
-        before.block + 1, before.block + 1
-    )
-    await glisk_chain.rpc("anvil_reorg", [1, []])
-
-    held = HeldCommit(uow_factory)
-    body = alchemy_payload(glisk_chain.address, block_of(orphan), [orphan])
-    delivery = asyncio.create_task(
-        deliver(cast(Any, held), parse(body, contract=glisk_chain.address))
-    )
-    await asyncio.wait_for(held.written.wait(), 10)
-    step = asyncio.create_task(catch_up(f))
-    await asyncio.sleep(1.0)
-    held.release.set()
-    await asyncio.wait_for(delivery, 10)
-    await asyncio.wait_for(step, 20)
+    await stale_delivery_during_a_step(glisk_chain, uow_factory, [])
 
     await assert_matches_chain(glisk_chain, uow_factory)
     assert (await cursor_of(uow_factory)).rolled_back == 1
